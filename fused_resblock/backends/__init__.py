@@ -1,0 +1,124 @@
+"""The backend registry: which module runs a fused op.
+
+Every backend is one module exposing ``NAME``, ``available()``, ``supports(op,
+config)`` and the fused functions whose contract is ``reference.py``. Nothing
+above this package knows which backend ran.
+
+Selection, per call:
+* a forced backend (``backend=`` argument or ``FUSED_RESBLOCK_BACKEND``) runs or
+  raises ``BackendUnsupportedError`` naming what it lacks; it never falls back;
+* ``auto`` takes the first of ``AUTO_ORDER`` that is available and supports the
+  configuration; on a CUDA device a fall back to ``reference`` warns once per
+  configuration. On the CPU the reference is the intended path: no warning.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+from .._warnings import FusedResblockFallbackWarning, warn_once
+
+NAMES = ("reference", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton")
+ENV_VAR = "FUSED_RESBLOCK_BACKEND"
+
+_modules: dict = {}
+_choices: dict = {}
+
+
+class BackendUnsupportedError(NotImplementedError):
+    """A forced backend cannot run the requested configuration."""
+
+
+def resolve_name(requested: Optional[str]) -> str:
+    """The backend name in force: the argument, else the environment, else ``auto``."""
+    name = requested or os.environ.get(ENV_VAR) or "auto"
+    name = name.strip().lower()
+    if name != "auto" and name not in NAMES:
+        raise ValueError(f"unknown fused_resblock backend {name!r}; expected one of auto, {', '.join(NAMES)}")
+    return name
+
+
+def get(name: str) -> ModuleType:
+    """Import (once) and return the backend module ``name``."""
+    module = _modules.get(name)
+    if module is None:
+        if name not in NAMES:
+            raise ValueError(f"unknown fused_resblock backend {name!r}; expected one of {', '.join(NAMES)}")
+        module = importlib.import_module(f"{__name__}.{name}")
+        _modules[name] = module
+    return module
+
+
+def availability() -> dict:
+    """{backend name: None if available here, else the reason}, for ``doctor``."""
+    report = {}
+    for name in NAMES:
+        try:
+            report[name] = get(name).available()
+        except Exception as exc:  # a broken install must not break the report
+            report[name] = f"import failed: {exc!r}"
+    return report
+
+
+def _unsupported(name: str, op: str, config: dict) -> Optional[str]:
+    try:
+        module = get(name)
+    except ImportError as exc:
+        return f"cannot import backend {name!r}: {exc}"
+    reason = module.available()
+    if reason is None:
+        reason = module.supports(op, config)
+    return reason
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def select(op: str, requested: Optional[str], config: dict) -> ModuleType:
+    """The backend module that runs ``op`` for ``config`` (see module docstring)."""
+    name = resolve_name(requested)
+    key = (op, name, tuple(config.items()))
+    module = _choices.get(key)
+    if module is not None:
+        return module
+    if name != "auto":
+        reason = _unsupported(name, op, config)
+        if reason is not None:
+            raise BackendUnsupportedError(
+                f"fused_resblock backend {name!r} (forced) cannot run {op} for {_describe(config)}: {reason}"
+            )
+        module = get(name)
+    else:
+        module = None
+        reasons = []
+        for candidate in AUTO_ORDER:
+            reason = _unsupported(candidate, op, config)
+            if reason is None:
+                module = get(candidate)
+                break
+            reasons.append(f"{candidate}: {reason}")
+        if module is None:
+            module = get("reference")
+            device = config.get("device")
+            if getattr(device, "type", device) != "cpu":
+                _warn_fallback(op, config, reasons)
+    _choices[key] = module
+    return module
+
+
+def _warn_fallback(op: str, config: dict, reasons: list) -> None:
+    warn_once(
+        ("backend", op, tuple(config.items())),
+        f"fused_resblock: no fused kernel for {op} with {_describe(config)} "
+        f"({'; '.join(reasons)}); running the unfused reference implementation",
+        stacklevel=5,
+    )
+
+
+def clear_caches() -> None:
+    """Forget selections (tests; after changing the environment)."""
+    _choices.clear()

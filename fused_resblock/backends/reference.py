@@ -1,0 +1,275 @@
+"""The reference backend: every fused op in plain PyTorch.
+
+It is the ground truth that tests and benchmarks import, and the path that runs
+on the CPU. Every backend implements these six functions with these signatures
+and these semantics; the docstrings below are the contract.
+
+Shared conventions
+------------------
+* Activations are 4-D (N, C, H, W) in either memory format; outputs take the
+  memory format of ``x`` (channels_last in, channels_last out).
+* ``x``, ``weight`` and the optional ``shortcut_*`` / ``residual`` tensors share
+  one dtype. Per-channel vectors (``bias``, ``scale``, ``shift``, statistics)
+  are float32 for float16/bfloat16/float32 activations and float64 for float64.
+* A *mapped residual* ``R`` is read from ``residual`` at a spatial stride and a
+  channel offset, zero outside its channels (the CIFAR option-A shortcut reads
+  the block input this way instead of materialising the padded tensor):
+  ``R[n, c, h, w] = residual[n, c - offset, h * stride, w * stride]`` when
+  ``0 <= c - offset < residual.shape[1]``, else 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NAME = "reference"
+
+
+def available() -> Optional[str]:
+    """None when usable here, else the reason it is not."""
+    return None
+
+
+def supports(op: str, config: dict) -> Optional[str]:
+    """None when ``op`` is supported for ``config``, else the reason it is not."""
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-channel vectors for activations of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def map_residual(residual: Tensor, channels: int, stride: int, offset: int) -> Tensor:
+    """The mapped residual R (see module docstring), shape (N, channels, H', W')."""
+    r = residual[:, :, ::stride, ::stride] if stride != 1 else residual
+    after = channels - offset - r.shape[1]
+    if offset != 0 or after != 0:
+        r = F.pad(r, (0, 0, 0, 0, offset, after))
+    return r
+
+
+def unmap_residual_grad(grad: Tensor, residual: Tensor, stride: int, offset: int) -> Tensor:
+    """Gradient of ``map_residual`` with respect to ``residual``."""
+    g = grad[:, offset : offset + residual.shape[1]]
+    if stride == 1:
+        return g.contiguous(memory_format=memory_format_of(residual))
+    out = torch.zeros_like(residual)
+    out[:, :, ::stride, ::stride] = g
+    return out
+
+
+def _conv(x, weight, stride, padding, dilation, groups):
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+def _prologue(x, in_scale, in_shift, in_relu):
+    """relu?(x * scale + shift) in the per-channel dtype, cast back to x's dtype."""
+    if in_scale is None:
+        return x
+    a = x.to(in_scale.dtype) * _per_channel(in_scale) + _per_channel(in_shift)
+    if in_relu:
+        a = torch.relu(a)
+    return a.to(x.dtype)
+
+
+def _conv_backward(grad, x, weight, stride, padding, dilation, groups, mask):
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [mask[0], mask[1], False],
+    )
+    return gx, gw
+
+
+# --------------------------------------------------------------------------- inference
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool,
+) -> Tensor:
+    """out = act(conv(x, weight) + bias + conv1x1(shortcut_x, shortcut_weight, stride=shortcut_stride) + R).
+
+    The eval-mode step: BN is already folded into ``weight``/``bias``; the
+    optional shortcut term is a downsample projection merged into the same GEMM.
+    """
+    acc = stat_dtype(x.dtype)
+    y = _conv(x, weight, stride, padding, dilation, groups).to(acc)
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc))
+    if shortcut_x is not None:
+        y = y + F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride).to(acc)
+    if residual is not None:
+        y = y + map_residual(residual, y.shape[1], residual_stride, residual_offset).to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def conv_bias_act_backward(
+    grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, needs: list,
+):
+    """Gradients of ``conv_bias_act``; ``out`` is its saved output (for the ReLU mask).
+
+    ``needs`` = [x, weight, bias, residual, shortcut_x, shortcut_weight];
+    returns a tuple in that order with None where not needed or not present.
+    """
+    g = torch.where(out > 0, grad, torch.zeros_like(grad)) if relu else grad
+    gx, gw = _conv_backward(g, x, weight, stride, padding, dilation, groups, needs[0:2])
+    gb = g.sum((0, 2, 3), dtype=stat_dtype(g.dtype)) if (has_bias and needs[2]) else None
+    gr = None
+    if residual is not None and needs[3]:
+        gr = unmap_residual_grad(g, residual, residual_stride, residual_offset)
+    gsx = gsw = None
+    if shortcut_x is not None and (needs[4] or needs[5]):
+        gsx, gsw = _conv_backward(g, shortcut_x, shortcut_weight, (shortcut_stride,) * 2, (0, 0), (1, 1), 1, needs[4:6])
+    return (
+        gx if needs[0] else None, gw if needs[1] else None, gb, gr,
+        gsx if needs[4] else None, gsw if needs[5] else None,
+    )
+
+
+# --------------------------------------------------------------------------- training
+def conv_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    compute_stats: bool,
+):
+    """(y, mean, var): y = conv(relu?(x * in_scale + in_shift)) + bias, with batch statistics of y.
+
+    The prologue (per input channel scale/shift, then ReLU if ``in_relu``) is the
+    previous BN and ReLU applied as the input loads. ``mean``/``var`` are the
+    per-output-channel mean and biased variance over (N, H, W) in the
+    per-channel dtype; empty tensors when ``compute_stats`` is False.
+    """
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    y = _conv(a, weight, stride, padding, dilation, groups)
+    if bias is not None:
+        y = (y.to(bias.dtype) + _per_channel(bias)).to(x.dtype)
+    y = y.contiguous(memory_format=memory_format_of(x))
+    sd = stat_dtype(x.dtype)
+    if compute_stats and y.numel() > 0:
+        var, mean = torch.var_mean(y.to(sd), dim=(0, 2, 3), correction=0)
+    elif compute_stats:
+        mean = var = torch.full((y.shape[1],), float("nan"), dtype=sd, device=y.device)
+    else:
+        mean = var = y.new_empty((0,), dtype=sd)
+    return y, mean, var
+
+
+def conv_stats_backward(
+    grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+    x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    needs: list,
+):
+    """Gradients of ``conv_stats``; ``y``/``mean`` are its saved outputs.
+
+    The statistics' gradients fold into y's gradient
+    (dmean/dy = 1/count, dvar/dy = 2 (y - mean)/count); the prologue is
+    recomputed from ``x``, not saved. ``needs`` = [x, weight, bias, in_scale,
+    in_shift]; returns a tuple in that order.
+    """
+    sd = stat_dtype(x.dtype)
+    g = grad_y.to(sd)
+    count = y.numel() // max(y.shape[1], 1)
+    if grad_mean is not None:
+        g = g + _per_channel(grad_mean) / count
+    if grad_var is not None:
+        g = g + _per_channel(grad_var) * 2.0 * (y.to(sd) - _per_channel(mean)) / count
+    gb = g.sum((0, 2, 3)) if (has_bias and needs[2]) else None
+    g = g.to(x.dtype)
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    need_ga = needs[0] or needs[3] or needs[4]
+    ga, gw = _conv_backward(g, a, weight, stride, padding, dilation, groups, [need_ga, needs[1]])
+    gx = gscale = gshift = None
+    if need_ga and in_scale is not None:
+        ga = ga.to(sd)
+        if in_relu:
+            ga = torch.where(a > 0, ga, torch.zeros_like(ga))
+        if needs[0]:
+            gx = (ga * _per_channel(in_scale)).to(x.dtype)
+        if needs[3]:
+            gscale = (ga * x.to(sd)).sum((0, 2, 3))
+        if needs[4]:
+            gshift = ga.sum((0, 2, 3))
+    elif needs[0]:
+        gx = ga
+    return gx, (gw if needs[1] else None), gb, gscale, gshift
+
+
+def scale_shift_act(
+    y: Tensor, scale: Tensor, shift: Tensor,
+    residual: Optional[Tensor], res_scale: Optional[Tensor], res_shift: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool,
+) -> Tensor:
+    """out = act(y * scale + shift + R'), R' = R * res_scale + res_shift or the mapped residual R.
+
+    The last BN of a block (batch statistics folded into scale/shift by the
+    caller), the shortcut's BN when it is a projection, the residual add and the
+    ReLU, in one pass.
+    """
+    sd = scale.dtype
+    out = y.to(sd) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        if res_scale is not None:
+            r = residual.to(sd) * _per_channel(res_scale) + _per_channel(res_shift)
+        else:
+            r = residual.to(sd)
+        out = out + map_residual(r, y.shape[1], residual_stride, residual_offset)
+    if relu:
+        out = torch.relu(out)
+    return out.to(y.dtype).contiguous(memory_format=memory_format_of(y))
+
+
+def scale_shift_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, scale: Tensor,
+    residual: Optional[Tensor], res_scale: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool, needs: list,
+):
+    """Gradients of ``scale_shift_act``; ``out`` is its saved output.
+
+    ``needs`` = [y, scale, shift, residual, res_scale, res_shift]; returns a tuple
+    in that order.
+    """
+    sd = scale.dtype
+    g = grad.to(sd)
+    if relu:
+        g = torch.where(out > 0, g, torch.zeros_like(g))
+    gy = (g * _per_channel(scale)).to(y.dtype).contiguous(memory_format=memory_format_of(y)) if needs[0] else None
+    gscale = (g * y.to(sd)).sum((0, 2, 3)) if needs[1] else None
+    gshift = g.sum((0, 2, 3)) if needs[2] else None
+    gr = grs = grsh = None
+    if residual is not None and any(needs[3:6]):
+        gm = unmap_residual_grad(g, residual, residual_stride, residual_offset)
+        if res_scale is not None:
+            if needs[3]:
+                gr = (gm * _per_channel(res_scale)).to(residual.dtype)
+            if needs[4]:
+                grs = (gm * residual.to(sd)).sum((0, 2, 3))
+            if needs[5]:
+                grsh = gm.sum((0, 2, 3))
+        elif needs[3]:
+            gr = gm.to(residual.dtype)
+    return gy, gscale, gshift, gr, grs, grsh

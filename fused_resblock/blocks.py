@@ -1,0 +1,262 @@
+"""Fused residual blocks that keep torchvision's contract.
+
+``FusedBasicBlock`` / ``FusedBottleneck`` subclass torchvision's blocks: same
+constructor, errors, attributes, parameter order and state_dict keys; only
+``forward`` differs, and it runs the block as one fused chain (``chain.py``).
+The CIFAR block of He et al. (2015) and the plain (no-shortcut) blocks come in
+an unfused form (the reference a user compares with) and a fused subclass.
+
+What the fused ops cannot express (a norm that is not a batch norm, a training
+SyncBatchNorm, a non-ReLU activation, an exotic conv) runs as given, with one
+warning per configuration; under a forced backend it raises instead.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+
+from . import backends, norms
+from ._warnings import warn_once
+from .chain import IDENTITY, NONE, Shortcut, conv_unfusable_reason, run_chain
+from .folding import FoldCache
+
+
+class FusedModule:
+    """Mixin: run ``_fused_layers()`` + ``_fused_shortcut()`` as a fused chain.
+
+    ``backend`` (None: ``FUSED_RESBLOCK_BACKEND`` or auto) is a plain
+    attribute, so it is not part of the state_dict.
+    """
+
+    backend: Optional[str] = None
+
+    # -- what a fused module says about itself
+    def _fused_layers(self) -> list:
+        raise NotImplementedError
+
+    def _fused_shortcut(self) -> Shortcut:
+        return NONE
+
+    def _unfused_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery
+    @property
+    def fold_cache(self) -> FoldCache:
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None:
+            cache = self.__dict__["_fold_cache"] = FoldCache()
+        return cache
+
+    def _unfusable_reason(self) -> Optional[str]:
+        for conv, norm in self._fused_layers():
+            reason = conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+            if reason:
+                return reason
+        relu = getattr(self, "relu", None)
+        if relu is not None and type(relu) is not nn.ReLU:
+            return f"activation {type(relu).__name__} is not nn.ReLU"
+        return None
+
+    def _fused_forward(self, x: Tensor, final_relu: bool = True) -> Tensor:
+        reason = self._unfusable_reason()
+        if reason is not None:
+            return self._run_unfused(x, reason)
+        return run_chain(x, self._fused_layers(), self._fused_shortcut(), final_relu,
+                         self.fold_cache, self.backend)
+
+    def _run_unfused(self, x: Tensor, reason: str) -> Tensor:
+        name = backends.resolve_name(self.backend)
+        if name != "auto":
+            raise backends.BackendUnsupportedError(
+                f"{type(self).__name__}: backend {name!r} (forced) cannot fuse this block: {reason}"
+            )
+        warn_once((type(self).__name__, reason),
+                  f"fused_resblock: {type(self).__name__} runs unfused (as given): {reason}")
+        return self._unfused_forward(x)
+
+    def _downsample_shortcut(self, downsample: Optional[nn.Module]) -> Shortcut:
+        """torchvision's ``downsample``: None, the standard Sequential(conv, norm), or any module."""
+        if downsample is None:
+            return IDENTITY
+        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+            conv, norm = downsample[0], downsample[1]
+            reason = conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+            if reason is None:
+                return Shortcut("projection", conv=conv, norm=norm)
+        else:
+            reason = f"downsample {type(downsample).__name__} is not Sequential(Conv2d, BatchNorm2d)"
+        warn_once((type(self).__name__, "downsample", reason),
+                  f"fused_resblock: {type(self).__name__}'s downsample runs unfused (as given): {reason}")
+        return Shortcut("module", module=downsample)
+
+
+# --------------------------------------------------------------------------- torchvision blocks
+class FusedBasicBlock(FusedModule, BasicBlock):
+    """torchvision's BasicBlock, fused: 2 launches in eval (projection merged into the second)."""
+
+    def _fused_layers(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def _fused_shortcut(self):
+        return self._downsample_shortcut(self.downsample)
+
+    def _unfused_forward(self, x):
+        return BasicBlock.forward(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x)
+
+
+class FusedBottleneck(FusedModule, Bottleneck):
+    """torchvision's Bottleneck (v1.5), fused: 3 launches in eval (projection merged into the third)."""
+
+    def _fused_layers(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+    def _fused_shortcut(self):
+        return self._downsample_shortcut(self.downsample)
+
+    def _unfused_forward(self, x):
+        return Bottleneck.forward(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x)
+
+
+# --------------------------------------------------------------------------- plain (no shortcut)
+class PlainBasicBlock(nn.Module):
+    """The paper's plain block: BasicBlock's two convs without the shortcut.
+
+    Takes BasicBlock's constructor so ``torchvision.models.ResNet`` can build a
+    plain net; a ``downsample`` passed in is ignored (plain nets have none).
+    """
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("PlainBasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in PlainBasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)))
+
+
+class FusedPlainBasicBlock(FusedModule, PlainBasicBlock):
+    def _fused_layers(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def _unfused_forward(self, x):
+        return PlainBasicBlock.forward(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x)
+
+
+# --------------------------------------------------------------------------- CIFAR (He et al. 2015, §4.2)
+class ZeroPadShortcut(nn.Module):
+    """Option A: identity subsampled by ``stride``, zero channels padded ``planes // 4`` before and after."""
+
+    def __init__(self, planes: int, stride: int = 2) -> None:
+        super().__init__()
+        self.planes, self.stride = planes, stride
+        self.offset = planes // 4
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.offset, self.planes - self.offset - x.shape[1]))
+
+    def extra_repr(self) -> str:
+        return f"planes={self.planes}, stride={self.stride}"
+
+
+SHORTCUT_OPTIONS = ("A", "B", "C", None)
+
+
+class CifarBasicBlock(nn.Module):
+    """The CIFAR residual block; ``shortcut``: "A" (zero-pad identity), "B" (projection where
+    the shape changes), "C" (projection everywhere) or None (plain, no shortcut).
+
+    The keys (``conv1, bn1, conv2, bn2, shortcut.0/1``) follow the widely used public checkpoints.
+    """
+
+    expansion: int = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: Optional[str] = "A") -> None:
+        super().__init__()
+        if shortcut not in SHORTCUT_OPTIONS:
+            raise ValueError(f"shortcut must be one of 'A', 'B', 'C' or None, got {shortcut!r}")
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.option = shortcut
+        reshapes = stride != 1 or in_planes != planes
+        if shortcut is None:
+            self.shortcut = None
+        elif shortcut == "C" or (shortcut == "B" and reshapes):
+            self.shortcut = nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))
+        elif shortcut == "A" and reshapes:
+            if in_planes + planes // 4 > planes:
+                raise ValueError(f"option A cannot pad {in_planes} channels to {planes}")
+            self.shortcut = ZeroPadShortcut(planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return self.relu(out)
+
+
+class FusedCifarBasicBlock(FusedModule, CifarBasicBlock):
+    def _fused_layers(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def _fused_shortcut(self):
+        s = self.shortcut
+        if s is None:
+            return NONE
+        if isinstance(s, nn.Identity):
+            return IDENTITY
+        if isinstance(s, ZeroPadShortcut):
+            return Shortcut("mapped", stride=s.stride, offset=s.offset)
+        return self._downsample_shortcut(s)
+
+    def _unfused_forward(self, x):
+        return CifarBasicBlock.forward(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x)
+
+
+class FusedStem(FusedModule):
+    """Mixin for a network whose stem is ``conv1 -> bn1 -> relu``: run it as one fused conv."""
+
+    def _fused_layers(self):
+        return [(self.conv1, self.bn1)]
+
+    def _unfused_forward(self, x):
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self._fused_forward(x)

@@ -1,0 +1,127 @@
+"""A chain of conv + BN pairs ending in a shortcut add and ReLU, run through the fused ops.
+
+Every fused module (the torchvision blocks, the CIFAR block, the stem) is such a
+chain: ``layers`` are (conv, norm) pairs with a ReLU between them, the last
+pair's output gets the shortcut and, if ``final_relu``, a ReLU.
+
+Eval (no norm needs batch statistics): BN folded into each conv, one
+``conv_bias_act`` per conv; a 1x1 projection shortcut is merged into the last
+conv's GEMM. Train: ``conv_stats`` per conv (the previous BN + ReLU applied in
+its prologue), then one ``scale_shift_act`` for last BN + shortcut + add + ReLU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import norms, ops
+from .folding import FoldCache
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """How the block input reaches the residual add.
+
+    kind: "none" (plain net), "identity", "mapped" (CIFAR option A: read at
+    ``stride`` with zero channels before ``offset``), "projection" (conv + norm,
+    fused), "module" (a user's downsample, run as given).
+    """
+
+    kind: str
+    stride: int = 1
+    offset: int = 0
+    conv: Optional[nn.Conv2d] = None
+    norm: Optional[nn.Module] = None
+    module: Optional[nn.Module] = None
+
+
+NONE = Shortcut("none")
+IDENTITY = Shortcut("identity")
+
+
+def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
+    """None when ``conv`` is a Conv2d our ops run, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"conv padding {conv.padding!r} / mode {conv.padding_mode!r} is not explicit zero padding"
+    return None
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def _mergeable(conv: nn.Conv2d) -> bool:
+    """A 1x1, unpadded, ungrouped projection can share the last conv's GEMM."""
+    return conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) \
+        and conv.groups == 1 and conv.stride[0] == conv.stride[1]
+
+
+def _count(y: Tensor) -> int:
+    return y.shape[0] * y.shape[2] * y.shape[3]
+
+
+def run_chain(x: Tensor, layers, shortcut: Shortcut, final_relu: bool, cache: FoldCache,
+              backend: Optional[str]) -> Tensor:
+    """Run the chain on ``x``; see the module docstring."""
+    norms_used = [norm for _, norm in layers]
+    if shortcut.kind == "projection":
+        norms_used.append(shortcut.norm)
+    if any(norms.uses_batch_stats(n) for n in norms_used):
+        return _run_train(x, layers, shortcut, final_relu, backend)
+    return _run_eval(x, layers, shortcut, final_relu, cache, backend)
+
+
+def _run_eval(x, layers, shortcut, final_relu, cache, backend):
+    h = x
+    for conv, norm in layers[:-1]:
+        weight, bias = cache.fold(conv, norm, h.dtype)
+        h = ops.conv_bias_act(h, weight, bias, **_conv_args(conv), relu=True, backend=backend)
+    conv, norm = layers[-1]
+    weight, bias = cache.fold(conv, norm, h.dtype)
+    extra = {}
+    if shortcut.kind in ("identity", "mapped"):
+        extra = dict(residual=x, residual_stride=shortcut.stride, residual_offset=shortcut.offset)
+    elif shortcut.kind == "projection" and _mergeable(shortcut.conv):
+        s_weight, s_bias = cache.fold(shortcut.conv, shortcut.norm, h.dtype)
+        bias = bias + s_bias
+        extra = dict(shortcut_x=x, shortcut_weight=s_weight, shortcut_stride=shortcut.conv.stride[0])
+    elif shortcut.kind == "projection":
+        s_weight, s_bias = cache.fold(shortcut.conv, shortcut.norm, x.dtype)
+        extra = dict(residual=ops.conv_bias_act(x, s_weight, s_bias, **_conv_args(shortcut.conv), backend=backend))
+    elif shortcut.kind == "module":
+        extra = dict(residual=shortcut.module(x))
+    return ops.conv_bias_act(h, weight, bias, **_conv_args(conv), relu=final_relu, backend=backend, **extra)
+
+
+def _scale_shift(norm, y, mean, var):
+    if norms.uses_batch_stats(norm):
+        return norms.batch_scale_shift(norm, mean, var, _count(y))
+    return norms.running_scale_shift(norm, mean.dtype)
+
+
+def _conv_norm_train(h, conv, norm, scale, shift, backend):
+    """conv_stats of relu(h * scale + shift) (plain h when scale is None), then the norm's scale/shift."""
+    y, mean, var = ops.conv_stats(
+        h, conv.weight, conv.bias, **_conv_args(conv), in_scale=scale, in_shift=shift,
+        in_relu=scale is not None, compute_stats=norms.uses_batch_stats(norm), backend=backend,
+    )
+    return y, _scale_shift(norm, y, mean, var)
+
+
+def _run_train(x, layers, shortcut, final_relu, backend):
+    h, scale, shift = x, None, None
+    for conv, norm in layers:
+        h, (scale, shift) = _conv_norm_train(h, conv, norm, scale, shift, backend)
+    extra = {}
+    if shortcut.kind in ("identity", "mapped"):
+        extra = dict(residual=x, residual_stride=shortcut.stride, residual_offset=shortcut.offset)
+    elif shortcut.kind == "projection":
+        y_s, (s_scale, s_shift) = _conv_norm_train(x, shortcut.conv, shortcut.norm, None, None, backend)
+        extra = dict(residual=y_s, res_scale=s_scale, res_shift=s_shift)
+    elif shortcut.kind == "module":
+        extra = dict(residual=shortcut.module(x))
+    return ops.scale_shift_act(h, scale, shift, relu=final_relu, backend=backend, **extra)

@@ -1,0 +1,92 @@
+"""Which normalisation layers we fuse, and BN's arithmetic around the fused ops.
+
+A fusable norm is nn.BatchNorm2d (and subclasses), torchvision's
+FrozenBatchNorm2d (always running statistics), and SyncBatchNorm while it uses
+running statistics (eval mode). Everything else (GroupNorm, a training
+SyncBatchNorm, Identity, ...) makes the block run as given.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from torchvision.ops import FrozenBatchNorm2d
+except ImportError:  # torchvision is a dependency, but keep the core importable
+    FrozenBatchNorm2d = ()
+
+
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """True when ``norm`` normalises with batch statistics (nn.BatchNorm2d's rule)."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return norm.training or norm.running_mean is None
+    return False
+
+
+def unfusable_reason(norm: nn.Module) -> Optional[str]:
+    """None when ``norm`` can be fused, else why not."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return None
+    if isinstance(norm, nn.SyncBatchNorm):
+        if uses_batch_stats(norm):
+            return "SyncBatchNorm with batch statistics needs a cross-process reduction"
+        return None
+    if isinstance(norm, nn.BatchNorm2d):
+        return None
+    return f"norm layer {type(norm).__name__} is not a batch norm"
+
+
+def _affine(norm: nn.Module):
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    return weight, bias
+
+
+def running_scale_shift(norm: nn.Module, dtype: torch.dtype):
+    """(scale, shift) of ``norm`` with its running statistics, in ``dtype``."""
+    weight, bias = _affine(norm)
+    invstd = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+    scale = invstd if weight is None else weight.to(dtype) * invstd
+    shift = -norm.running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
+def batch_scale_shift(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
+    """(scale, shift) from batch statistics; updates running statistics like nn.BatchNorm2d.
+
+    ``var`` is the biased variance over ``count`` elements per channel.
+    """
+    if norm.training and count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} per channel"
+        )
+    weight, bias = _affine(norm)
+    invstd = torch.rsqrt(var + norm.eps)
+    scale = invstd if weight is None else weight.to(var.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(var.dtype)
+    if norm.training and norm.track_running_stats:
+        update_running_stats(norm, mean, var, count)
+    return scale, shift
+
+
+@torch.no_grad()
+def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update, on the device, without a host sync."""
+    norm.num_batches_tracked.add_(1)
+    if count == 0:  # an empty batch only counts (as nn.BatchNorm2d does)
+        return
+    running_mean, running_var = norm.running_mean, norm.running_var
+    if norm.momentum is None:  # cumulative moving average
+        factor = (1.0 / norm.num_batches_tracked).to(running_mean.dtype)
+        keep = 1.0 - factor
+    else:
+        factor, keep = norm.momentum, 1.0 - norm.momentum
+    unbiased = var.detach() * (count / (count - 1))
+    running_mean.mul_(keep).add_(mean.detach().to(running_mean.dtype) * factor)
+    running_var.mul_(keep).add_(unbiased.to(running_var.dtype) * factor)

@@ -1,0 +1,405 @@
+"""The fused steps of a residual block as ``torch.library`` custom ops.
+
+Three forward ops, each with a fake (meta) implementation and registered
+autograd whose backward is itself a custom op, so ``torch.compile(fullgraph=True)``
+traces a fused model without graph breaks:
+
+* ``conv_bias_act``  — eval: conv with folded BN, + merged 1x1 projection,
+  + (mapped) residual, ReLU;
+* ``conv_stats``     — train: conv of relu?(x * scale + shift) (the previous
+  BN + ReLU applied as the input loads) with per-channel batch mean/variance;
+* ``scale_shift_act`` — train: a block's last BN, the shortcut's BN or
+  identity, the residual add and the ReLU in one pass.
+
+Each op picks its backend at run time (``backends.select``); the public
+functions below check their inputs, apply autocast, and call the op.
+Double backward is not supported and says so.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends.reference import memory_format_of, stat_dtype
+
+_NS = "fused_resblock"
+
+
+# --------------------------------------------------------------------------- dispatch helpers
+def _config(x: Tensor, weight: Optional[Tensor], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+            groups: int = 1, merged_shortcut: bool = False, prologue: bool = False) -> dict:
+    config = {"device": x.device, "dtype": x.dtype}
+    if weight is not None:
+        config.update(
+            kernel=tuple(weight.shape[2:]), stride=tuple(stride), padding=tuple(padding),
+            dilation=tuple(dilation), groups=groups, in_channels=x.shape[1],
+            out_channels=weight.shape[0], merged_shortcut=merged_shortcut, prologue=prologue,
+        )
+    return config
+
+
+def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    return (
+        n, weight.shape[0],
+        _conv_out_size(h, kh, stride[0], padding[0], dilation[0]),
+        _conv_out_size(w, kw, stride[1], padding[1], dilation[1]),
+    )
+
+
+def _empty_like_format(shape, like: Tensor, dtype=None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
+                       memory_format=memory_format_of(like))
+
+
+def _fill_absent(grads, like: Tensor) -> list:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return [like.new_empty((0,)) if g is None else g for g in grads]
+
+
+def _by_needs(grads, needs) -> list:
+    """Back from ``_fill_absent``: a gradient exists exactly where it was needed."""
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+def _no_double_backward(op: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fused_resblock::{op} does not support double backward (create_graph=True)")
+
+
+# --------------------------------------------------------------------------- conv_bias_act
+@torch.library.custom_op(f"{_NS}::conv_bias_act", mutates_args=())
+def _conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, backend: str,
+) -> Tensor:
+    config = _config(x, weight, stride, padding, dilation, groups, merged_shortcut=shortcut_x is not None)
+    impl = backends.select("conv_bias_act", backend or None, config)
+    return impl.conv_bias_act(
+        x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu,
+    )
+
+
+@_conv_bias_act.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
+      shortcut_x, shortcut_weight, shortcut_stride, relu, backend):
+    return _empty_like_format(_conv_out_shape(x, weight, stride, padding, dilation), x)
+
+
+@torch.library.custom_op(f"{_NS}::conv_bias_act_backward", mutates_args=())
+def _conv_bias_act_backward(
+    grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, needs: Sequence[bool], backend: str,
+) -> list[Tensor]:
+    config = _config(x, weight, stride, padding, dilation, groups, merged_shortcut=shortcut_x is not None)
+    impl = backends.select("conv_bias_act_backward", backend or None, config)
+    return _fill_absent(impl.conv_bias_act_backward(
+        grad, out, x, weight, has_bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
+        relu, list(needs),
+    ), grad)
+
+
+@_conv_bias_act_backward.register_fake
+def _(grad, out, x, weight, has_bias, stride, padding, dilation, groups, residual, residual_stride,
+      residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu, needs, backend):
+    sd = stat_dtype(x.dtype)
+    bias_grad = grad.new_empty((weight.shape[0],), dtype=sd) if has_bias and needs[2] else None
+    return _fill_absent([
+        _empty_like_format(x.shape, x) if needs[0] else None,
+        torch.empty_like(weight) if needs[1] else None,
+        bias_grad,
+        _empty_like_format(residual.shape, residual) if residual is not None and needs[3] else None,
+        _empty_like_format(shortcut_x.shape, shortcut_x) if shortcut_x is not None and needs[4] else None,
+        torch.empty_like(shortcut_weight) if shortcut_x is not None and needs[5] else None,
+    ], grad)
+
+
+def _conv_bias_act_setup(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
+     shortcut_x, shortcut_weight, shortcut_stride, relu, backend) = inputs
+    ctx.save_for_backward(output, x, weight, residual, shortcut_x, shortcut_weight)
+    ctx.args = (bias is not None, stride, padding, dilation, groups, residual_stride, residual_offset,
+                shortcut_stride, relu, backend)
+
+
+def _conv_bias_act_grad(ctx, grad):
+    _no_double_backward("conv_bias_act")
+    out, x, weight, residual, shortcut_x, shortcut_weight = ctx.saved_tensors
+    (has_bias, stride, padding, dilation, groups, residual_stride, residual_offset,
+     shortcut_stride, relu, backend) = ctx.args
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1], ng[2], ng[7], ng[10], ng[11]]
+    gx, gw, gb, gr, gsx, gsw = _by_needs(_conv_bias_act_backward(
+        grad.contiguous(memory_format=memory_format_of(out)), out, x, weight, has_bias,
+        stride, padding, dilation, groups, residual, residual_stride, residual_offset,
+        shortcut_x, shortcut_weight, shortcut_stride, relu, needs, backend,
+    ), needs)
+    return gx, gw, gb, None, None, None, None, gr, None, None, gsx, gsw, None, None, None
+
+
+_conv_bias_act.register_autograd(_conv_bias_act_grad, setup_context=_conv_bias_act_setup)
+
+
+# --------------------------------------------------------------------------- conv_stats
+@torch.library.custom_op(f"{_NS}::conv_stats", mutates_args=())
+def _conv_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    compute_stats: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_scale is not None)
+    impl = backends.select("conv_stats", backend or None, config)
+    return impl.conv_stats(
+        x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+        in_scale, in_shift, in_relu, compute_stats,
+    )
+
+
+@_conv_stats.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu, compute_stats, backend):
+    y = _empty_like_format(_conv_out_shape(x, weight, stride, padding, dilation), x)
+    channels = weight.shape[0] if compute_stats else 0
+    sd = stat_dtype(x.dtype)
+    return y, x.new_empty((channels,), dtype=sd), x.new_empty((channels,), dtype=sd)
+
+
+@torch.library.custom_op(f"{_NS}::conv_stats_backward", mutates_args=())
+def _conv_stats_backward(
+    grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+    x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    needs: Sequence[bool], backend: str,
+) -> list[Tensor]:
+    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_scale is not None)
+    impl = backends.select("conv_stats_backward", backend or None, config)
+    return _fill_absent(impl.conv_stats_backward(
+        grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, tuple(stride), tuple(padding),
+        tuple(dilation), groups, in_scale, in_shift, in_relu, list(needs),
+    ), grad_y)
+
+
+@_conv_stats_backward.register_fake
+def _(grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, stride, padding, dilation, groups,
+      in_scale, in_shift, in_relu, needs, backend):
+    sd = stat_dtype(x.dtype)
+    per_in = (x.shape[1],)
+    prologue = in_scale is not None
+    return _fill_absent([
+        _empty_like_format(x.shape, x) if needs[0] else None,
+        torch.empty_like(weight) if needs[1] else None,
+        x.new_empty((weight.shape[0],), dtype=sd) if has_bias and needs[2] else None,
+        x.new_empty(per_in, dtype=sd) if prologue and needs[3] else None,
+        x.new_empty(per_in, dtype=sd) if prologue and needs[4] else None,
+    ], grad_y)
+
+
+def _conv_stats_setup(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu,
+     compute_stats, backend) = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(x, y, mean, weight, in_scale, in_shift)
+    ctx.args = (bias is not None, stride, padding, dilation, groups, in_relu, compute_stats, backend)
+
+
+def _conv_stats_grad(ctx, grad_y, grad_mean, grad_var):
+    _no_double_backward("conv_stats")
+    x, y, mean, weight, in_scale, in_shift = ctx.saved_tensors
+    has_bias, stride, padding, dilation, groups, in_relu, compute_stats, backend = ctx.args
+    if not compute_stats:
+        grad_mean = grad_var = None
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1], ng[2], ng[7], ng[8]]
+    gx, gw, gb, gscale, gshift = _by_needs(_conv_stats_backward(
+        grad_y.contiguous(memory_format=memory_format_of(y)), grad_mean, grad_var, x, y, mean, weight,
+        has_bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu, needs, backend,
+    ), needs)
+    return gx, gw, gb, None, None, None, None, gscale, gshift, None, None, None
+
+
+_conv_stats.register_autograd(_conv_stats_grad, setup_context=_conv_stats_setup)
+
+
+# --------------------------------------------------------------------------- scale_shift_act
+@torch.library.custom_op(f"{_NS}::scale_shift_act", mutates_args=())
+def _scale_shift_act(
+    y: Tensor, scale: Tensor, shift: Tensor,
+    residual: Optional[Tensor], res_scale: Optional[Tensor], res_shift: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool, backend: str,
+) -> Tensor:
+    impl = backends.select("scale_shift_act", backend or None, _config(y, None))
+    return impl.scale_shift_act(y, scale, shift, residual, res_scale, res_shift,
+                                residual_stride, residual_offset, relu)
+
+
+@_scale_shift_act.register_fake
+def _(y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu, backend):
+    return _empty_like_format(y.shape, y)
+
+
+@torch.library.custom_op(f"{_NS}::scale_shift_act_backward", mutates_args=())
+def _scale_shift_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, scale: Tensor,
+    residual: Optional[Tensor], res_scale: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool, needs: Sequence[bool], backend: str,
+) -> list[Tensor]:
+    impl = backends.select("scale_shift_act_backward", backend or None, _config(y, None))
+    return _fill_absent(impl.scale_shift_act_backward(grad, out, y, scale, residual, res_scale,
+                                                      residual_stride, residual_offset, relu, list(needs)), grad)
+
+
+@_scale_shift_act_backward.register_fake
+def _(grad, out, y, scale, residual, res_scale, residual_stride, residual_offset, relu, needs, backend):
+    per_c = (y.shape[1],)
+    has_r = residual is not None
+    per_r = (residual.shape[1],) if has_r else None
+    return _fill_absent([
+        _empty_like_format(y.shape, y) if needs[0] else None,
+        scale.new_empty(per_c) if needs[1] else None,
+        scale.new_empty(per_c) if needs[2] else None,
+        _empty_like_format(residual.shape, residual) if has_r and needs[3] else None,
+        scale.new_empty(per_r) if has_r and res_scale is not None and needs[4] else None,
+        scale.new_empty(per_r) if has_r and res_scale is not None and needs[5] else None,
+    ], grad)
+
+
+def _scale_shift_act_setup(ctx, inputs, output):
+    y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu, backend = inputs
+    ctx.save_for_backward(output, y, scale, residual, res_scale)
+    ctx.args = (residual_stride, residual_offset, relu, backend)
+
+
+def _scale_shift_act_grad(ctx, grad):
+    _no_double_backward("scale_shift_act")
+    out, y, scale, residual, res_scale = ctx.saved_tensors
+    residual_stride, residual_offset, relu, backend = ctx.args
+    needs = list(ctx.needs_input_grad[:6])
+    grads = _by_needs(_scale_shift_act_backward(
+        grad.contiguous(memory_format=memory_format_of(out)), out, y, scale, residual, res_scale,
+        residual_stride, residual_offset, relu, needs, backend,
+    ), needs)
+    return (*grads, None, None, None, None)
+
+
+_scale_shift_act.register_autograd(_scale_shift_act_grad, setup_context=_scale_shift_act_setup)
+
+
+# --------------------------------------------------------------------------- public functions
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """Autocast's rule: float16/bfloat16/float32 tensors go to ``dtype``; float64 stays."""
+    if t is None or dtype is None or t.dtype == dtype or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def check_activation(name: str, t: Tensor, channels: Optional[int] = None) -> None:
+    """Clear errors for a bad activation tensor (rank, channels, dtype)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor (N, C, H, W), got {t.dim()}-D with shape {tuple(t.shape)}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got {t.shape[1]} (shape {tuple(t.shape)})")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def _check_same(name: str, t: Optional[Tensor], like: Tensor) -> None:
+    if t is None:
+        return
+    if t.device != like.device:
+        raise RuntimeError(f"{name} is on {t.device} but the input is on {like.device}; move them to one device")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; use one dtype (or autocast)")
+
+
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1, padding=0, dilation=1,
+    groups: int = 1, residual: Optional[Tensor] = None, residual_stride: int = 1, residual_offset: int = 0,
+    shortcut_x: Optional[Tensor] = None, shortcut_weight: Optional[Tensor] = None, shortcut_stride: int = 1,
+    relu: bool = False, backend: Optional[str] = None,
+) -> Tensor:
+    """act(conv(x, weight) + bias [+ conv1x1(shortcut_x, shortcut_weight)] [+ residual]); see reference.py."""
+    cast = _autocast_dtype(x.device.type)
+    x, weight, residual, shortcut_x, shortcut_weight = (
+        _cast(t, cast) for t in (x, weight, residual, shortcut_x, shortcut_weight))
+    check_activation("input", x, weight.shape[1] * groups)
+    _check_same("weight", weight, x)
+    for name, t in (("residual", residual), ("shortcut input", shortcut_x), ("shortcut weight", shortcut_weight)):
+        _check_same(name, t, x)
+    if bias is not None and bias.device != x.device:
+        raise RuntimeError(f"bias is on {bias.device} but the input is on {x.device}")
+    if (shortcut_x is None) != (shortcut_weight is None):
+        raise ValueError("shortcut_x and shortcut_weight go together")
+    if bias is not None:
+        bias = bias.to(stat_dtype(x.dtype))
+    return _conv_bias_act(
+        x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
+        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
+        relu, backends.resolve_name(backend),
+    )
+
+
+def conv_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1, padding=0, dilation=1,
+    groups: int = 1, in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
+    in_relu: bool = False, compute_stats: bool = True, backend: Optional[str] = None,
+):
+    """(y, mean, var) with y = conv(relu?(x * in_scale + in_shift)) + bias; see reference.py."""
+    cast = _autocast_dtype(x.device.type)
+    x, weight = _cast(x, cast), _cast(weight, cast)
+    check_activation("input", x, weight.shape[1] * groups)
+    _check_same("weight", weight, x)
+    sd = stat_dtype(x.dtype)
+    bias, in_scale, in_shift = (None if t is None else t.to(sd) for t in (bias, in_scale, in_shift))
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift go together")
+    return _conv_stats(
+        x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
+        in_scale, in_shift, in_relu, compute_stats, backends.resolve_name(backend),
+    )
+
+
+def scale_shift_act(
+    y: Tensor, scale: Tensor, shift: Tensor, *, residual: Optional[Tensor] = None,
+    res_scale: Optional[Tensor] = None, res_shift: Optional[Tensor] = None,
+    residual_stride: int = 1, residual_offset: int = 0, relu: bool = False, backend: Optional[str] = None,
+) -> Tensor:
+    """act(y * scale + shift + (residual * res_scale + res_shift | mapped residual)); see reference.py."""
+    check_activation("input", y, scale.shape[0])
+    if residual is not None and residual.dtype != y.dtype and _autocast_dtype(y.device.type) is not None:
+        residual = residual.to(y.dtype)
+    _check_same("residual", residual, y)
+    sd = stat_dtype(y.dtype)
+    scale, shift, res_scale, res_shift = (None if t is None else t.to(sd) for t in (scale, shift, res_scale, res_shift))
+    return _scale_shift_act(
+        y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu,
+        backends.resolve_name(backend),
+    )
