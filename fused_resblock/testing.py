@@ -99,3 +99,73 @@ def assert_rule(name: str, out: Tensor, ref: Tensor, torch_out: Tensor,
     if not report.passed:
         raise AssertionError(str(report))
     return report
+
+
+# --------------------------------------------------------------------------- module equivalence
+def _float64_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to("cpu", torch.float64)
+
+
+def _run(module, x: Tensor, grad_out: Optional[Tensor]):
+    x = x.detach().clone().requires_grad_(grad_out is not None)
+    out = module(x)
+    if grad_out is not None:
+        out.backward(grad_out.to(out.device, out.dtype))
+    return out, x
+
+
+def _run_first(module, x: Tensor, backward: bool):
+    """Like ``_run``, drawing the output gradient (random, float64) once the output shape is known."""
+    x = x.detach().clone().requires_grad_(backward)
+    out = module(x)
+    grad_out = torch.randn(out.shape, dtype=torch.float64) if backward else None
+    if backward:
+        out.backward(grad_out.to(out.device, out.dtype))
+    return out, x, grad_out
+
+
+def equivalence_report(fused: torch.nn.Module, reference: torch.nn.Module, x: Tensor, *,
+                       train: bool, backward: bool = True, prefix: str = "") -> list:
+    """Rule reports for one forward (and backward) of ``fused`` against ``reference``.
+
+    ``fused`` and ``reference`` hold the same parameters and buffers at the dtype
+    and device of ``x``; the ground truth is a float64 CPU copy of ``reference``.
+    Reports cover the output, the input's gradient, every parameter's gradient
+    and, in train mode, every buffer after the step (running statistics,
+    num_batches_tracked). Gradients are left on the modules.
+    """
+    ref64 = _float64_cpu_copy(reference)
+    for m in (fused, reference, ref64):
+        m.train(train)
+        m.zero_grad(set_to_none=True)
+    out64, x64, grad_out = _run_first(ref64, x.to("cpu", torch.float64), backward)
+    out_t, x_t = _run(reference, x, grad_out)
+    out_f, x_f = _run(fused, x, grad_out)
+    dtype = x.dtype
+    reports = [check_rule(prefix + "out", out_f, out64, out_t, dtype)]
+    if backward:
+        reports.append(check_rule(prefix + "grad input", x_f.grad, x64.grad, x_t.grad, dtype))
+        for (name, p_f), p_t, p64 in zip(fused.named_parameters(), reference.parameters(), ref64.parameters()):
+            if p64.grad is None:
+                continue
+            if p_f.grad is None:
+                raise AssertionError(f"{prefix}grad {name}: the fused module produced no gradient")
+            reports.append(check_rule(f"{prefix}grad {name}", p_f.grad, p64.grad, p_t.grad, dtype))
+    if train:
+        for (name, b_f), b_t, b64 in zip(fused.named_buffers(), reference.buffers(), ref64.buffers()):
+            if b_f.is_floating_point():
+                reports.append(check_rule(f"{prefix}buffer {name}", b_f, b64, b_t, b_f.dtype))
+            elif not torch.equal(b_f.cpu(), b64.cpu()):
+                raise AssertionError(f"{prefix}buffer {name}: {b_f.tolist()} != {b64.tolist()}")
+    return reports
+
+
+def assert_equivalent(fused, reference, x, *, train: bool, backward: bool = True) -> list:
+    """``equivalence_report`` that raises on the first failing check (all failures listed)."""
+    reports = equivalence_report(fused, reference, x, train=train, backward=backward)
+    failed = [str(r) for r in reports if not r.passed]
+    if failed:
+        raise AssertionError("\n".join(failed))
+    return reports

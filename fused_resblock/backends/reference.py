@@ -44,6 +44,12 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _channel_sum(t: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Per-channel sum over (N, H, W); accumulated in float64 on the CPU, as PyTorch's CPU batch norm does."""
+    acc = torch.float64 if t.device.type == "cpu" else out_dtype
+    return t.sum((0, 2, 3), dtype=acc).to(out_dtype)
+
+
 def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
@@ -135,7 +141,7 @@ def conv_bias_act_backward(
     """
     g = torch.where(out > 0, grad, torch.zeros_like(grad)) if relu else grad
     gx, gw = _conv_backward(g, x, weight, stride, padding, dilation, groups, needs[0:2])
-    gb = g.sum((0, 2, 3), dtype=stat_dtype(g.dtype)) if (has_bias and needs[2]) else None
+    gb = _channel_sum(g, stat_dtype(g.dtype)) if (has_bias and needs[2]) else None
     gr = None
     if residual is not None and needs[3]:
         gr = unmap_residual_grad(g, residual, residual_stride, residual_offset)
@@ -169,7 +175,8 @@ def conv_stats(
     y = y.contiguous(memory_format=memory_format_of(x))
     sd = stat_dtype(x.dtype)
     if compute_stats and y.numel() > 0:
-        var, mean = torch.var_mean(y.to(sd), dim=(0, 2, 3), correction=0)
+        acc = torch.float64 if y.device.type == "cpu" else sd
+        var, mean = (s.to(sd) for s in torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0))
     elif compute_stats:
         mean = var = torch.full((y.shape[1],), float("nan"), dtype=sd, device=y.device)
     else:
@@ -198,7 +205,7 @@ def conv_stats_backward(
         g = g + _per_channel(grad_mean) / count
     if grad_var is not None:
         g = g + _per_channel(grad_var) * 2.0 * (y.to(sd) - _per_channel(mean)) / count
-    gb = g.sum((0, 2, 3)) if (has_bias and needs[2]) else None
+    gb = _channel_sum(g, sd) if (has_bias and needs[2]) else None
     g = g.to(x.dtype)
     a = _prologue(x, in_scale, in_shift, in_relu)
     need_ga = needs[0] or needs[3] or needs[4]
@@ -211,9 +218,9 @@ def conv_stats_backward(
         if needs[0]:
             gx = (ga * _per_channel(in_scale)).to(x.dtype)
         if needs[3]:
-            gscale = (ga * x.to(sd)).sum((0, 2, 3))
+            gscale = _channel_sum(ga * x.to(sd), sd)
         if needs[4]:
-            gshift = ga.sum((0, 2, 3))
+            gshift = _channel_sum(ga, sd)
     elif needs[0]:
         gx = ga
     return gx, (gw if needs[1] else None), gb, gscale, gshift
@@ -258,8 +265,8 @@ def scale_shift_act_backward(
     if relu:
         g = torch.where(out > 0, g, torch.zeros_like(g))
     gy = (g * _per_channel(scale)).to(y.dtype).contiguous(memory_format=memory_format_of(y)) if needs[0] else None
-    gscale = (g * y.to(sd)).sum((0, 2, 3)) if needs[1] else None
-    gshift = g.sum((0, 2, 3)) if needs[2] else None
+    gscale = _channel_sum(g * y.to(sd), sd) if needs[1] else None
+    gshift = _channel_sum(g, sd) if needs[2] else None
     gr = grs = grsh = None
     if residual is not None and any(needs[3:6]):
         gm = unmap_residual_grad(g, residual, residual_stride, residual_offset)
@@ -267,9 +274,9 @@ def scale_shift_act_backward(
             if needs[3]:
                 gr = (gm * _per_channel(res_scale)).to(residual.dtype)
             if needs[4]:
-                grs = (gm * residual.to(sd)).sum((0, 2, 3))
+                grs = _channel_sum(gm * residual.to(sd), sd)
             if needs[5]:
-                grsh = gm.sum((0, 2, 3))
+                grsh = _channel_sum(gm, sd)
         elif needs[3]:
             gr = gm.to(residual.dtype)
     return gy, gscale, gshift, gr, grs, grsh
