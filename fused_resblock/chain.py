@@ -7,13 +7,19 @@ pair's output gets the shortcut and, if ``final_relu``, a ReLU.
 Eval (no norm needs batch statistics): BN folded into each conv, one
 ``conv_bias_act`` per conv; a 1x1 projection shortcut is merged into the last
 conv's GEMM. Train: ``conv_stats`` per conv (the previous BN + ReLU applied in
-its prologue), then one ``scale_shift_act`` for last BN + shortcut + add + ReLU.
+its prologue), then one ``bn_add_act`` for last BN + shortcut + add + ReLU.
+
+Eval with gradients for a BN weight (fine-tuning under running statistics)
+takes the train structure with running statistics instead of folding: a
+weight's gradient through a fold is a difference of two large sums, which
+cancellation ruins when |mean| >> std.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from . import norms, ops
@@ -70,9 +76,15 @@ def run_chain(x: Tensor, layers, shortcut: Shortcut, final_relu: bool, cache: Fo
     norms_used = [norm for _, norm in layers]
     if shortcut.kind == "projection":
         norms_used.append(shortcut.norm)
-    if any(norms.uses_batch_stats(n) for n in norms_used):
+    if any(norms.uses_batch_stats(n) for n in norms_used) or _norm_weight_needs_grad(norms_used):
         return _run_train(x, layers, shortcut, final_relu, backend)
     return _run_eval(x, layers, shortcut, final_relu, cache, backend)
+
+
+def _norm_weight_needs_grad(norm_modules) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(getattr(n, "weight", None) is not None and n.weight.requires_grad for n in norm_modules)
 
 
 def _run_eval(x, layers, shortcut, final_relu, cache, backend):
@@ -97,31 +109,31 @@ def _run_eval(x, layers, shortcut, final_relu, cache, backend):
     return ops.conv_bias_act(h, weight, bias, **_conv_args(conv), relu=final_relu, backend=backend, **extra)
 
 
-def _scale_shift(norm, y, mean, var):
+def _norm_params(norm, y, mean, var):
     if norms.uses_batch_stats(norm):
-        return norms.batch_scale_shift(norm, mean, var, _count(y))
-    return norms.running_scale_shift(norm, mean.dtype)
+        return norms.batch_params(norm, mean, var, _count(y))
+    return norms.running_params(norm, mean.dtype)
 
 
-def _conv_norm_train(h, conv, norm, scale, shift, backend):
-    """conv_stats of relu(h * scale + shift) (plain h when scale is None), then the norm's scale/shift."""
+def _conv_norm_train(h, conv, norm, in_norm, backend):
+    """conv_stats of relu(BN_in(h)) (plain h when ``in_norm`` is None), then this norm's parameters."""
     y, mean, var = ops.conv_stats(
-        h, conv.weight, conv.bias, **_conv_args(conv), in_scale=scale, in_shift=shift,
-        in_relu=scale is not None, compute_stats=norms.uses_batch_stats(norm), backend=backend,
+        h, conv.weight, conv.bias, **_conv_args(conv), in_norm=in_norm, in_relu=in_norm is not None,
+        compute_stats=norms.uses_batch_stats(norm), backend=backend,
     )
-    return y, _scale_shift(norm, y, mean, var)
+    return y, _norm_params(norm, y, mean, var)
 
 
 def _run_train(x, layers, shortcut, final_relu, backend):
-    h, scale, shift = x, None, None
-    for conv, norm in layers:
-        h, (scale, shift) = _conv_norm_train(h, conv, norm, scale, shift, backend)
+    h, norm = x, None
+    for conv, norm_module in layers:
+        h, norm = _conv_norm_train(h, conv, norm_module, norm, backend)
     extra = {}
     if shortcut.kind in ("identity", "mapped"):
         extra = dict(residual=x, residual_stride=shortcut.stride, residual_offset=shortcut.offset)
     elif shortcut.kind == "projection":
-        y_s, (s_scale, s_shift) = _conv_norm_train(x, shortcut.conv, shortcut.norm, None, None, backend)
-        extra = dict(residual=y_s, res_scale=s_scale, res_shift=s_shift)
+        y_s, s_norm = _conv_norm_train(x, shortcut.conv, shortcut.norm, None, backend)
+        extra = dict(residual=y_s, residual_norm=s_norm)
     elif shortcut.kind == "module":
         extra = dict(residual=shortcut.module(x))
-    return ops.scale_shift_act(h, scale, shift, relu=final_relu, backend=backend, **extra)
+    return ops.bn_add_act(h, norm, relu=final_relu, backend=backend, **extra)

@@ -39,24 +39,28 @@ def unfusable_reason(norm: nn.Module) -> Optional[str]:
 
 
 def _affine(norm: nn.Module):
-    weight = getattr(norm, "weight", None)
-    bias = getattr(norm, "bias", None)
-    return weight, bias
+    return getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+
+def running_params(norm: nn.Module, dtype: torch.dtype):
+    """(mean, invstd, weight, bias) of ``norm`` with its running statistics, mean/invstd in ``dtype``."""
+    weight, bias = _affine(norm)
+    invstd = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+    return norm.running_mean.to(dtype), invstd, weight, bias
 
 
 def running_scale_shift(norm: nn.Module, dtype: torch.dtype):
-    """(scale, shift) of ``norm`` with its running statistics, in ``dtype``."""
-    weight, bias = _affine(norm)
-    invstd = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+    """(scale, shift) with BN(x) = x * scale + shift under running statistics, in ``dtype`` (for folding)."""
+    mean, invstd, weight, bias = running_params(norm, dtype)
     scale = invstd if weight is None else weight.to(dtype) * invstd
-    shift = -norm.running_mean.to(dtype) * scale
+    shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(dtype)
     return scale, shift
 
 
-def batch_scale_shift(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
-    """(scale, shift) from batch statistics; updates running statistics like nn.BatchNorm2d.
+def batch_params(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
+    """(mean, invstd, weight, bias) from batch statistics; updates running statistics like nn.BatchNorm2d.
 
     ``var`` is the biased variance over ``count`` elements per channel.
     """
@@ -64,15 +68,10 @@ def batch_scale_shift(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} per channel"
         )
-    weight, bias = _affine(norm)
-    invstd = torch.rsqrt(var + norm.eps)
-    scale = invstd if weight is None else weight.to(var.dtype) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(var.dtype)
     if norm.training and norm.track_running_stats:
         update_running_stats(norm, mean, var, count)
-    return scale, shift
+    weight, bias = _affine(norm)
+    return mean, torch.rsqrt(var + norm.eps), weight, bias
 
 
 @torch.no_grad()
@@ -83,7 +82,7 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: int)
         return
     running_mean, running_var = norm.running_mean, norm.running_var
     if norm.momentum is None:  # cumulative moving average
-        factor = (1.0 / norm.num_batches_tracked).to(running_mean.dtype)
+        factor = norm.num_batches_tracked.to(running_mean.dtype).reciprocal()
         keep = 1.0 - factor
     else:
         factor, keep = norm.momentum, 1.0 - norm.momentum

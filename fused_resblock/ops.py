@@ -6,9 +6,9 @@ traces a fused model without graph breaks:
 
 * ``conv_bias_act``  — eval: conv with folded BN, + merged 1x1 projection,
   + (mapped) residual, ReLU;
-* ``conv_stats``     — train: conv of relu?(x * scale + shift) (the previous
-  BN + ReLU applied as the input loads) with per-channel batch mean/variance;
-* ``scale_shift_act`` — train: a block's last BN, the shortcut's BN or
+* ``conv_stats``     — train: conv of relu?(BN(x)) (the previous BN + ReLU
+  applied as the input loads) with per-channel batch mean/variance;
+* ``bn_add_act``     — train: a block's last BN, the shortcut's BN or
   identity, the residual add and the ReLU in one pass.
 
 Each op picks its backend at run time (``backends.select``); the public
@@ -161,19 +161,20 @@ _conv_bias_act.register_autograd(_conv_bias_act_grad, setup_context=_conv_bias_a
 def _conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-    compute_stats: bool, backend: str,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_scale is not None)
+    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_mean is not None)
     impl = backends.select("conv_stats", backend or None, config)
     return impl.conv_stats(
         x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-        in_scale, in_shift, in_relu, compute_stats,
+        in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats,
     )
 
 
 @_conv_stats.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu, compute_stats, backend):
+def _(x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
+      in_relu, compute_stats, backend):
     y = _empty_like_format(_conv_out_shape(x, weight, stride, padding, dilation), x)
     channels = weight.shape[0] if compute_stats else 0
     sd = stat_dtype(x.dtype)
@@ -185,120 +186,123 @@ def _conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-    needs: Sequence[bool], backend: str,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, needs: Sequence[bool], backend: str,
 ) -> list[Tensor]:
-    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_scale is not None)
+    config = _config(x, weight, stride, padding, dilation, groups, prologue=in_mean is not None)
     impl = backends.select("conv_stats_backward", backend or None, config)
     return _fill_absent(impl.conv_stats_backward(
         grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, tuple(stride), tuple(padding),
-        tuple(dilation), groups, in_scale, in_shift, in_relu, list(needs),
+        tuple(dilation), groups, in_mean, in_invstd, in_weight, in_bias, in_relu, list(needs),
     ), grad_y)
 
 
 @_conv_stats_backward.register_fake
 def _(grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, stride, padding, dilation, groups,
-      in_scale, in_shift, in_relu, needs, backend):
+      in_mean, in_invstd, in_weight, in_bias, in_relu, needs, backend):
     sd = stat_dtype(x.dtype)
-    per_in = (x.shape[1],)
-    prologue = in_scale is not None
+    per_in = lambda t, need: x.new_empty((x.shape[1],), dtype=sd) if t is not None and need else None  # noqa: E731
     return _fill_absent([
         _empty_like_format(x.shape, x) if needs[0] else None,
         torch.empty_like(weight) if needs[1] else None,
         x.new_empty((weight.shape[0],), dtype=sd) if has_bias and needs[2] else None,
-        x.new_empty(per_in, dtype=sd) if prologue and needs[3] else None,
-        x.new_empty(per_in, dtype=sd) if prologue and needs[4] else None,
+        per_in(in_mean, needs[3]), per_in(in_invstd, needs[4]), per_in(in_weight, needs[5]), per_in(in_bias, needs[6]),
     ], grad_y)
 
 
 def _conv_stats_setup(ctx, inputs, output):
-    (x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu,
-     compute_stats, backend) = inputs
+    (x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
+     in_relu, compute_stats, backend) = inputs
     y, mean, _ = output
-    ctx.save_for_backward(x, y, mean, weight, in_scale, in_shift)
+    ctx.save_for_backward(x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias)
     ctx.args = (bias is not None, stride, padding, dilation, groups, in_relu, compute_stats, backend)
 
 
 def _conv_stats_grad(ctx, grad_y, grad_mean, grad_var):
     _no_double_backward("conv_stats")
-    x, y, mean, weight, in_scale, in_shift = ctx.saved_tensors
+    x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups, in_relu, compute_stats, backend = ctx.args
     if not compute_stats:
         grad_mean = grad_var = None
     ng = ctx.needs_input_grad
-    needs = [ng[0], ng[1], ng[2], ng[7], ng[8]]
-    gx, gw, gb, gscale, gshift = _by_needs(_conv_stats_backward(
+    needs = [ng[0], ng[1], ng[2], ng[7], ng[8], ng[9], ng[10]]
+    gx, gw, gb, g_mean, g_invstd, g_weight, g_bias = _by_needs(_conv_stats_backward(
         grad_y.contiguous(memory_format=memory_format_of(y)), grad_mean, grad_var, x, y, mean, weight,
-        has_bias, stride, padding, dilation, groups, in_scale, in_shift, in_relu, needs, backend,
+        has_bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu,
+        needs, backend,
     ), needs)
-    return gx, gw, gb, None, None, None, None, gscale, gshift, None, None, None
+    return gx, gw, gb, None, None, None, None, g_mean, g_invstd, g_weight, g_bias, None, None, None
 
 
 _conv_stats.register_autograd(_conv_stats_grad, setup_context=_conv_stats_setup)
 
 
-# --------------------------------------------------------------------------- scale_shift_act
-@torch.library.custom_op(f"{_NS}::scale_shift_act", mutates_args=())
-def _scale_shift_act(
-    y: Tensor, scale: Tensor, shift: Tensor,
-    residual: Optional[Tensor], res_scale: Optional[Tensor], res_shift: Optional[Tensor],
+# --------------------------------------------------------------------------- bn_add_act
+@torch.library.custom_op(f"{_NS}::bn_add_act", mutates_args=())
+def _bn_add_act(
+    y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], res_bias: Optional[Tensor],
     residual_stride: int, residual_offset: int, relu: bool, backend: str,
 ) -> Tensor:
-    impl = backends.select("scale_shift_act", backend or None, _config(y, None))
-    return impl.scale_shift_act(y, scale, shift, residual, res_scale, res_shift,
-                                residual_stride, residual_offset, relu)
+    impl = backends.select("bn_add_act", backend or None, _config(y, None))
+    return impl.bn_add_act(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight,
+                           res_bias, residual_stride, residual_offset, relu)
 
 
-@_scale_shift_act.register_fake
-def _(y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu, backend):
+@_bn_add_act.register_fake
+def _(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+      residual_stride, residual_offset, relu, backend):
     return _empty_like_format(y.shape, y)
 
 
-@torch.library.custom_op(f"{_NS}::scale_shift_act_backward", mutates_args=())
-def _scale_shift_act_backward(
-    grad: Tensor, out: Tensor, y: Tensor, scale: Tensor,
-    residual: Optional[Tensor], res_scale: Optional[Tensor],
-    residual_stride: int, residual_offset: int, relu: bool, needs: Sequence[bool], backend: str,
+@torch.library.custom_op(f"{_NS}::bn_add_act_backward", mutates_args=())
+def _bn_add_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool,
+    needs: Sequence[bool], backend: str,
 ) -> list[Tensor]:
-    impl = backends.select("scale_shift_act_backward", backend or None, _config(y, None))
-    return _fill_absent(impl.scale_shift_act_backward(grad, out, y, scale, residual, res_scale,
-                                                      residual_stride, residual_offset, relu, list(needs)), grad)
+    impl = backends.select("bn_add_act_backward", backend or None, _config(y, None))
+    return _fill_absent(impl.bn_add_act_backward(
+        grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+        residual_stride, residual_offset, relu, list(needs)), grad)
 
 
-@_scale_shift_act_backward.register_fake
-def _(grad, out, y, scale, residual, res_scale, residual_stride, residual_offset, relu, needs, backend):
-    per_c = (y.shape[1],)
-    has_r = residual is not None
-    per_r = (residual.shape[1],) if has_r else None
+@_bn_add_act_backward.register_fake
+def _(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+      residual_stride, residual_offset, relu, needs, backend):
+    per_c = lambda need: mean.new_empty((y.shape[1],)) if need else None  # noqa: E731
+    has_r, has_rn = residual is not None, res_mean is not None
+    per_r = lambda need: mean.new_empty((residual.shape[1],)) if has_r and has_rn and need else None  # noqa: E731
     return _fill_absent([
         _empty_like_format(y.shape, y) if needs[0] else None,
-        scale.new_empty(per_c) if needs[1] else None,
-        scale.new_empty(per_c) if needs[2] else None,
-        _empty_like_format(residual.shape, residual) if has_r and needs[3] else None,
-        scale.new_empty(per_r) if has_r and res_scale is not None and needs[4] else None,
-        scale.new_empty(per_r) if has_r and res_scale is not None and needs[5] else None,
+        per_c(needs[1]), per_c(needs[2]), per_c(needs[3] and weight is not None), per_c(needs[4]),
+        _empty_like_format(residual.shape, residual) if has_r and needs[5] else None,
+        per_r(needs[6]), per_r(needs[7]), per_r(needs[8] and res_weight is not None), per_r(needs[9]),
     ], grad)
 
 
-def _scale_shift_act_setup(ctx, inputs, output):
-    y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu, backend = inputs
-    ctx.save_for_backward(output, y, scale, residual, res_scale)
+def _bn_add_act_setup(ctx, inputs, output):
+    (y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+     residual_stride, residual_offset, relu, backend) = inputs
+    ctx.save_for_backward(output, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight)
     ctx.args = (residual_stride, residual_offset, relu, backend)
 
 
-def _scale_shift_act_grad(ctx, grad):
-    _no_double_backward("scale_shift_act")
-    out, y, scale, residual, res_scale = ctx.saved_tensors
+def _bn_add_act_grad(ctx, grad):
+    _no_double_backward("bn_add_act")
+    out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight = ctx.saved_tensors
     residual_stride, residual_offset, relu, backend = ctx.args
-    needs = list(ctx.needs_input_grad[:6])
-    grads = _by_needs(_scale_shift_act_backward(
-        grad.contiguous(memory_format=memory_format_of(out)), out, y, scale, residual, res_scale,
-        residual_stride, residual_offset, relu, needs, backend,
+    needs = list(ctx.needs_input_grad[:10])
+    grads = _by_needs(_bn_add_act_backward(
+        grad.contiguous(memory_format=memory_format_of(out)), out, y, mean, invstd, weight, residual,
+        res_mean, res_invstd, res_weight, residual_stride, residual_offset, relu, needs, backend,
     ), needs)
     return (*grads, None, None, None, None)
 
 
-_scale_shift_act.register_autograd(_scale_shift_act_grad, setup_context=_scale_shift_act_setup)
+_bn_add_act.register_autograd(_bn_add_act_grad, setup_context=_bn_add_act_setup)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -367,39 +371,45 @@ def conv_bias_act(
     )
 
 
+def _norm_args(norm: Optional[tuple], sd: torch.dtype) -> tuple:
+    """A BN as (mean, invstd, weight, bias) in the per-channel dtype; four Nones for no BN."""
+    if norm is None:
+        return (None,) * 4
+    mean, invstd, weight, bias = norm
+    if mean is None or invstd is None:
+        raise ValueError("a BN needs its mean and invstd (weight and bias may be None)")
+    return tuple(None if t is None else t.to(sd) for t in (mean, invstd, weight, bias))
+
+
 def conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1, padding=0, dilation=1,
-    groups: int = 1, in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None,
-    in_relu: bool = False, compute_stats: bool = True, backend: Optional[str] = None,
+    groups: int = 1, in_norm: Optional[tuple] = None, in_relu: bool = False, compute_stats: bool = True,
+    backend: Optional[str] = None,
 ):
-    """(y, mean, var) with y = conv(relu?(x * in_scale + in_shift)) + bias; see reference.py."""
+    """(y, mean, var) with y = conv(relu?(BN_in(x))) + bias; ``in_norm`` = (mean, invstd, weight, bias)."""
     cast = _autocast_dtype(x.device.type)
     x, weight = _cast(x, cast), _cast(weight, cast)
     check_activation("input", x, weight.shape[1] * groups)
     _check_same("weight", weight, x)
     sd = stat_dtype(x.dtype)
-    bias, in_scale, in_shift = (None if t is None else t.to(sd) for t in (bias, in_scale, in_shift))
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift go together")
+    bias = None if bias is None else bias.to(sd)
     return _conv_stats(
         x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
-        in_scale, in_shift, in_relu, compute_stats, backends.resolve_name(backend),
+        *_norm_args(in_norm, sd), in_relu, compute_stats, backends.resolve_name(backend),
     )
 
 
-def scale_shift_act(
-    y: Tensor, scale: Tensor, shift: Tensor, *, residual: Optional[Tensor] = None,
-    res_scale: Optional[Tensor] = None, res_shift: Optional[Tensor] = None,
+def bn_add_act(
+    y: Tensor, norm: tuple, *, residual: Optional[Tensor] = None, residual_norm: Optional[tuple] = None,
     residual_stride: int = 1, residual_offset: int = 0, relu: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
-    """act(y * scale + shift + (residual * res_scale + res_shift | mapped residual)); see reference.py."""
-    check_activation("input", y, scale.shape[0])
+    """act(BN(y) + (BN_res(residual) | mapped residual)); each BN given as (mean, invstd, weight, bias)."""
+    check_activation("input", y, norm[0].shape[0])
     if residual is not None and residual.dtype != y.dtype and _autocast_dtype(y.device.type) is not None:
         residual = residual.to(y.dtype)
     _check_same("residual", residual, y)
     sd = stat_dtype(y.dtype)
-    scale, shift, res_scale, res_shift = (None if t is None else t.to(sd) for t in (scale, shift, res_scale, res_shift))
-    return _scale_shift_act(
-        y, scale, shift, residual, res_scale, res_shift, residual_stride, residual_offset, relu,
-        backends.resolve_name(backend),
+    return _bn_add_act(
+        y, *_norm_args(norm, sd), residual, *_norm_args(residual_norm, sd), residual_stride,
+        residual_offset, relu, backends.resolve_name(backend),
     )

@@ -9,8 +9,9 @@ Shared conventions
 * Activations are 4-D (N, C, H, W) in either memory format; outputs take the
   memory format of ``x`` (channels_last in, channels_last out).
 * ``x``, ``weight`` and the optional ``shortcut_*`` / ``residual`` tensors share
-  one dtype. Per-channel vectors (``bias``, ``scale``, ``shift``, statistics)
-  are float32 for float16/bfloat16/float32 activations and float64 for float64.
+  one dtype. Per-channel vectors (conv bias, BN mean/invstd/weight/bias, batch
+  statistics) are float32 for float16/bfloat16/float32 activations and float64
+  for float64.
 * A *mapped residual* ``R`` is read from ``residual`` at a spatial stride and a
   channel offset, zero outside its channels (the CIFAR option-A shortcut reads
   the block input this way instead of materialising the padded tensor):
@@ -72,8 +73,8 @@ def map_residual(residual: Tensor, channels: int, stride: int, offset: int) -> T
 def unmap_residual_grad(grad: Tensor, residual: Tensor, stride: int, offset: int) -> Tensor:
     """Gradient of ``map_residual`` with respect to ``residual``."""
     g = grad[:, offset : offset + residual.shape[1]]
-    if stride == 1:
-        return g.contiguous(memory_format=memory_format_of(residual))
+    if stride == 1:  # a copy: a custom op's output may not alias its input
+        return g.clone(memory_format=memory_format_of(residual))
     out = torch.zeros_like(residual)
     out[:, :, ::stride, ::stride] = g
     return out
@@ -81,16 +82,6 @@ def unmap_residual_grad(grad: Tensor, residual: Tensor, stride: int, offset: int
 
 def _conv(x, weight, stride, padding, dilation, groups):
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-
-
-def _prologue(x, in_scale, in_shift, in_relu):
-    """relu?(x * scale + shift) in the per-channel dtype, cast back to x's dtype."""
-    if in_scale is None:
-        return x
-    a = x.to(in_scale.dtype) * _per_channel(in_scale) + _per_channel(in_shift)
-    if in_relu:
-        a = torch.relu(a)
-    return a.to(x.dtype)
 
 
 def _conv_backward(grad, x, weight, stride, padding, dilation, groups, mask):
@@ -155,20 +146,59 @@ def conv_bias_act_backward(
 
 
 # --------------------------------------------------------------------------- training
+# A BN is passed as its per-channel (mean, invstd, weight, bias): weight/bias None
+# for affine=False. Gradients then come from centred values, (x - mean) * invstd,
+# as in PyTorch's own BN backward; a (scale, shift) form would sum g * x and
+# subtract, losing the answer to cancellation when |mean| >> std.
+def _normalize(x: Tensor, mean, invstd, weight, bias) -> Tensor:
+    """(x - mean) * invstd * weight + bias in the per-channel dtype."""
+    out = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    if weight is not None:
+        out = out * _per_channel(weight)
+    if bias is not None:
+        out = out + _per_channel(bias)
+    return out
+
+
+def _normalize_backward(g: Tensor, x: Tensor, mean, invstd, weight, needs):
+    """Gradients of ``_normalize`` for needs = [x, mean, invstd, weight, bias]; g in the per-channel dtype."""
+    sd = mean.dtype
+    g_hat = g if weight is None else g * _per_channel(weight)       # gradient of x_hat
+    centred = x.to(sd) - _per_channel(mean)
+    gx = g_hat * _per_channel(invstd)
+    return (
+        gx.to(x.dtype) if needs[0] else None,
+        -_channel_sum(gx, sd) if needs[1] else None,
+        _channel_sum(g_hat * centred, sd) if needs[2] else None,
+        _channel_sum(g * centred * _per_channel(invstd), sd) if needs[3] and weight is not None else None,
+        _channel_sum(g, sd) if needs[4] else None,
+    )
+
+
+def _prologue(x, in_mean, in_invstd, in_weight, in_bias, in_relu):
+    """relu?(BN(x)) cast back to x's dtype: the previous layer's BN + ReLU, applied as the input loads."""
+    if in_mean is None:
+        return x
+    a = _normalize(x, in_mean, in_invstd, in_weight, in_bias)
+    if in_relu:
+        a = torch.relu(a)
+    return a.to(x.dtype)
+
+
 def conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
-    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-    compute_stats: bool,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool,
 ):
-    """(y, mean, var): y = conv(relu?(x * in_scale + in_shift)) + bias, with batch statistics of y.
+    """(y, mean, var): y = conv(relu?(BN_in(x))) + bias, with the batch statistics of y.
 
-    The prologue (per input channel scale/shift, then ReLU if ``in_relu``) is the
+    The prologue BN_in (``in_*``; absent when ``in_mean`` is None) is the
     previous BN and ReLU applied as the input loads. ``mean``/``var`` are the
     per-output-channel mean and biased variance over (N, H, W) in the
     per-channel dtype; empty tensors when ``compute_stats`` is False.
     """
-    a = _prologue(x, in_scale, in_shift, in_relu)
+    a = _prologue(x, in_mean, in_invstd, in_weight, in_bias, in_relu)
     y = _conv(a, weight, stride, padding, dilation, groups)
     if bias is not None:
         y = (y.to(bias.dtype) + _per_channel(bias)).to(x.dtype)
@@ -178,9 +208,10 @@ def conv_stats(
         acc = torch.float64 if y.device.type == "cpu" else sd
         var, mean = (s.to(sd) for s in torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0))
     elif compute_stats:
-        mean = var = torch.full((y.shape[1],), float("nan"), dtype=sd, device=y.device)
+        mean = torch.full((y.shape[1],), float("nan"), dtype=sd, device=y.device)
+        var = torch.full((y.shape[1],), float("nan"), dtype=sd, device=y.device)
     else:
-        mean = var = y.new_empty((0,), dtype=sd)
+        mean, var = y.new_empty((0,), dtype=sd), y.new_empty((0,), dtype=sd)
     return y, mean, var
 
 
@@ -188,15 +219,15 @@ def conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
     stride, padding, dilation, groups: int,
-    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-    needs: list,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, needs: list,
 ):
     """Gradients of ``conv_stats``; ``y``/``mean`` are its saved outputs.
 
-    The statistics' gradients fold into y's gradient
-    (dmean/dy = 1/count, dvar/dy = 2 (y - mean)/count); the prologue is
-    recomputed from ``x``, not saved. ``needs`` = [x, weight, bias, in_scale,
-    in_shift]; returns a tuple in that order.
+    The statistics' gradients fold into y's gradient (dmean/dy = 1/count,
+    dvar/dy = 2 (y - mean)/count); the prologue is recomputed from ``x``, not
+    saved. ``needs`` = [x, weight, bias, in_mean, in_invstd, in_weight,
+    in_bias]; returns a tuple in that order.
     """
     sd = stat_dtype(x.dtype)
     g = grad_y.to(sd)
@@ -207,76 +238,63 @@ def conv_stats_backward(
         g = g + _per_channel(grad_var) * 2.0 * (y.to(sd) - _per_channel(mean)) / count
     gb = _channel_sum(g, sd) if (has_bias and needs[2]) else None
     g = g.to(x.dtype)
-    a = _prologue(x, in_scale, in_shift, in_relu)
-    need_ga = needs[0] or needs[3] or needs[4]
+    has_prologue = in_mean is not None
+    a = _prologue(x, in_mean, in_invstd, in_weight, in_bias, in_relu)
+    need_ga = needs[0] or (has_prologue and any(needs[3:7]))
     ga, gw = _conv_backward(g, a, weight, stride, padding, dilation, groups, [need_ga, needs[1]])
-    gx = gscale = gshift = None
-    if need_ga and in_scale is not None:
+    prologue_grads = (None,) * 4
+    gx = ga if needs[0] else None
+    if need_ga and has_prologue:
         ga = ga.to(sd)
         if in_relu:
             ga = torch.where(a > 0, ga, torch.zeros_like(ga))
-        if needs[0]:
-            gx = (ga * _per_channel(in_scale)).to(x.dtype)
-        if needs[3]:
-            gscale = _channel_sum(ga * x.to(sd), sd)
-        if needs[4]:
-            gshift = _channel_sum(ga, sd)
-    elif needs[0]:
-        gx = ga
-    return gx, (gw if needs[1] else None), gb, gscale, gshift
+        gx, *prologue_grads = _normalize_backward(ga, x, in_mean, in_invstd, in_weight, [needs[0], *needs[3:7]])
+    return (gx, gw if needs[1] else None, gb, *prologue_grads)
 
 
-def scale_shift_act(
-    y: Tensor, scale: Tensor, shift: Tensor,
-    residual: Optional[Tensor], res_scale: Optional[Tensor], res_shift: Optional[Tensor],
+def bn_add_act(
+    y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], res_bias: Optional[Tensor],
     residual_stride: int, residual_offset: int, relu: bool,
 ) -> Tensor:
-    """out = act(y * scale + shift + R'), R' = R * res_scale + res_shift or the mapped residual R.
+    """out = act(BN(y) + R'), R' = BN_res(residual) when ``res_mean`` is given, else the mapped residual R.
 
-    The last BN of a block (batch statistics folded into scale/shift by the
-    caller), the shortcut's BN when it is a projection, the residual add and the
-    ReLU, in one pass.
+    A block's last BN, the shortcut's BN (projection) or identity, the residual
+    add and the ReLU in one pass.
     """
-    sd = scale.dtype
-    out = y.to(sd) * _per_channel(scale) + _per_channel(shift)
+    out = _normalize(y, mean, invstd, weight, bias)
     if residual is not None:
-        if res_scale is not None:
-            r = residual.to(sd) * _per_channel(res_scale) + _per_channel(res_shift)
+        if res_mean is not None:
+            r = _normalize(residual, res_mean, res_invstd, res_weight, res_bias)
         else:
-            r = residual.to(sd)
+            r = residual.to(mean.dtype)
         out = out + map_residual(r, y.shape[1], residual_stride, residual_offset)
     if relu:
         out = torch.relu(out)
     return out.to(y.dtype).contiguous(memory_format=memory_format_of(y))
 
 
-def scale_shift_act_backward(
-    grad: Tensor, out: Tensor, y: Tensor, scale: Tensor,
-    residual: Optional[Tensor], res_scale: Optional[Tensor],
-    residual_stride: int, residual_offset: int, relu: bool, needs: list,
+def bn_add_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool, needs: list,
 ):
-    """Gradients of ``scale_shift_act``; ``out`` is its saved output.
+    """Gradients of ``bn_add_act``; ``out`` is its saved output (for the ReLU mask).
 
-    ``needs`` = [y, scale, shift, residual, res_scale, res_shift]; returns a tuple
-    in that order.
+    ``needs`` = [y, mean, invstd, weight, bias, residual, res_mean, res_invstd,
+    res_weight, res_bias]; returns a tuple in that order.
     """
-    sd = scale.dtype
-    g = grad.to(sd)
+    g = grad.to(mean.dtype)
     if relu:
         g = torch.where(out > 0, g, torch.zeros_like(g))
-    gy = (g * _per_channel(scale)).to(y.dtype).contiguous(memory_format=memory_format_of(y)) if needs[0] else None
-    gscale = _channel_sum(g * y.to(sd), sd) if needs[1] else None
-    gshift = _channel_sum(g, sd) if needs[2] else None
-    gr = grs = grsh = None
-    if residual is not None and any(needs[3:6]):
-        gm = unmap_residual_grad(g, residual, residual_stride, residual_offset)
-        if res_scale is not None:
-            if needs[3]:
-                gr = (gm * _per_channel(res_scale)).to(residual.dtype)
-            if needs[4]:
-                grs = _channel_sum(gm * residual.to(sd), sd)
-            if needs[5]:
-                grsh = _channel_sum(gm, sd)
-        elif needs[3]:
-            gr = gm.to(residual.dtype)
-    return gy, gscale, gshift, gr, grs, grsh
+    main = _normalize_backward(g, y, mean, invstd, weight, needs[0:5])
+    rest = (None,) * 5
+    if residual is not None and any(needs[5:10]):
+        gm = unmap_residual_grad(g, residual.to(g.dtype), residual_stride, residual_offset)
+        if res_mean is not None:
+            rest = _normalize_backward(gm, residual, res_mean, res_invstd, res_weight, needs[5:10])
+        elif needs[5]:
+            rest = (gm.to(residual.dtype), None, None, None, None)
+    gy = main[0].contiguous(memory_format=memory_format_of(y)) if main[0] is not None else None
+    return (gy, *main[1:], *rest)

@@ -1,0 +1,231 @@
+"""The CUDA backend: fused kernels of the compiled extension ``fused_resblock._C``.
+
+Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch on
+the tensor cores per conv, fp16 and bf16, see ``csrc/``). The other ops report
+themselves unsupported, so the op layer falls back for them.
+
+Importing this module never imports the extension. The first ``available()``
+or call loads it: ``fused_resblock._C`` as built by
+``pip install --no-build-isolation -e .``, or, only when
+``FUSED_RESBLOCK_JIT_BUILD=1``, a just-in-time build of ``csrc/`` with
+``torch.utils.cpp_extension.load`` (minutes, cached by torch afterwards).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAME = "cuda"
+
+OPS = (
+    "conv_bias_act", "conv_bias_act_backward",
+    "conv_stats", "conv_stats_backward",
+    "scale_shift_act", "scale_shift_act_backward",
+)
+SUPPORTED_OPS = ("conv_bias_act",)
+DTYPES = (torch.float16, torch.bfloat16)
+JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (nvcc and a CUDA build of torch), " \
+             f"or set {JIT_ENV}=1 to build it just in time"
+
+
+# --------------------------------------------------------------------------- loading
+def _jit_build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(str(p) for p in CSRC.glob("*.cpp")) + sorted(str(p) for p in CSRC.glob("*.cu"))
+    if not sources:
+        raise ImportError(f"no extension sources in {CSRC} (JIT builds need a source checkout)")
+    flags = ["-O3"]  # and torch's own -std (C++20 for torch's headers)
+    cxx_flags = list(flags)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if arch_list:  # recorded for build_info, as a token list free of shell metacharacters
+        cxx_flags.append("-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(re.split(r"[;\s]+", arch_list)))
+    return load(
+        name="fused_resblock_cuda_jit",
+        sources=sources,
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=cxx_flags,
+        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"],
+        verbose=os.environ.get("FUSED_RESBLOCK_JIT_VERBOSE", "0") == "1",
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _extension() -> tuple[Optional[ModuleType], Optional[str]]:
+    """(the compiled module, None), or (None, why it cannot be had). Loaded once."""
+    try:
+        from .. import _C
+
+        return _C, None
+    except Exception as exc:  # ImportError, or OSError/undefined symbols from a stale build
+        import_error = f"{type(exc).__name__}: {exc}"
+    if os.environ.get(JIT_ENV, "0") != "1":
+        return None, f"extension not built: cannot import fused_resblock._C ({import_error}); {BUILD_HINT}"
+    try:
+        return _jit_build(), None
+    except Exception as exc:
+        return None, f"extension not built: the just-in-time build failed ({type(exc).__name__}: {exc})"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(index: int) -> Optional[str]:
+    """None when device ``index`` can run the kernels, else why not."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"the cuda backend needs compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    ext, _ = _extension()
+    error = ext.kernel_image_error(index)
+    if error:
+        return (f"no kernel image for this GPU (sm_{major}{minor}); the extension was built for "
+                f"{', '.join(build_info()['archs']) or 'unknown archs'}: {error}")
+    return None
+
+
+def available() -> Optional[str]:
+    """None when usable here, else the reason it is not."""
+    if torch.version.hip is not None:
+        return "the cuda backend is not built for ROCm"
+    ext, reason = _extension()
+    if ext is None:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return _device_reason(torch.cuda.current_device())
+
+
+def _require() -> ModuleType:
+    ext, reason = _extension()
+    if ext is None:
+        raise RuntimeError(f"fused_resblock cuda backend: {reason}")
+    return ext
+
+
+# --------------------------------------------------------------------------- support
+def _geometry_reason(config: dict) -> Optional[str]:
+    kh, kw = config["kernel"]
+    if kh < 1 or kw < 1:
+        return f"kernel {tuple(config['kernel'])} is empty"
+    if min(config["stride"]) < 1 or min(config["dilation"]) < 1 or min(config["padding"]) < 0:
+        return (f"stride {tuple(config['stride'])}, padding {tuple(config['padding'])}, "
+                f"dilation {tuple(config['dilation'])} are not a valid convolution")
+    groups = config["groups"]
+    if groups < 1 or config["in_channels"] % groups or config["out_channels"] % groups:
+        return (f"groups={groups} does not divide in_channels={config['in_channels']} "
+                f"and out_channels={config['out_channels']}")
+    if groups > 65535:  # grid axis z carries the group
+        return f"groups={groups} exceeds the CUDA grid limit of 65535"
+    return None
+
+
+def supports(op: str, config: dict) -> Optional[str]:
+    """None when ``op`` is supported for ``config``, else the reason it is not.
+
+    The configuration is judged first (so the reasons are the same on every
+    machine), then whether this machine can run the extension at all.
+    """
+    if op not in OPS:
+        return f"unknown op {op!r}"
+    if op not in SUPPORTED_OPS:
+        return f"cuda backend has no kernel for {op} yet"
+    device = torch.device(config["device"])
+    if device.type != "cuda":
+        return f"cuda backend runs CUDA tensors only, not {device.type}"
+    dtype = config["dtype"]
+    if dtype not in DTYPES:
+        return (f"cuda backend has fp16/bf16 tensor-core kernels only, not {str(dtype).replace('torch.', '')} "
+                "(float32, with or without TF32, runs on the triton or reference backend)")
+    if config.get("prologue"):
+        return "cuda backend has no input prologue (scale/shift/ReLU as the input loads) yet"
+    reason = _geometry_reason(config)
+    if reason is not None:
+        return reason
+    reason = available()
+    if reason is None and device.index is not None and device.index != torch.cuda.current_device():
+        reason = _device_reason(device.index)
+    return reason
+
+
+# --------------------------------------------------------------------------- ops
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, *, out: Optional[Tensor] = None,
+) -> Tensor:
+    """``reference.conv_bias_act`` as one fused CUDA launch (same contract).
+
+    ``out``, when given, receives the result (any dense layout); tests pass a
+    NaN-poisoned one. The launch goes on the current stream with no host sync.
+    """
+    return _require().conv_bias_act(
+        x, weight, bias, list(stride), list(padding), list(dilation), groups,
+        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
+        relu, out,
+    )
+
+
+# --------------------------------------------------------------------------- build info
+def _cuobjdump() -> Optional[str]:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home, "bin", "cuobjdump") if home else None
+    if candidate is not None and candidate.is_file():
+        return str(candidate)
+    return shutil.which("cuobjdump")
+
+
+def _archs_in_binary(path: str) -> list:
+    """The SASS architectures (e.g. sm_80, sm_90a) embedded in ``path``, via cuobjdump; [] if unknown."""
+    tool = _cuobjdump()
+    if tool is None:
+        return []
+    try:
+        listing = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.", listing)))
+
+
+def _archs_from_flags(arch_flags: str) -> list:
+    """TORCH_CUDA_ARCH_LIST style ("8.0;9.0a") -> ["sm_80", "sm_90a"]."""
+    archs = []
+    for item in re.split(r"[;\s,]+", arch_flags.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", item)
+        if match:
+            archs.append(f"sm_{match[1]}{match[2]}{match[3]}")
+    return archs
+
+
+def build_info() -> dict:
+    """How the extension was built, for ``python -m fused_resblock doctor``.
+
+    ``archs`` comes from the binary itself when cuobjdump is at hand, else from
+    the arch flags the build recorded, else from nvcc's ``__CUDA_ARCH_LIST__``
+    (which cannot tell sm_90 from sm_90a); ``archs_source`` says which.
+    """
+    ext, reason = _extension()
+    if ext is None:
+        return {"built": False, "reason": reason, "archs": [], "archs_source": None,
+                "cuda_version": None, "path": None}
+    info = dict(ext.build_info())
+    path = getattr(ext, "__file__", None)
+    archs, source = (_archs_in_binary(path), "cuobjdump") if path else ([], None)
+    if not archs and info.get("arch_flags"):
+        info["arch_flags"] = info["arch_flags"].strip('"')
+        archs, source = _archs_from_flags(info["arch_flags"]), "build flags"
+    if not archs and info.get("cuda_arch_list"):
+        archs = [f"sm_{int(a) // 10}" for a in info["cuda_arch_list"].split(",") if a.strip().isdigit()]
+        source = "__CUDA_ARCH_LIST__ (cannot tell sm_90 from sm_90a)"
+    info.update(built=True, reason=None, archs=archs, archs_source=source, path=path)
+    return info

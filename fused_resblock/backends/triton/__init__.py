@@ -1,0 +1,105 @@
+"""The Triton backend: fused kernels written in Triton, behind the backend interface.
+
+Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch per
+conv, see ``conv_fwd``). The other ops report themselves unsupported, so the
+op layer falls back to the reference backend for them.
+
+Importing this package never imports Triton: ``available()`` reports whether
+it can be used, and the kernels load on the first call. Set
+``TRITON_INTERPRET=1`` before that first call to run the kernels on CPU
+tensors through Triton's interpreter (how CI tests them).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .autotune import interpreter_requested
+
+NAME = "triton"
+
+OPS = (
+    "conv_bias_act", "conv_bias_act_backward",
+    "conv_stats", "conv_stats_backward",
+    "scale_shift_act", "scale_shift_act_backward",
+)
+SUPPORTED_OPS = ("conv_bias_act",)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def available() -> Optional[str]:
+    """None when usable here, else the reason it is not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    if torch.version.hip is not None:
+        return "triton backend is untested on ROCm"
+    if torch.cuda.is_available() or interpreter_requested():
+        return None
+    return "triton backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+def _geometry_reason(config: dict) -> Optional[str]:
+    kh, kw = config["kernel"]
+    if kh < 1 or kw < 1:
+        return f"kernel {tuple(config['kernel'])} is empty"
+    if min(config["stride"]) < 1 or min(config["dilation"]) < 1 or min(config["padding"]) < 0:
+        return (f"stride {tuple(config['stride'])}, padding {tuple(config['padding'])}, "
+                f"dilation {tuple(config['dilation'])} are not a valid convolution")
+    groups = config["groups"]
+    if groups < 1 or config["in_channels"] % groups or config["out_channels"] % groups:
+        return (f"groups={groups} does not divide in_channels={config['in_channels']} "
+                f"and out_channels={config['out_channels']}")
+    if groups > 65535:  # grid axis 1 carries the group
+        return f"groups={groups} exceeds the CUDA grid limit of 65535"
+    return None
+
+
+def supports(op: str, config: dict) -> Optional[str]:
+    """None when ``op`` is supported for ``config``, else the reason it is not."""
+    if op not in OPS:
+        return f"unknown op {op!r}"
+    if op not in SUPPORTED_OPS:
+        return f"triton backend has no kernel for {op} yet"
+    reason = available()
+    if reason is not None:
+        return reason
+    device = torch.device(config["device"])
+    if device.type == "cpu":
+        if not interpreter_requested():
+            return "triton backend runs CPU tensors only under TRITON_INTERPRET=1"
+    elif device.type != "cuda":
+        return f"triton backend does not run on {device.type} devices"
+    dtype = config["dtype"]
+    if dtype == torch.float64:
+        return "triton backend does not support float64 (its GEMMs take fp16, bf16 and fp32)"
+    if dtype not in DTYPES:
+        return f"triton backend does not support {dtype}"
+    if (dtype == torch.bfloat16 and device.type == "cuda" and not interpreter_requested()
+            and torch.cuda.get_device_capability(device) < (8, 0)):
+        return "bfloat16 needs a GPU of compute capability 8.0 or newer"
+    return _geometry_reason(config)
+
+
+_forward = None
+
+
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool,
+) -> Tensor:
+    """``reference.conv_bias_act`` as one fused Triton launch (same contract)."""
+    global _forward
+    if _forward is None:  # first call: import Triton and define the kernels
+        from .conv_fwd import conv_bias_act_forward
+
+        _forward = conv_bias_act_forward
+    return _forward(x, weight, bias, stride, padding, dilation, groups,
+                    residual, residual_stride, residual_offset,
+                    shortcut_x, shortcut_weight, shortcut_stride, relu)

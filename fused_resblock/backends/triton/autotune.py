@@ -1,0 +1,301 @@
+"""Tile configuration for the Triton conv kernels, chosen once per shape.
+
+Per (shape, dtype, GPU name, Triton version) the candidates are timed once on
+the GPU and the winner is kept twice: in a process-wide dict (the launch path
+does one lookup) and in a JSON file, so a second process pays no tuning.
+
+* file: ``$FUSED_RESBLOCK_CACHE_DIR/autotune.json``, else
+  ``${XDG_CACHE_HOME:-~/.cache}/fused_resblock/autotune.json``; written
+  atomically (temporary file + ``os.replace``), merged with what other
+  processes wrote meanwhile; a corrupt or foreign-format file is ignored with
+  one warning and rewritten on the next save.
+* no timing under Triton's interpreter (a fixed small config keeps CPU tests
+  fast), while a CUDA graph is being captured (timing would synchronise), or
+  when ``FUSED_RESBLOCK_AUTOTUNE=0``: a heuristic default is used instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+FORMAT = "fused_resblock.autotune"
+VERSION = 1
+
+# Below this many input channels per group a multi-tap conv walks K flat
+# (taps x channels together): a per-tap walk would leave most of each
+# BLOCK_K slice masked off (the stem's 3 channels, ResNeXt's 4 or 8 per group).
+FLAT_K_BELOW_CHANNELS = 16
+
+
+def interpreter_requested() -> bool:
+    """True when TRITON_INTERPRET asks for Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: tile sizes, tile-order grouping, warps and pipeline depth."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in fields(cls)}
+        if set(d) != names or not all(isinstance(v, int) and v > 0 for v in d.values()):
+            raise ValueError(f"not a Config: {d!r}")
+        return cls(**d)
+
+
+class ShapeKey(NamedTuple):
+    """Everything about a call that can change which config is fastest."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    shortcut_channels: int
+    shortcut_stride: int
+    channels_last: bool
+    input_precision: str
+    flat_k: bool
+
+
+# Fixed config for the interpreter: a few big programs run faster than many
+# small ones there, and 16 is the smallest tile tl.dot accepts on a GPU.
+INTERPRETER_CONFIG = Config(block_m=32, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
+
+# Candidates timed on a GPU, in the spirit of Triton's matmul tutorial; they
+# are clamped to the problem (see candidate_configs) and deduplicated.
+_GPU_CANDIDATES = (
+    Config(128, 128, 64, 8, 8, 3),
+    Config(128, 128, 32, 8, 4, 4),
+    Config(128, 64, 32, 8, 4, 4),
+    Config(64, 128, 32, 8, 4, 4),
+    Config(128, 256, 32, 8, 8, 3),
+    Config(64, 64, 64, 8, 4, 3),
+    Config(128, 32, 32, 8, 4, 4),
+    Config(64, 32, 32, 8, 2, 5),
+    Config(32, 64, 32, 8, 2, 5),
+)
+
+
+def _pow2_at_least(v: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, int(v) - 1).bit_length())
+
+
+def _gemm_sizes(key: ShapeKey) -> Tuple[int, int, int]:
+    """(M, columns per group, K length walked per BLOCK_K step's source) for clamping."""
+    oh = (key.height + 2 * key.padding[0] - key.dilation[0] * (key.kernel[0] - 1) - 1) // key.stride[0] + 1
+    ow = (key.width + 2 * key.padding[1] - key.dilation[1] * (key.kernel[1] - 1) - 1) // key.stride[1] + 1
+    c_in_g = key.in_channels // key.groups
+    k_len = key.kernel[0] * key.kernel[1] * c_in_g if key.flat_k else c_in_g
+    k_len = max(k_len, key.shortcut_channels)
+    return key.batch * max(oh, 1) * max(ow, 1), key.out_channels // key.groups, k_len
+
+
+def _clamp(cfg: Config, key: ShapeKey) -> Config:
+    """Shrink tiles that would be mostly masked off; fp32 tiles are twice the bytes."""
+    m, n, k = _gemm_sizes(key)
+    stages = min(cfg.num_stages, 3) if key.dtype == torch.float32 else cfg.num_stages
+    block_k = min(cfg.block_k, 32) if key.dtype == torch.float32 else cfg.block_k
+    return Config(
+        block_m=min(cfg.block_m, _pow2_at_least(m, 32)),
+        block_n=min(cfg.block_n, _pow2_at_least(n)),
+        block_k=min(block_k, _pow2_at_least(k)),
+        group_m=cfg.group_m, num_warps=cfg.num_warps, num_stages=stages,
+    )
+
+
+def candidate_configs(key: ShapeKey) -> List[Config]:
+    """The configs worth timing for ``key``, clamped and without duplicates."""
+    seen: Dict[Config, None] = {}
+    for cfg in _GPU_CANDIDATES:
+        seen.setdefault(_clamp(cfg, key), None)
+    return list(seen)
+
+
+def default_config(key: ShapeKey) -> Config:
+    """A reasonable config without timing (capture, tuning off, interpreter)."""
+    if interpreter_requested() or key.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    m, _, _ = _gemm_sizes(key)
+    return _clamp(Config(128 if m >= 4096 else 64, 128, 32, 8, 4, 3), key)
+
+
+# --------------------------------------------------------------------------- the file
+def cache_path() -> Path:
+    """Where the tuned configs live (see the module docstring)."""
+    root = os.environ.get("FUSED_RESBLOCK_CACHE_DIR")
+    if root:
+        return Path(root) / "autotune.json"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "fused_resblock" / "autotune.json"
+
+
+def load_cache_file(path: Path, warn: bool = True) -> Dict[str, Config]:
+    """Entries of the cache file; {} when it is missing, and (with a warning) when unreadable."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        if warn:
+            warnings.warn(f"fused_resblock: cannot read autotune cache {path} ({e}); ignoring it")
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"not a {FORMAT} v{VERSION} file")
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError("'entries' is not an object")
+        return {str(k): Config.from_dict(v) for k, v in entries.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        if warn:
+            warnings.warn(f"fused_resblock: ignoring autotune cache {path}: {e}")
+        return {}
+
+
+def save_cache_file(path: Path, entries: Dict[str, Config]) -> None:
+    """Write ``entries`` atomically: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "version": VERSION,
+            "entries": {k: asdict(v) for k, v in sorted(entries.items())}}
+    fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- the tuner
+def _file_key(key: ShapeKey, device_name: str) -> str:
+    """Stable text key: the GPU model and Triton version take the device's place."""
+    import triton
+
+    shape = "|".join(str(v) for v in key[2:])
+    return f"{device_name}|triton-{triton.__version__}|{str(key.dtype).replace('torch.', '')}|{shape}"
+
+
+def _benchmark_ms(run: Callable[[], None]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(run, warmup=10, rep=40))
+
+
+class Autotuner:
+    """Chooses and remembers configs; one per process (``TUNER``), more in tests."""
+
+    def __init__(self, path: Optional[Path] = None,
+                 benchmark: Callable[[Callable[[], None]], float] = _benchmark_ms):
+        self._path = path
+        self._benchmark = benchmark
+        self._memo: Dict[ShapeKey, Config] = {}
+        self._disk: Optional[Dict[str, Config]] = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_path()
+
+    def _disk_entries(self) -> Dict[str, Config]:
+        if self._disk is None:
+            self._disk = load_cache_file(self.path)  # warns at most once: read once
+        return self._disk
+
+    def choose(self, key: ShapeKey, launch: Callable[[Config], None],
+               device_name: Optional[str] = None, tune: Optional[bool] = None) -> Config:
+        """The config for ``key``; times ``launch(cfg)`` per candidate on a miss.
+
+        ``device_name``/``tune`` default to the real GPU's name and to "tune
+        unless interpreting, capturing or disabled"; tests pass them.
+        """
+        cfg = self._memo.get(key)
+        if cfg is not None:
+            return cfg
+        if tune is None:
+            tune = _tuning_allowed(key)
+            if tune is None:  # capturing a CUDA graph: answer now, remember nothing
+                return default_config(key)
+        if not tune:
+            cfg = self._memo[key] = default_config(key)
+            return cfg
+        with self._lock:
+            if device_name is None:
+                device_name = torch.cuda.get_device_name(key.device)
+            fkey = _file_key(key, device_name)
+            cfg = self._disk_entries().get(fkey)
+            if cfg is None:
+                cfg = self._tune(key, launch)
+                self._disk_entries()[fkey] = cfg
+                self._save(fkey, cfg)
+            self._memo[key] = cfg
+            return cfg
+
+    def _tune(self, key: ShapeKey, launch: Callable[[Config], None]) -> Config:
+        best, best_ms = None, float("inf")
+        for cfg in candidate_configs(key):
+            try:
+                ms = self._benchmark(lambda cfg=cfg: launch(cfg))
+            except Exception:  # e.g. out of shared memory on this GPU: not a candidate
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        return best if best is not None else default_config(key)
+
+    def _save(self, fkey: str, cfg: Config) -> None:
+        """Merge into what is on disk now (other processes may have added entries)."""
+        try:
+            entries = load_cache_file(self.path, warn=False)
+            entries[fkey] = cfg
+            save_cache_file(self.path, entries)
+        except OSError as e:
+            warnings.warn(f"fused_resblock: cannot write autotune cache {self.path} ({e})")
+
+
+def _tuning_allowed(key: ShapeKey) -> Optional[bool]:
+    """True to time candidates, False for the default, None while capturing a CUDA graph."""
+    if interpreter_requested() or key.device.type != "cuda":
+        return False
+    if os.environ.get("FUSED_RESBLOCK_AUTOTUNE", "1") == "0":
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return True
+
+
+TUNER = Autotuner()
+
+
+def choose_config(key: ShapeKey, launch: Callable[[Config], None]) -> Config:
+    """The process-wide choice for ``key`` (see ``Autotuner.choose``)."""
+    return TUNER.choose(key, launch)

@@ -1,0 +1,104 @@
+"""Per-block equivalence reports of a fused model against its torchvision original.
+
+Used by ``python -m fused_resblock demo`` and ``verify``: each block (and the
+whole model) is run fused and unfused on the input it sees inside the network,
+and checked by the numerical rule (``testing.py``) against a float64 copy.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import models
+from .blocks import FusedModule
+from .convert import revert
+from .testing import equivalence_report
+
+# The input a builder is checked with: (batch, spatial size). Big enough that no BN in train
+# mode normalises over a handful of values (ill-conditioned), small enough for a CPU.
+DEFAULT_INPUT = {"cifar": (4, 32), "imagenet": (4, 64)}
+
+
+@dataclass
+class BlockResult:
+    name: str
+    mode: str
+    dtype: torch.dtype
+    out_err: float
+    out_bound: float
+    worst_ratio: float      # max over every check of err / bound
+    worst_check: str
+    passed: bool
+
+
+def build_pair(name: str, device: str = "cpu", backend=None):
+    """(fused model, torchvision-equivalent unfused model) with identical parameters."""
+    builder = getattr(models, name, None)
+    if builder is None or not callable(builder):
+        raise ValueError(f"unknown model {name!r}; see fused_resblock.models.__all__")
+    fused = builder(backend=backend).to(device)
+    reference = revert(copy.deepcopy(fused))
+    return fused, reference
+
+
+def default_input(name: str, batch=None, size=None, dtype=torch.float32, device="cpu"):
+    b, s = DEFAULT_INPUT["cifar" if name.startswith("cifar") else "imagenet"]
+    return torch.randn(batch or b, 3, size or s, size or s, dtype=dtype, device=device)
+
+
+def _block_inputs(model: nn.Module, x: torch.Tensor) -> dict:
+    """{block name: its input} captured from one eval-mode forward of ``model``."""
+    inputs, hooks = {}, []
+    for name, module in model.named_modules():
+        if name and isinstance(module, FusedModule):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: inputs.__setitem__(name, args[0].detach().clone())))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def _summarise(name: str, mode: str, dtype, reports) -> BlockResult:
+    worst = max(reports, key=lambda r: r.err / r.bound if r.bound > 0 else (0.0 if r.err == 0 else float("inf")))
+    ratio = worst.err / worst.bound if worst.bound > 0 else (0.0 if worst.err == 0 else float("inf"))
+    out = reports[0]
+    return BlockResult(name, mode, dtype, out.err, out.bound, ratio, worst.name,
+                       all(r.passed for r in reports))
+
+
+def verify_model(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *, train_modes=(False, True),
+                 per_block: bool = True) -> list:
+    """BlockResults for the whole model and (optionally) each fused block, in eval and/or train mode."""
+    results = []
+    blocks = _block_inputs(fused, x) if per_block else {}
+    fused_modules = dict(fused.named_modules())
+    ref_modules = dict(reference.named_modules())
+    for train in train_modes:
+        mode = "train" if train else "eval"
+        for name, block_x in blocks.items():
+            f, r = copy.deepcopy(fused_modules[name]), copy.deepcopy(ref_modules[name])
+            reports = equivalence_report(f, r, block_x, train=train)
+            results.append(_summarise(name, mode, x.dtype, reports))
+        f, r = copy.deepcopy(fused), copy.deepcopy(reference)
+        results.append(_summarise("(whole model)", mode, x.dtype, equivalence_report(f, r, x, train=train)))
+    return results
+
+
+def format_table(title: str, results: list) -> str:
+    lines = [title, f"{'block':<22} {'mode':<5} {'dtype':<9} {'out err':>10} {'bound':>10} "
+                    f"{'worst/bound':>11}  worst check{'':<22} verdict"]
+    for r in results:
+        dtype = str(r.dtype).replace("torch.", "")
+        lines.append(f"{r.name:<22} {r.mode:<5} {dtype:<9} {r.out_err:>10.2e} {r.out_bound:>10.2e} "
+                     f"{r.worst_ratio:>11.3f}  {r.worst_check[:32]:<33} {'ok' if r.passed else 'FAIL'}")
+    return "\n".join(lines)

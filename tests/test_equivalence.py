@@ -1,0 +1,227 @@
+"""Fused blocks and models against torchvision through the reference backend, by the numerical rule."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import resnet as tv
+from torchvision.ops import FrozenBatchNorm2d
+
+import fused_resblock as frb
+from fused_resblock import models
+from fused_resblock.testing import assert_equivalent, equivalence_report
+from helpers import randomize_norms
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def _downsample(inplanes, outplanes, stride):
+    return nn.Sequential(tv.conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
+
+
+def _with_conv_bias(block):
+    """A hand-written residual block: convolutions with their own bias."""
+    for name in ("conv1", "conv2"):
+        conv = getattr(block, name)
+        biased = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, bias=True)
+        setattr(block, name, biased)
+    return block
+
+
+BLOCKS = {
+    "basic": lambda: tv.BasicBlock(8, 8),
+    "basic-down": lambda: tv.BasicBlock(6, 10, 2, _downsample(6, 10, 2)),
+    "basic-conv-bias": lambda: _with_conv_bias(tv.BasicBlock(8, 8)),
+    "bottleneck": lambda: tv.Bottleneck(16, 4),
+    "bottleneck-down": lambda: tv.Bottleneck(8, 4, 2, _downsample(8, 16, 2)),
+    "bottleneck-groups": lambda: tv.Bottleneck(32, 8, 1, None, groups=4, base_width=16),
+    "bottleneck-dilation": lambda: tv.Bottleneck(16, 4, 1, None, dilation=2),
+    "cifar-A": lambda: frb.CifarBasicBlock(8, 16, 2, "A"),
+    "cifar-A-identity": lambda: frb.CifarBasicBlock(8, 8, 1, "A"),
+    "cifar-B": lambda: frb.CifarBasicBlock(8, 16, 2, "B"),
+    "cifar-C": lambda: frb.CifarBasicBlock(8, 8, 1, "C"),
+    "cifar-plain": lambda: frb.CifarBasicBlock(8, 16, 2, None),
+    "plain": lambda: frb.PlainBasicBlock(6, 8, 2),
+}
+
+
+def _pair(make, dtype=torch.float64):
+    reference = randomize_norms(make()).to(dtype)
+    fused = frb.convert(copy.deepcopy(reference))
+    assert isinstance(fused, frb.blocks.FusedModule)
+    return fused, reference
+
+
+def _input_for(block, batch=3, size=9, dtype=torch.float64):
+    return torch.randn(batch, block.conv1.in_channels, size, size, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_forward_backward(name, train, dtype):
+    fused, reference = _pair(BLOCKS[name], dtype)
+    x = _input_for(reference, dtype=dtype)
+    if name == "basic-conv-bias" and train:
+        _check_bias_before_batch_norm(fused, reference, x)
+    else:
+        assert_equivalent(fused, reference, x, train=train)
+
+
+def _check_bias_before_batch_norm(fused, reference, x):
+    """A conv bias followed by a train-mode BN has gradient exactly 0 (BN removes the mean): the rule's
+    floor, relative to max|ref| = 0, is meaningless there, so those two are held to rounding noise
+    relative to their weights' gradients; every other check follows the rule."""
+    reports = equivalence_report(fused, reference, x, train=True)
+    bias_checks = [r for r in reports if r.name.endswith(".bias") and r.name.startswith("grad conv")]
+    assert len(bias_checks) == 2
+    assert [str(r) for r in reports if r not in bias_checks and not r.passed] == []
+    for conv in (fused.conv1, fused.conv2):
+        noise = 64 * torch.finfo(x.dtype).eps * conv.weight.grad.abs().max()
+        assert conv.bias.grad.abs().max() <= noise
+
+
+@pytest.mark.parametrize("size, batch", [(7, 1), (13, 3)])
+def test_odd_sizes_and_batch_one(size, batch):
+    fused, reference = _pair(BLOCKS["bottleneck-down"])
+    assert_equivalent(fused, reference, _input_for(reference, batch, size), train=False)
+    assert_equivalent(fused, reference, _input_for(reference, batch, size), train=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_over_steps_and_mode_switching(momentum):
+    def make():
+        block = tv.Bottleneck(8, 4, 2, _downsample(8, 16, 2))
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+        return block
+
+    fused, reference = _pair(make)
+    for step in range(3):
+        assert_equivalent(fused, reference, _input_for(reference), train=True)
+        assert_equivalent(fused, reference, _input_for(reference), train=False)
+    assert int(fused.bn1.num_batches_tracked) == 3
+    for (name, a), b in zip(fused.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("option", ["no-running-stats", "no-affine"])
+def test_batchnorm_variants(option):
+    kwargs = {"no-running-stats": dict(track_running_stats=False), "no-affine": dict(affine=False)}[option]
+
+    def make():
+        return tv.BasicBlock(8, 8, norm_layer=lambda c: nn.BatchNorm2d(c, **kwargs))
+
+    fused, reference = _pair(make)
+    for train in (True, False):  # without running stats, eval mode still uses batch statistics
+        assert_equivalent(fused, reference, _input_for(reference), train=train)
+
+
+def test_large_mean_small_variance_float32():
+    """Conv outputs with |mean| >> std: variance and BN gradients must survive cancellation."""
+    fused, reference = _pair(BLOCKS["basic-conv-bias"], torch.float32)
+    with torch.no_grad():
+        for m in (fused, reference):
+            m.conv1.bias.fill_(300.0)
+            m.conv2.bias.fill_(-200.0)
+    x = _input_for(reference, dtype=torch.float32) * 0.05
+    assert_equivalent(fused, reference, x, train=True)
+
+
+def test_frozen_batchnorm_is_folded_in_train_mode(recwarn):
+    fused, reference = _pair(lambda: tv.BasicBlock(8, 8, norm_layer=FrozenBatchNorm2d))
+    assert_equivalent(fused, reference, _input_for(reference), train=True)
+    assert not [w for w in recwarn if issubclass(w.category, frb.FusedResblockFallbackWarning)]
+
+
+def test_group_norm_runs_as_given_with_one_warning():
+    fused, reference = _pair(lambda: tv.BasicBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c)))
+    x = _input_for(reference)
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="GroupNorm"):
+        out = fused(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)  # one warning per configuration, not per call
+    frb.set_backend(fused, "reference")
+    with pytest.raises(frb.BackendUnsupportedError, match="GroupNorm"):
+        fused(x)
+
+
+def test_custom_downsample_runs_as_given():
+    def make():
+        ds = nn.Sequential(nn.AvgPool2d(2), tv.conv1x1(8, 16), nn.BatchNorm2d(16))
+        return tv.BasicBlock(8, 16, 2, ds)
+
+    fused, reference = _pair(make)
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="downsample"):
+        assert_equivalent(fused, reference, _input_for(reference, size=8), train=True)
+
+
+def test_non_relu_activation_runs_as_given():
+    fused, reference = _pair(BLOCKS["basic"])
+    fused.relu = nn.SiLU()
+    reference.relu = nn.SiLU()
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="SiLU"):
+        assert_equivalent(fused, reference, _input_for(reference), train=False)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_zero_batch(train):
+    fused, reference = _pair(BLOCKS["bottleneck-down"])
+    fused.train(train), reference.train(train)
+    x = torch.randn(0, 8, 9, 9, dtype=torch.float64)
+    out, ref = fused(x), reference(x)
+    assert out.shape == ref.shape
+    for a, b in zip(fused.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_memory_format_is_kept(fmt, train):
+    fused, reference = _pair(BLOCKS["bottleneck-down"], torch.float32)
+    fused.train(train)
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=fmt)
+    out = fused(x)
+    assert out.is_contiguous(memory_format=fmt)
+    if train:
+        out.sum().backward()
+
+
+def test_autocast_cpu_bfloat16():
+    fused, reference = _pair(BLOCKS["bottleneck-down"], torch.float32)
+    x = _input_for(reference, dtype=torch.float32)
+    for train in (False, True):
+        fused.train(train), reference.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = fused(x), reference(x)
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("name, shape", [("cifar_resnet20", (2, 3, 16, 16)), ("resnet18", (2, 3, 64, 64)),
+                                         ("resnext50_32x4d", (2, 3, 64, 64)), ("cifar_plain20", (2, 3, 16, 16))])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_whole_models_float64(name, shape, train):
+    fused = randomize_norms(getattr(models, name)(num_classes=10)).double()
+    reference = frb.revert(copy.deepcopy(fused))
+    assert_equivalent(fused, reference, torch.randn(*shape, dtype=torch.float64), train=train)
+
+
+def test_detection_backbone_with_frozen_batchnorm():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    reference = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3).double()
+    randomize_norms(reference)
+    fused = frb.convert(copy.deepcopy(reference))
+    assert any(isinstance(m, frb.FusedBasicBlock) for m in fused.modules())
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    fused.train(), reference.train()
+    out, ref = fused(x), reference(x)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-9, atol=1e-9)
