@@ -61,8 +61,9 @@ def _extensions():
         "fused_resblock._C",
         sources,
         include_dirs=include_dirs,
+        # no -std for the host compiler: torch adds the C++ standard it needs (C++20 for torch >= 2.10)
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", f"-DFUSED_RESBLOCK_CUDA_ARCHS={ARCH_LIST.replace(';', ',')}"],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

@@ -307,7 +307,7 @@ _bn_add_act.register_autograd(_bn_add_act_grad, setup_context=_bn_add_act_setup)
 
 # --------------------------------------------------------------------------- public functions
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(device_type):
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -331,11 +331,15 @@ def check_activation(name: str, t: Tensor, channels: Optional[int] = None) -> No
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
+def _check_device(name: str, t: Optional[Tensor], like: Tensor) -> None:
+    if t is not None and t.device != like.device:
+        raise RuntimeError(f"{name} is on {t.device} but the input is on {like.device}; move them to one device")
+
+
 def _check_same(name: str, t: Optional[Tensor], like: Tensor) -> None:
     if t is None:
         return
-    if t.device != like.device:
-        raise RuntimeError(f"{name} is on {t.device} but the input is on {like.device}; move them to one device")
+    _check_device(name, t, like)
     if t.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; use one dtype (or autocast)")
 
@@ -351,6 +355,8 @@ def conv_bias_act(
     relu: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
     """act(conv(x, weight) + bias [+ conv1x1(shortcut_x, shortcut_weight)] [+ residual]); see reference.py."""
+    check_activation("input", x)
+    _check_device("weight", weight, x)
     cast = _autocast_dtype(x.device.type)
     x, weight, residual, shortcut_x, shortcut_weight = (
         _cast(t, cast) for t in (x, weight, residual, shortcut_x, shortcut_weight))
@@ -387,6 +393,8 @@ def conv_stats(
     backend: Optional[str] = None,
 ):
     """(y, mean, var) with y = conv(relu?(BN_in(x))) + bias; ``in_norm`` = (mean, invstd, weight, bias)."""
+    check_activation("input", x)
+    _check_device("weight", weight, x)
     cast = _autocast_dtype(x.device.type)
     x, weight = _cast(x, cast), _cast(weight, cast)
     check_activation("input", x, weight.shape[1] * groups)

@@ -92,6 +92,8 @@ def select(op: str, requested: Optional[str], config: dict) -> ModuleType:
                 f"fused_resblock backend {name!r} (forced) cannot run {op} for {_describe(config)}: {reason}"
             )
         module = get(name)
+    elif _device_type(config) == "cpu":
+        module = get("reference")  # kernels run on the CPU only under Triton's interpreter: a test mode
     else:
         module = None
         reasons = []
@@ -103,11 +105,14 @@ def select(op: str, requested: Optional[str], config: dict) -> ModuleType:
             reasons.append(f"{candidate}: {reason}")
         if module is None:
             module = get("reference")
-            device = config.get("device")
-            if getattr(device, "type", device) != "cpu":
-                _warn_fallback(op, config, reasons)
+            _warn_fallback(op, config, reasons)
     _choices[key] = module
     return module
+
+
+def _device_type(config: dict) -> str:
+    device = config.get("device")
+    return getattr(device, "type", str(device))
 
 
 def _warn_fallback(op: str, config: dict, reasons: list) -> None:

@@ -13,6 +13,7 @@ or call loads it: ``fused_resblock._C`` as built by
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ NAME = "cuda"
 OPS = (
     "conv_bias_act", "conv_bias_act_backward",
     "conv_stats", "conv_stats_backward",
-    "scale_shift_act", "scale_shift_act_backward",
+    "bn_add_act", "bn_add_act_backward",
 )
 SUPPORTED_OPS = ("conv_bias_act",)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -178,11 +179,16 @@ def conv_bias_act(
 
 # --------------------------------------------------------------------------- build info
 def _cuobjdump() -> Optional[str]:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidate = Path(home, "bin", "cuobjdump") if home else None
-    if candidate is not None and candidate.is_file():
-        return str(candidate)
-    return shutil.which("cuobjdump")
+    """A cuobjdump: the toolkit's, else the one Triton bundles, else None."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidates = [Path(home, "bin", "cuobjdump")]
+    on_path = shutil.which("cuobjdump")
+    if on_path:
+        candidates.append(Path(on_path))
+    triton = importlib.util.find_spec("triton")  # located, not imported
+    if triton is not None and triton.origin:
+        candidates.append(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
 def _archs_in_binary(path: str) -> list:

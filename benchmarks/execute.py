@@ -1,0 +1,149 @@
+"""Run one case and describe it as one result row; a failure becomes a row too.
+
+A case builds its module and inputs fresh, so a crash, an OOM or a
+``BackendUnsupportedError`` stays inside its row: an error is recorded with
+its message and the tail of its traceback, an unsupported configuration as
+skipped with the library's reason, and the driver moves on.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import traceback
+import warnings
+from typing import Optional
+
+import torch
+
+from fused_resblock import BackendUnsupportedError
+from fused_resblock import _warnings as frb_warnings
+
+from . import peers, roofline, shapes, timing, workloads
+from .cases import Case
+
+TRACEBACK_LINES = 25
+MAX_WARNINGS = 10
+INJECTED = "injected failure (--inject-failure): this case fails on purpose"
+
+
+def base_row(case: Case, status: str) -> dict:
+    flops, min_bytes = roofline.case_cost(case)
+    return {
+        "id": case.id, "group": case.group, "kind": case.kind, "target": case.target, "mode": case.mode,
+        "dtype": case.dtype, "memory_format": case.memory_format, "batch": case.batch, "impl": case.impl,
+        "status": status, "reason": None, "error": None,
+        "timings_ms": [], "median_ms": None, "images_per_s": None, "iterations": 0, "rotation_buffers": 0,
+        "first_call_s": None, "peak_memory_bytes": None, "resident_bytes": None,
+        "flops": flops, "min_bytes": min_bytes, "achieved_tflops": None, "roofline_share": None,
+        "ratio_to_peers": {}, "warnings": [], "wall_s": 0.0,
+    }
+
+
+def skipped_row(case: Case, reason: str) -> dict:
+    row = base_row(case, "skipped")
+    row["reason"] = reason
+    return row
+
+
+def interrupted_row(case: Case, message: str) -> dict:
+    """The case that was running when the run was interrupted (a time limit's SIGINT or SIGTERM)."""
+    row = base_row(case, "error")
+    row["error"] = {"type": "KeyboardInterrupt", "message": message, "traceback_tail": ""}
+    return row
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _memory(device: torch.device, peak: bool) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+
+
+def _failing(step):
+    def fail(inputs):
+        raise RuntimeError(INJECTED)
+    return fail
+
+
+def _measure(case: Case, device: torch.device, plan: timing.TimingPlan, rotation_cap: int,
+             impl, inject_failure: bool) -> dict:
+    spec = shapes.target_spec(case.kind, case.target)
+    precision = impl.precision(case)
+    module = workloads.prepare(workloads.build_plain(spec, device), case, precision)
+    example = workloads.make_input(spec, case, precision.input_dtype, device)
+    count = timing.rotation_count(workloads.input_bytes(example), device, rotation_cap)
+    inputs = [example] + [workloads.make_input(spec, case, precision.input_dtype, device) for _ in range(count - 1)]
+    step = impl.build(module, spec, case, device)
+    if inject_failure:
+        step = _failing(step)
+    resident = _memory(device, peak=False)
+    measured = timing.measure(step, inputs, device, plan)
+    timings = [round(t, 6) for t in measured.timings_ms]  # ns resolution is plenty; the median is of these
+    median = statistics.median(timings)
+    return {
+        "status": "ok", "timings_ms": timings, "median_ms": median,
+        "images_per_s": case.batch / (median * 1e-3), "iterations": len(timings),
+        "rotation_buffers": count, "first_call_s": measured.first_call_s,
+        "peak_memory_bytes": _memory(device, peak=True), "resident_bytes": resident,
+    }
+
+
+def _error(exc: BaseException) -> dict:
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    tail = "".join(lines).rstrip().splitlines()[-TRACEBACK_LINES:]
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback_tail": "\n".join(tail)}
+
+
+def _unique_messages(caught) -> list:
+    messages = []
+    for w in caught:
+        text = f"{w.category.__name__}: {str(w.message)[:300]}"
+        if text not in messages:
+            messages.append(text)
+    return messages[:MAX_WARNINGS]
+
+
+def run_case(case: Case, device: torch.device, plan: timing.TimingPlan, rotation_cap: int,
+             inject_failure: bool = False) -> dict:
+    """Build, warm up and time ``case``; the row says ok, skipped (unsupported) or error."""
+    impl = peers.by_name()[case.impl]
+    row = base_row(case, "ok")
+    started = time.perf_counter()
+    _release(device)
+    frb_warnings.reset()  # each case reports its own fallback warnings
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, impl.context(case):
+            warnings.simplefilter("always")
+            row.update(_measure(case, device, plan, rotation_cap, impl, inject_failure))
+    except BackendUnsupportedError as exc:
+        row.update(status="skipped", reason=f"unsupported: {exc}")
+    except Exception as exc:  # any failure is this case's result, not the run's end
+        row.update(status="error", error=_error(exc))
+    finally:
+        impl.cleanup()
+        _release(device)
+    row["warnings"] = _unique_messages(caught)
+    row["wall_s"] = time.perf_counter() - started
+    if row["status"] == "ok":
+        row["achieved_tflops"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e12
+    return row
+
+
+def device_unusable(device: torch.device) -> Optional[str]:
+    """None while ``device`` still works; after a sticky CUDA error, why it does not."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as exc:  # e.g. an illegal memory access poisons the context for good
+        return f"{type(exc).__name__}: {exc}"
+    return None

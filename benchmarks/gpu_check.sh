@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The one entry point of a GPU session: everything the GPU can check, in one call.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Stages, in order; none aborts the script, each one's status goes into the summary:
+#   env       nvidia-smi, nvcc, compute-sanitizer, python and library versions, backend availability
+#   build     the CUDA extension, when csrc/ has CUDA sources (setup.py build_ext --inplace, then
+#             pip install --no-deps --no-build-isolation -e . if that fails); no downloads
+#   tests     python -m pytest tests -q -rs on the GPU (TRITON_INTERPRET unset)
+#   memcheck  compute-sanitizer memcheck of small fused blocks on each GPU backend that is available
+#   bench     python -m benchmarks.run: the matrix within a budget, JSON + plot
+#   summary   a short table, printed last
+#
+# OUTDIR gets at most 8 files (what the device tool brings back):
+#   env.txt build.log pytest.log memcheck.log bench.log bench.json bench.png summary.txt
+#
+# Time: the whole script keeps within GPU_CHECK_TOTAL_S (default 570 s, under a 10-minute device call);
+# the benchmark gets BENCH_BUDGET_S (default 480) or what is left after the stages before it.
+# Knobs (environment variables):
+#   PYTHON (default python3)          GPU_CHECK_TOTAL_S (570)       BENCH_BUDGET_S (480)
+#   BUILD_TIMEOUT_S (300)             TEST_TIMEOUT_S (300)          MEMCHECK_TIMEOUT_S (150)
+#   GPU_CHECK_SKIP  comma list of stages to skip: build,tests,memcheck,bench
+#   BENCH_ARGS      extra arguments for python -m benchmarks.run (e.g. "--only 'model:resnet50:*'")
+# Needs python 3.10+, torch, and no network.
+set -u
+
+if [ $# -ne 1 ]; then
+    echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+
+PY=${PYTHON:-python3}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-570}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-480}
+SKIP=",${GPU_CHECK_SKIP:-},"
+BENCH_RESERVE_S=45   # the benchmark's start-up, peak measurement and JSON beyond its case budget
+MIN_BENCH_S=120      # earlier stages leave the benchmark at least this much when they can
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET
+: >"$SUMMARY.stages"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( TOTAL_S - $(elapsed) )); }
+skipped() { [[ "$SKIP" == *",$1,"* ]]; }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+# record STAGE STATUS SECONDS DETAIL
+record() { printf '%-17s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY.stages"; }
+
+# run_stage STAGE TIMEOUT LOG COMMAND...: run with a time limit (callers pass > 30 s: timeout 0 would
+# mean none), log everything, record the outcome
+run_stage() {
+    local stage=$1 limit=$2 log=$3; shift 3
+    local t0 rc status
+    t0=$(date +%s)
+    echo "== $stage (limit ${limit}s): $*" | tee -a "$log"
+    timeout -s INT -k 30 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|130|137) status=timeout ;;
+        *) status="rc=$rc" ;;
+    esac
+    record "$stage" "$status" $(( $(date +%s) - t0 )) "$(tail -n 1 "$log" | cut -c1-150)"
+    echo "== $stage: $status" | tee -a "$log"
+    return $rc
+}
+
+# ---------------------------------------------------------------------------- env
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "repo: $REPO"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed"
+    echo "uname: $(uname -a)"
+    echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    echo; echo "== nvcc"; nvcc --version 2>&1 || echo "no nvcc"
+    echo; echo "== compute-sanitizer"; compute-sanitizer --version 2>&1 || echo "no compute-sanitizer"
+    echo; echo "== python"
+    "$PY" - <<'EOF' 2>&1
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+print("cuda available:", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for name in ("torchvision", "triton", "matplotlib", "jsonschema", "pytest", "pytest_benchmark", "cutlass_library"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "installed"))
+    except Exception as exc:
+        print(name, "missing:", type(exc).__name__)
+from fused_resblock import backends
+print("backends:", backends.availability())
+EOF
+} >"$OUT/env.txt" 2>&1
+record env ok "$(elapsed)" "$(grep -m1 '^python' "$OUT/env.txt" | cut -c1-150)"
+
+# ---------------------------------------------------------------------------- build
+if skipped build; then
+    record build skipped 0 "GPU_CHECK_SKIP"
+elif ! ls csrc/*.cu >/dev/null 2>&1; then
+    echo "no CUDA sources in csrc/: nothing to build" >"$OUT/build.log"
+    record build skipped 0 "no CUDA sources in csrc/"
+else
+    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    limit=$(min "${BUILD_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 60 )))
+    if [ "$limit" -le 30 ]; then
+        record build skipped 0 "no time left"
+    elif ! run_stage build "$limit" "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
+        limit=$(min "${BUILD_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 60 )))
+        if [ "$limit" -gt 30 ]; then
+            run_stage build-pip "$limit" "$OUT/build.log" "$PY" -m pip install --no-deps --no-build-isolation \
+                --no-index -e .
+        fi
+    fi
+fi
+
+# ---------------------------------------------------------------------------- tests
+if skipped tests; then
+    record tests skipped 0 "GPU_CHECK_SKIP"
+else
+    limit=$(min "${TEST_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 30 )))
+    if [ "$limit" -gt 30 ]; then
+        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+    else
+        record tests skipped 0 "no time left"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- memcheck
+gpu_backends=$("$PY" -c '
+from fused_resblock import backends
+print(" ".join(n for n, why in backends.availability().items() if why is None and n != "reference"))' 2>/dev/null)
+if skipped memcheck; then
+    record memcheck skipped 0 "GPU_CHECK_SKIP"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+    echo "compute-sanitizer not found" >"$OUT/memcheck.log"
+    record memcheck skipped 0 "compute-sanitizer not found"
+elif [ -z "$gpu_backends" ]; then
+    echo "no GPU backend is available (see env.txt): nothing to check" >"$OUT/memcheck.log"
+    record memcheck skipped 0 "no GPU backend available"
+else
+    for backend in $gpu_backends; do
+        limit=$(min "${MEMCHECK_TIMEOUT_S:-150}" $(( $(remaining) - MIN_BENCH_S )))
+        if [ "$limit" -lt 30 ]; then
+            record "memcheck-$backend" skipped 0 "no time left"
+            continue
+        fi
+        run_stage "memcheck-$backend" "$limit" "$OUT/memcheck.log" \
+            env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FUSED_RESBLOCK_AUTOTUNE=0 \
+            compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 \
+            "$PY" -m benchmarks.sanitize_block --backend "$backend"
+    done
+fi
+
+# ---------------------------------------------------------------------------- bench
+if skipped bench; then
+    record bench skipped 0 "GPU_CHECK_SKIP"
+else
+    budget=$(min "$BENCH_BUDGET_S" $(( $(remaining) - BENCH_RESERVE_S )))
+    if [ "$budget" -lt 30 ]; then
+        record bench skipped 0 "no time left (budget ${budget}s)"
+    else
+        # shellcheck disable=SC2086  # BENCH_ARGS is split on purpose
+        eval "set -- ${BENCH_ARGS:-}"
+        run_stage bench $(( budget + BENCH_RESERVE_S )) "$OUT/bench.log" \
+            "$PY" -m benchmarks.run --budget-s "$budget" --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- summary
+{
+    echo "== gpu_check summary ($(elapsed) s of ${TOTAL_S} s), files in $OUT"
+    printf '%-17s %-8s %6s  %s\n' stage status time "last line of its log"
+    cat "$SUMMARY.stages"
+    grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" 2>/dev/null | head -n 15
+    grep -E 'ERROR SUMMARY|Invalid|out of bounds' "$OUT/memcheck.log" 2>/dev/null | sort | uniq -c | head -n 10
+    if [ -s "$OUT/bench.json" ]; then
+        "$PY" -m benchmarks.report "$OUT/bench.json" 2>&1 | head -n 40
+    fi
+} >"$SUMMARY" 2>&1
+rm -f "$SUMMARY.stages"
+cat "$SUMMARY"

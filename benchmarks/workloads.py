@@ -1,0 +1,172 @@
+"""The module and the inputs one case runs, built the same way for every implementation.
+
+Every implementation starts from a freshly built *plain* module with eager
+PyTorch semantics: torchvision's ResNet and blocks, our CIFAR ResNet, or for a
+single layer conv -> BN -> (+ shortcut) -> ReLU (``ConvLayerModule``). Weights
+come from one seed and BN statistics are random (not 0/1), so every member of
+a case group computes the same function. ``fuse`` turns a plain module into
+ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+import fused_resblock as frb
+from fused_resblock import ops
+from fused_resblock.folding import FoldCache
+
+from .cases import Case
+from .shapes import BlockSpec, ConvLayer, ModelSpec, input_size
+
+SEED = 0
+
+
+# --------------------------------------------------------------------------- one conv layer
+class ConvLayerModule(nn.Module):
+    """One ResNet conv as eager PyTorch runs it: relu(bn1(conv1(x)) [+ shortcut])."""
+
+    def __init__(self, spec: ConvLayer) -> None:
+        super().__init__()
+        self.spec = spec
+        self.conv1 = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
+                               groups=spec.groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec.out_channels)
+        self.downsample = None
+        if spec.residual == "projection":
+            self.downsample = nn.Sequential(
+                conv1x1(spec.shortcut_in_channels, spec.out_channels, spec.shortcut_stride),
+                nn.BatchNorm2d(spec.out_channels))
+
+    def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
+        y = self.bn1(self.conv1(x))
+        if self.spec.residual == "identity":
+            y = y + shortcut
+        elif self.spec.residual == "projection":
+            y = y + self.downsample(shortcut)
+        return F.relu(y) if self.spec.relu else y
+
+
+class FusedConvLayer(nn.Module):
+    """The same layer through our op: one ``conv_bias_act`` (BN folded, projection merged)."""
+
+    def __init__(self, plain: ConvLayerModule, backend: str) -> None:
+        super().__init__()
+        self.plain, self.backend = plain, backend
+        self.fold_cache = FoldCache()
+
+    def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
+        if self.training:
+            raise NotImplementedError("single-layer cases are inference only")
+        spec, conv = self.plain.spec, self.plain.conv1
+        weight, bias = self.fold_cache.fold(conv, self.plain.bn1, x.dtype)
+        extra = {}
+        if spec.residual == "identity":
+            extra = dict(residual=shortcut)
+        elif spec.residual == "projection":
+            s_conv, s_norm = self.plain.downsample
+            s_weight, s_bias = self.fold_cache.fold(s_conv, s_norm, x.dtype)
+            bias = bias + s_bias
+            extra = dict(shortcut_x=shortcut, shortcut_weight=s_weight, shortcut_stride=spec.shortcut_stride)
+        return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, groups=conv.groups,
+                                 relu=spec.relu, backend=self.backend, **extra)
+
+
+# --------------------------------------------------------------------------- plain modules
+def _plain_block(spec: BlockSpec) -> nn.Module:
+    if spec.block == "cifar":
+        return frb.CifarBasicBlock(spec.inplanes, spec.planes, spec.stride, shortcut="A")
+    cls = {"bottleneck": Bottleneck, "basic": BasicBlock}[spec.block]
+    downsample = None
+    if spec.projection:
+        out = spec.planes * cls.expansion
+        downsample = nn.Sequential(conv1x1(spec.inplanes, out, spec.stride), nn.BatchNorm2d(out))
+    return cls(spec.inplanes, spec.planes, spec.stride, downsample)
+
+
+def randomize_norms(module: nn.Module) -> None:
+    """Random BN statistics and affine parameters, so folding is not the identity."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+
+
+def build_plain(spec, device) -> nn.Module:
+    """A fresh plain module for ``spec``, built directly on ``device`` ("meta" for counting)."""
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        if isinstance(spec, ModelSpec):
+            module = frb.revert(getattr(frb.models, spec.builder)(num_classes=spec.num_classes))
+        elif isinstance(spec, BlockSpec):
+            module = _plain_block(spec)
+        else:
+            module = ConvLayerModule(spec)
+    if torch.device(device).type != "meta":
+        randomize_norms(module)
+    return module
+
+
+def fuse(plain: nn.Module, backend: str) -> nn.Module:
+    """Ours, from a plain module (converted in place; the parameters stay the same objects)."""
+    if isinstance(plain, ConvLayerModule):
+        return FusedConvLayer(plain, backend).train(plain.training)
+    return frb.convert(plain, backend=backend)
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Precision:
+    """How an implementation runs a case's dtype: module and input dtypes, and autocast."""
+
+    module_dtype: torch.dtype
+    input_dtype: torch.dtype
+    autocast: Optional[torch.dtype] = None
+
+
+def prepare(module: nn.Module, case: Case, precision: Precision) -> nn.Module:
+    module = module.to(dtype=precision.module_dtype, memory_format=case.torch_format)
+    return module.train(case.mode == "train")
+
+
+def _activation(shape, case: Case, dtype: torch.dtype, device) -> Tensor:
+    return torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=case.torch_format)
+
+
+def make_input(spec, case: Case, dtype: torch.dtype, device) -> tuple:
+    """One input tuple: the module's arguments, then (training a model) the labels."""
+    args = [_activation((case.batch,) + input_size(spec), case, dtype, device)]
+    if isinstance(spec, ConvLayer) and spec.residual == "identity":
+        args.append(_activation((case.batch, spec.out_channels, spec.out_height, spec.out_width), case, dtype, device))
+    elif isinstance(spec, ConvLayer) and spec.residual == "projection":
+        args.append(_activation((case.batch, spec.shortcut_in_channels, spec.shortcut_height, spec.shortcut_width),
+                                case, dtype, device))
+    if case.mode == "train" and isinstance(spec, ModelSpec):
+        args.append(torch.randint(0, spec.num_classes, (case.batch,), device=device))
+    return tuple(args)
+
+
+def input_bytes(inputs: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs)
+
+
+def split_input(spec, case: Case, inputs: tuple):
+    """(module arguments, loss arguments) of one input tuple."""
+    if case.mode == "train" and isinstance(spec, ModelSpec):
+        return inputs[:-1], inputs[-1:]
+    return inputs, ()
+
+
+def loss(spec, output: Tensor, loss_args: tuple) -> Tensor:
+    """Cross-entropy for a model; a plain mean for a block (its backward is one uniform gradient)."""
+    if isinstance(spec, ModelSpec):
+        return F.cross_entropy(output.float(), loss_args[0])
+    return output.float().mean()

@@ -1,0 +1,84 @@
+// The eval-mode fused convolution, as the torch-free kernels see it.
+//
+//   out = act(conv(x, weight) + bias + conv1x1(shortcut_x, shortcut_weight) + R)
+//
+// with R the mapped residual (see fused_resblock/backends/reference.py, the
+// contract). bindings.cpp checks and prepares the tensors and fills
+// ConvBiasActParams; conv_bias_act.cu launches the kernel. Nothing here
+// includes a torch header, so the kernels compile in seconds.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fused_resblock {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Block tile of the implicit GEMM (rows: output pixels x columns: output
+// channels of one group). kAuto lets the launcher pick; tests force each.
+enum class TileShapeKind : int { kAuto = 0, kNarrow = 1, kMedium = 2, kLarge = 3 };
+
+// Element strides of a 4-D tensor in logical (N, C, H, W) order.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+struct ConvBiasActParams {
+  DType dtype;
+
+  // x: dense NHWC [batch, in_h, in_w, in_channels].
+  const void* x;
+  int batch, in_h, in_w, in_channels;
+
+  // weight: dense KRSC [out_channels, kernel_h, kernel_w, in_channels / groups]
+  // (a channels_last conv weight).
+  const void* weight;
+  int out_channels, kernel_h, kernel_w, groups;
+  int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+
+  // bias: fp32 [out_channels], or null.
+  const float* bias;
+
+  // residual, or null: any strides; R[n, c, h, w] = residual[n, c - residual_offset,
+  // h * residual_stride, w * residual_stride] for 0 <= c - residual_offset < residual_channels.
+  const void* residual;
+  Strides4 residual_strides;
+  int residual_channels, residual_stride, residual_offset;
+
+  // Merged 1x1 projection, or null: shortcut_x dense NHWC [batch, shortcut_h,
+  // shortcut_w, shortcut_channels] read at shortcut_stride; shortcut_weight
+  // dense [out_channels, shortcut_channels].
+  const void* shortcut_x;
+  const void* shortcut_weight;
+  int shortcut_h, shortcut_w, shortcut_channels, shortcut_stride;
+
+  // out: [batch, out_channels, out_h, out_w] at any non-overlapping strides.
+  void* out;
+  Strides4 out_strides;
+  int out_h, out_w;
+
+  bool relu;
+  TileShapeKind tile;
+  int num_sms;  // of the launching device: for kAuto's choice
+};
+
+// Enqueues the fused convolution on `stream`. No host synchronisation and no
+// allocation, so it can be captured in a CUDA graph. Returns the launch error.
+cudaError_t launch_conv_bias_act(const ConvBiasActParams& params, cudaStream_t stream);
+
+// Runs the kernel's schedule on the host instead (every pointer in `params` is
+// CPU memory): its operand gathers, shared-memory tiles and epilogue, with a
+// scalar product in place of the tensor cores. For tests without a GPU.
+void emulate_conv_bias_act(const ConvBiasActParams& params);
+
+// cudaSuccess when the current device can load the kernels (an image for its
+// architecture was compiled in), else the error the launch would give.
+cudaError_t probe_conv_bias_act_kernels();
+
+// The architectures the kernels were compiled for, as nvcc's __CUDA_ARCH_LIST__
+// ("800,900"). It cannot tell sm_90 from sm_90a: nvcc hides that from host code.
+const char* conv_bias_act_arch_list();
+
+}  // namespace fused_resblock

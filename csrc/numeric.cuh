@@ -1,0 +1,83 @@
+// 16-bit element types, moved around as raw bits.
+//
+// Loads, shared-memory staging and stores treat fp16 and bf16 alike as
+// uint16_t bit patterns (all-zero bits is +0.0 in both); only the tensor-core
+// fragments and the epilogue's fp32 arithmetic need to know which type it is.
+// Conversions are explicit intrinsics: torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__.
+//
+// The gathers and the epilogue are host-and-device functions: the host
+// emulator (emulator.cu) runs the very same index math on CPU tensors, which
+// is how CI checks it without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define FR_HOST_DEVICE __host__ __device__ __forceinline__
+
+namespace fused_resblock {
+
+// A read-only global load: through the non-coherent cache on the device, plain on the host.
+template <typename V>
+FR_HOST_DEVICE V load_global(const V* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+template <typename T>
+struct Numeric;
+
+template <>
+struct Numeric<__half> {
+  static FR_HOST_DEVICE float to_float(uint16_t bits) {
+    return __half2float(__ushort_as_half(bits));
+  }
+  static FR_HOST_DEVICE uint16_t from_float(float value) {
+    return __half_as_ushort(__float2half_rn(value));
+  }
+};
+
+template <>
+struct Numeric<__nv_bfloat16> {
+  static FR_HOST_DEVICE float to_float(uint16_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+  static FR_HOST_DEVICE uint16_t from_float(float value) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(value));
+  }
+};
+
+// Eight 16-bit elements = 16 bytes: the unit every vector load and store moves.
+constexpr int kVector = 8;
+
+FR_HOST_DEVICE uint4 pack8(const uint16_t (&e)[kVector]) {
+  uint4 v;
+  v.x = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+  v.y = uint32_t(e[2]) | (uint32_t(e[3]) << 16);
+  v.z = uint32_t(e[4]) | (uint32_t(e[5]) << 16);
+  v.w = uint32_t(e[6]) | (uint32_t(e[7]) << 16);
+  return v;
+}
+
+FR_HOST_DEVICE void unpack8(uint4 v, uint16_t (&e)[kVector]) {
+  e[0] = uint16_t(v.x & 0xffffu);
+  e[1] = uint16_t(v.x >> 16);
+  e[2] = uint16_t(v.y & 0xffffu);
+  e[3] = uint16_t(v.y >> 16);
+  e[4] = uint16_t(v.z & 0xffffu);
+  e[5] = uint16_t(v.z >> 16);
+  e[6] = uint16_t(v.w & 0xffffu);
+  e[7] = uint16_t(v.w >> 16);
+}
+
+FR_HOST_DEVICE bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+}  // namespace fused_resblock

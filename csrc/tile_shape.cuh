@@ -1,0 +1,69 @@
+// Block tile shapes of the implicit GEMM and the automatic choice among them.
+//
+// A block computes kBlockM output pixels x kBlockN output channels of one
+// group with 8 warps, each a kWarpM x kWarpN grid of 16x16 WMMA fragments.
+// Shared memory holds two stages of the A (pixels x K) and B (channels x K)
+// tiles, rows padded by 16 bytes; after the main loop the same bytes hold one
+// 16x16 fp32 scratch tile per warp for the epilogue.
+#pragma once
+
+#include <cstdint>
+
+#include "conv_bias_act.h"
+#include "conv_gemm.cuh"
+
+namespace fused_resblock {
+
+// Shared-memory row pitch in elements: the 16-byte pad staggers banks and keeps
+// every 16-row fragment start 32-byte aligned, as WMMA requires.
+constexpr int kSmemPitch = kBlockK + 8;
+
+constexpr int kFragment = 16;  // WMMA m16n16k16
+
+template <int BlockM, int BlockN, int WarpsM, int WarpsN>
+struct TileShape {
+  static constexpr int kBlockM = BlockM;
+  static constexpr int kBlockN = BlockN;
+  static constexpr int kWarpsM = WarpsM;
+  static constexpr int kWarpsN = WarpsN;
+  static constexpr int kWarps = WarpsM * WarpsN;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kWarpM = BlockM / WarpsM;  // one warp's sub-tile
+  static constexpr int kWarpN = BlockN / WarpsN;
+  static constexpr int kFragmentsM = kWarpM / kFragment;
+  static constexpr int kFragmentsN = kWarpN / kFragment;
+  static_assert(kWarpM % kFragment == 0 && kWarpN % kFragment == 0, "warp tiles are whole fragments");
+  static_assert(kBlockK % kFragment == 0, "K tiles are whole fragments");
+
+  // Shared memory: two A and two B tiles for the main loop; afterwards the same
+  // bytes hold one 16x16 fp32 scratch tile per warp for the epilogue.
+  static constexpr int kATileElems = kBlockM * kSmemPitch;
+  static constexpr int kBTileElems = kBlockN * kSmemPitch;
+  static constexpr int kMainloopBytes = 2 * (kATileElems + kBTileElems) * int(sizeof(uint16_t));
+  static constexpr int kEpilogueBytes = kWarps * kFragment * kFragment * int(sizeof(float));
+  static constexpr int kSmemBytes = kMainloopBytes > kEpilogueBytes ? kMainloopBytes : kEpilogueBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  // WMMA pointers must be 32-byte aligned: fragment rows are 16 apart, columns 16 elements apart.
+  static_assert((kFragment * kSmemPitch * sizeof(uint16_t)) % 32 == 0, "A/B fragment rows 32-byte aligned");
+  static_assert((kATileElems * sizeof(uint16_t)) % 128 == 0 && (kBTileElems * sizeof(uint16_t)) % 128 == 0,
+                "tile buffers keep the base alignment");
+};
+
+// 8 warps; per-warp tiles 64x32, 32x32 and 16x16. The narrow shape serves
+// grouped convolutions with few channels per group (ResNeXt: 4 or 8).
+using LargeTile = TileShape<128, 128, 2, 4>;
+using MediumTile = TileShape<128, 64, 4, 2>;
+using NarrowTile = TileShape<128, 16, 8, 1>;
+
+// kAuto: narrow tiles for per-group widths up to 16 (ResNeXt), medium up to 64
+// or when large tiles would leave SMs idle (small batches, 7x7 maps), else large.
+inline TileShapeKind choose_tile_shape(const ConvBiasActParams& p, const ConvGemm& g) {
+  if (p.tile != TileShapeKind::kAuto) return p.tile;
+  if (g.out_group_channels <= NarrowTile::kBlockN) return TileShapeKind::kNarrow;
+  const long long large_blocks =
+      1LL * ceil_div(g.m, LargeTile::kBlockM) * ceil_div(g.out_group_channels, LargeTile::kBlockN) * p.groups;
+  if (g.out_group_channels <= MediumTile::kBlockN || large_blocks < p.num_sms) return TileShapeKind::kMedium;
+  return TileShapeKind::kLarge;
+}
+
+}  // namespace fused_resblock

@@ -1,0 +1,284 @@
+"""The benchmark harness on the CPU: the tiny matrix, its JSON, README table, failures, budget, shapes.
+
+One tiny run (reference backend, one model, block and layer, one batch) with
+one injected failure serves most tests; it takes a few seconds.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:  # benchmarks/ is not an installed package: import it from the checkout
+    sys.path.insert(0, REPO)
+
+from benchmarks import execute, matrix, report, roofline, run, shapes, validate, workloads  # noqa: E402
+from benchmarks.cases import Case  # noqa: E402
+from benchmarks.peers import fold_batchnorms  # noqa: E402
+
+INJECT = "block:*:eager"  # the block group's eager peer fails on purpose
+README = """# Project
+
+Intro text that must survive.
+
+<!-- BENCH-TABLE:BEGIN -->
+old table, typed by hand
+<!-- BENCH-TABLE:END -->
+
+Text after the table.
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(exit status, result dict, JSON path, stdout) of one tiny CPU run with an injected failure."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    saved = {k: os.environ.pop(k, None) for k in ("TRITON_INTERPRET", "FUSED_RESBLOCK_BACKEND")}
+    threads = torch.get_num_threads()
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = run.main(["--tiny", "--device", "cpu", "--out", str(out), "--inject-failure", INJECT])
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    with open(out) as f:
+        result = json.load(f)
+    return status, result, out, stdout.getvalue()
+
+
+def _rows(result, **fields):
+    return [r for r in result["cases"] if all(r[k] == v for k, v in fields.items())]
+
+
+# --------------------------------------------------------------------------- the run and its JSON
+def test_tiny_run_validates_against_the_schema(tiny):
+    _, result, _, _ = tiny
+    validate.validate(result)                 # jsonschema when installed, else the hand validator
+    assert validate.errors(result, engine="hand") == []
+    assert result["settings"]["preset"] == "tiny" and result["env"]["device"] == "cpu"
+    assert result["env"]["git_commit"]
+    assert result["peaks"]["matmul_tflops"]["fp32"] > 0 and result["peaks"]["copy_gbps"] > 0
+
+
+def test_jsonschema_agrees_with_the_hand_validator(tiny):
+    pytest.importorskip("jsonschema")
+    _, result, _, _ = tiny
+    broken = copy.deepcopy(result)
+    broken["cases"][0]["status"] = "fine"
+    del broken["env"]["torch"]
+    for doc in (result, broken):
+        schema = validate.load_schema()
+        assert bool(validate.jsonschema_errors(doc, schema)) == bool(validate.hand_errors(doc, schema))
+
+
+def test_every_case_of_the_tiny_matrix_is_recorded(tiny):
+    _, result, _, stdout = tiny
+    expected = {case.id for case in matrix.expand(matrix.TINY)}
+    assert {r["id"] for r in result["cases"]} == expected
+    ran = [r for r in result["cases"] if r["status"] != "skipped"]
+    assert len(ran) >= 10
+    for row in ran:  # one progress line per case that ran
+        assert row["id"] in stdout
+
+
+def test_peers_that_cannot_run_here_are_skipped_with_a_reason(tiny):
+    _, result, _, _ = tiny
+    group = "model:cifar_resnet20@16:infer:fp32:b2"
+    by_impl = {r["impl"]: r for r in _rows(result, group=group)}
+    for name in ("compile-default", "compile-max-autotune", "compile-reduce-overhead", "ours:auto+cudagraph"):
+        assert by_impl[name]["status"] == "skipped" and by_impl[name]["reason"]
+    for name in ("ours:reference", "ours:auto", "eager", "eager-folded"):
+        assert by_impl[name]["status"] == "ok", by_impl[name]
+    triton = by_impl["ours:triton"]
+    assert triton["status"] == "skipped" and triton["reason"]
+
+
+def test_an_injected_failure_is_recorded_and_the_rest_still_run(tiny):
+    status, result, _, stdout = tiny
+    assert status == 1  # a run with an error says so
+    failed = [r for r in result["cases"] if r["status"] == "error"]
+    assert [r["id"] for r in failed] == ["block:cifar.layer3.1:infer:fp32:channels_last:b2:eager"]
+    error = failed[0]["error"]
+    assert execute.INJECTED in error["message"] and "RuntimeError" in error["traceback_tail"]
+    assert "ERROR RuntimeError" in stdout
+    block_ours = _rows(result, group=failed[0]["group"], impl="ours:reference")[0]
+    assert block_ours["status"] == "ok"
+    assert "eager@channels_last" not in block_ours["ratio_to_peers"]
+    assert "eager-folded@channels_last" in block_ours["ratio_to_peers"]
+    later = _rows(result, kind="layer", status="ok")
+    assert later, "cases after the failure did not run"
+
+
+def test_ok_rows_carry_the_measurements(tiny):
+    _, result, _, _ = tiny
+    for row in _rows(result, status="ok"):
+        assert len(row["timings_ms"]) == row["iterations"] >= 3
+        assert row["median_ms"] > 0 and row["images_per_s"] > 0 and row["first_call_s"] >= 0
+        assert row["flops"] > 0 and row["min_bytes"] > 0 and row["roofline_share"] > 0
+        assert row["peak_memory_bytes"] is None  # CPU: no allocator statistics
+    ours = _rows(result, group="model:cifar_resnet20@16:infer:fp32:b2", impl="ours:auto")[0]
+    assert set(ours["ratio_to_peers"]) == {"eager@channels_last", "eager-folded@channels_last"}
+
+
+def test_the_plot_is_written_beside_the_json(tiny):
+    pytest.importorskip("matplotlib")
+    _, _, path, _ = tiny
+    png = path.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_output_defaults_to_a_temp_dir_not_results():
+    env = {"device_name": "x86_64", "device": "cpu"}
+    assert not os.path.abspath(run.default_out("tiny", env)).startswith(run.RESULTS_DIR)
+    assert os.path.dirname(run.default_out("full", env)) == run.RESULTS_DIR
+
+
+# --------------------------------------------------------------------------- the validator is honest
+@pytest.mark.parametrize("corrupt, expected", [
+    (lambda d: d["env"].pop("torch"), "missing required key 'torch'"),
+    (lambda d: d["cases"][0].update(status="fine"), "is not one of"),
+    (lambda d: d["cases"][0].update(batch="two"), "expected integer"),
+    (lambda d: d.update(surprise=1), "unexpected key 'surprise'"),
+])
+def test_the_hand_validator_rejects_schema_violations(tiny, corrupt, expected):
+    doc = copy.deepcopy(tiny[1])
+    corrupt(doc)
+    assert any(expected in e for e in validate.errors(doc, engine="hand"))
+
+
+def test_consistency_checks_catch_what_a_schema_cannot(tiny):
+    doc = copy.deepcopy(tiny[1])
+    ok = next(r for r in doc["cases"] if r["status"] == "ok" and r["ratio_to_peers"])
+    ok["median_ms"] *= 2
+    ok["ratio_to_peers"]["ghost@nchw"] = 1.0
+    doc["summary"]["ok"] += 1
+    found = "\n".join(validate.consistency_errors(doc))
+    assert "not the median" in found and "ghost@nchw" in found and "summary.ok" in found
+
+
+def test_the_hand_validator_refuses_keywords_it_does_not_implement():
+    with pytest.raises(validate.SchemaError, match="pattern"):
+        validate.hand_errors("x", {"type": "string", "pattern": "^x$"})
+
+
+# --------------------------------------------------------------------------- README table
+def test_readme_table_regenerates_from_the_json(tiny, tmp_path):
+    _, result, path, _ = tiny
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(str(readme), str(path))
+    text = readme.read_text()
+    assert "typed by hand" not in text
+    assert text.startswith("# Project\n\nIntro text that must survive.") and text.endswith("Text after the table.\n")
+    table = report.render_table(result, source=path.name)
+    assert table in text and "| cifar_resnet20@16 | infer | fp32 | 2 |" in table
+    assert "CPU smoke run" in table and "errors: 1" in table
+    report.update_readme(str(readme), str(path))
+    assert readme.read_text() == text  # regenerating is idempotent
+
+
+def test_readme_without_markers_is_a_clear_error(tiny, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nNo markers here.\n")
+    with pytest.raises(ValueError, match="BENCH-TABLE:BEGIN"):
+        report.update_readme(str(readme), str(tiny[2]))
+
+
+# --------------------------------------------------------------------------- the plan and its budget
+def test_the_budget_trims_the_full_matrix_without_losing_cases():
+    device = torch.device("cuda")  # planning only: nothing touches a GPU
+    plan = matrix.plan(matrix.FULL, device, budget_s=480)
+    assert 0 < plan.estimated_s <= 480 and plan.spare
+    planned = [c.id for c in plan.run] + [c.id for c in plan.spare] + [c.id for c, _ in plan.skipped]
+    assert sorted(planned) == sorted(c.id for c in matrix.expand(matrix.FULL))
+    first = {c.id for c in plan.run[:20]}
+    assert "model:resnet50:infer:bf16:channels_last:b256:ours:auto" in first
+    assert "model:resnet50:infer:bf16:channels_last:b256:eager" in first
+    groups = [c.group for c in plan.run]
+    for group in set(groups):  # a group's members run back to back
+        where = [i for i, g in enumerate(groups) if g == group]
+        assert where == list(range(where[0], where[-1] + 1)), group
+
+
+def test_cases_over_the_budget_are_recorded_not_dropped():
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=1e-9, inject=[], log=lambda *a, **k: None)
+    assert {r["id"] for r in rows} == {c.id for c in plan.run} | {c.id for c, _ in plan.skipped}
+    assert all(r["status"] == "skipped" for r in rows)
+    assert sum("over budget" in r["reason"] for r in rows) == len(plan.run)
+
+
+def test_an_interrupt_keeps_the_rows_and_skips_the_rest(monkeypatch):
+    """A time limit's SIGINT mid-case: that case is an error, the rest are skipped, the run still returns."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(execute, "run_case", interrupted)
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=lambda *a, **k: None)
+    ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
+    assert ran[0]["status"] == "error" and ran[0]["error"]["type"] == "KeyboardInterrupt"
+    assert all(r["status"] == "skipped" and "interrupted" in r["reason"] for r in ran[1:])
+
+
+def test_list_prints_the_plan(capsys):
+    assert run.main(["--tiny", "--device", "cpu", "--list"]) == 0
+    assert "model:cifar_resnet20@16:infer:fp32:channels_last:b2:ours:reference" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- shapes and roofline
+def _conv_signature(conv: nn.Conv2d, height: int):
+    return (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0], height)
+
+
+def test_the_resnet50_layer_table_matches_torchvision():
+    import torchvision
+
+    seen = Counter()
+    model = torchvision.models.resnet50().to("meta")
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.update([_conv_signature(m, args[0].shape[2])]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(torch.empty(1, 3, 224, 224, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    table = Counter()
+    for spec in shapes.RESNET50_LAYERS:
+        table[(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding, spec.height)] += spec.count
+        if spec.residual == "projection":  # the downsample conv merged into this GEMM
+            table[(spec.shortcut_in_channels, spec.out_channels, 1, spec.shortcut_stride, 0,
+                   spec.shortcut_height)] += spec.count
+    assert table == seen
+
+
+def test_resnet50_costs_4_09_gmac_per_image():
+    macs = sum(roofline.layer_macs(spec, 1) * spec.count for spec in shapes.RESNET50_LAYERS)
+    macs += shapes.RESNET50_FC[0] * shapes.RESNET50_FC[1]
+    assert macs / 1e9 == pytest.approx(shapes.RESNET50_GMAC, abs=0.005)
+    counted, _, weights = roofline.module_cost("model", "resnet50")
+    assert counted == macs
+    assert weights == sum(p.numel() for name, p in workloads.build_plain(shapes.model("resnet50"), "meta")
+                          .named_parameters() if name.endswith("weight") and p.dim() > 1)
+
+
+def test_eager_folded_computes_what_eager_computes():
+    spec = shapes.block("resnet50.layer2.0")
+    plain = workloads.build_plain(spec, "cpu").eval()
+    x = torch.randn(2, spec.inplanes, 16, 16)
+    with torch.no_grad():
+        expected = plain(x)
+        folded = fold_batchnorms(copy.deepcopy(plain))(x)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_case_ids_round_trip_their_fields():
+    case = Case("layer", "conv1", "infer", "bf16", "nchw", 256, "ours:auto")
+    assert case.id == "layer:conv1:infer:bf16:nchw:b256:ours:auto"
+    assert case.group == "layer:conv1:infer:bf16:b256" and case.peer_key == "ours:auto@nchw"

@@ -1,0 +1,558 @@
+"""The CUDA extension (``fused_resblock._C``) and the cuda backend's eval-mode op.
+
+CPU side, run in CI: the extension was built (``FUSED_RESBLOCK_EXPECT_CUDA_EXT=1``
+turns a missing build into a failure), for sm_80 and sm_90a; ``supports()``
+gives its reasons; the binding rejects CPU tensors and bad inputs clearly; and
+the kernel's index math -- its operand gathers, shared-memory tiles, merged
+projection segment and epilogue -- runs on the CPU through the extension's host
+emulator on every configuration below, with the numerical rule.
+
+GPU side, skipped without CUDA: the same configurations and real ResNet layer
+shapes on the GPU, each tile shape, unaligned inputs, the current stream, CUDA
+graph capture, and the op layer forced to this backend.
+
+Every output is poisoned with NaN before the launch, so an element the kernel
+does not write fails the rule.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import pytest
+import torch
+
+import fused_resblock
+from fused_resblock.backends import cuda as cuda_backend
+from fused_resblock.backends import reference
+from fused_resblock.backends.reference import memory_format_of
+from fused_resblock.testing import assert_rule
+
+EXT, EXT_REASON = cuda_backend._extension()
+GPU_REASON = cuda_backend.available()
+ON_GPU = GPU_REASON is None
+
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"{EXT_REASON}")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason=f"needs the extension and a CUDA GPU: {GPU_REASON}")
+
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="nhwc")]
+TILES = {"narrow": 1, "medium": 2, "large": 3}
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One conv_bias_act call.
+
+    residual: None, "same" (R shaped like the output) or "option_a" (the CIFAR
+    shortcut: the block input, half the output channels, read at stride 2 into
+    channels [C_out/4, 3 C_out/4)). shortcut_channels > 0 merges a 1x1 projection
+    of an input read at shortcut_stride.
+    """
+
+    name: str
+    batch: int
+    in_channels: int
+    size: int
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    residual: Optional[str] = None
+    shortcut_channels: int = 0
+    shortcut_stride: int = 1
+    relu: bool = True
+    bias: bool = True
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case("1x1", 2, 64, 8, 256, kernel=1, padding=0),
+    Case("1x1_stride2", 2, 64, 9, 128, kernel=1, stride=2, padding=0),
+    Case("3x3", 2, 32, 8, 64),
+    Case("3x3_stride2_13x13", 3, 32, 13, 64, stride=2),
+    Case("7x7_stem_3ch", 1, 3, 13, 16, kernel=7, stride=2, padding=3),
+    Case("3x3_dilation2", 1, 16, 7, 24, padding=2, dilation=2),
+    Case("groups32x4", 2, 128, 7, 128, groups=32),
+    Case("groups32x4_stride2", 1, 128, 9, 128, stride=2, groups=32),
+    Case("groups32x8", 1, 256, 7, 256, groups=32),
+    Case("channels_20_to_36", 3, 20, 7, 36),
+    Case("residual", 2, 64, 7, 64, residual="same"),
+    Case("option_a_residual", 2, 32, 7, 32, residual="option_a"),
+    Case("merged_projection", 2, 64, 7, 256, kernel=1, padding=0, shortcut_channels=128, shortcut_stride=2),
+    Case("merged_projection_odd", 1, 24, 5, 40, kernel=1, padding=0, shortcut_channels=20, shortcut_stride=2),
+    Case("projection_and_residual", 1, 16, 6, 48, shortcut_channels=16, residual="same"),
+    Case("no_bias_no_relu", 2, 16, 6, 16, bias=False, relu=False),
+    Case("13x13_batch1", 1, 64, 13, 64),
+]
+
+# Real layer shapes (ResNet-50 and ResNeXt-50 32x4d at 224x224), GPU only.
+RESNET_CASES = [
+    Case("stem_7x7", 2, 3, 224, 64, kernel=7, stride=2, padding=3),
+    Case("layer1_conv1", 2, 64, 56, 64, kernel=1, padding=0),
+    Case("layer1_conv2", 2, 64, 56, 64),
+    Case("layer1.0_conv3_projection", 2, 64, 56, 256, kernel=1, padding=0, shortcut_channels=64),
+    Case("layer1.1_conv3_residual", 2, 64, 56, 256, kernel=1, padding=0, residual="same"),
+    Case("layer2.0_conv2_stride2", 2, 128, 56, 128, stride=2),
+    Case("layer2.0_conv3_projection", 2, 128, 28, 512, kernel=1, padding=0, shortcut_channels=256,
+         shortcut_stride=2),
+    Case("layer3_conv2", 2, 256, 14, 256),
+    Case("layer3_conv3_residual", 2, 256, 14, 1024, kernel=1, padding=0, residual="same"),
+    Case("layer4.0_conv3_projection", 1, 512, 7, 2048, kernel=1, padding=0, shortcut_channels=1024,
+         shortcut_stride=2),
+    Case("resnext_layer1_conv2", 2, 128, 56, 128, groups=32),
+    Case("resnext_layer4_conv2", 1, 1024, 7, 1024, groups=32),
+]
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+    residual_stride: int
+    residual_offset: int
+    shortcut_x: Optional[torch.Tensor]
+    shortcut_weight: Optional[torch.Tensor]
+
+    def args(self, case: Case) -> tuple:
+        """The positional arguments of ``conv_bias_act`` (reference contract)."""
+        return (
+            self.x, self.weight, self.bias, (case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2,
+            case.groups, self.residual, self.residual_stride, self.residual_offset,
+            self.shortcut_x, self.shortcut_weight, case.shortcut_stride, case.relu,
+        )
+
+    def to(self, device, dtype=None) -> "Inputs":
+        """A copy on ``device``; ``dtype`` (float64 for the oracle) for every tensor, bias included."""
+        def move(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype or t.dtype)
+        return Inputs(move(self.x), move(self.weight), move(self.bias), move(self.residual),
+                      self.residual_stride, self.residual_offset, move(self.shortcut_x), move(self.shortcut_weight))
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int) -> Inputs:
+    """Fresh random inputs; activations (and weights) channels_last when asked."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device).contiguous(memory_format=fmt)
+
+    fan_in = case.in_channels // case.groups * case.kernel * case.kernel
+    x = tensor(case.batch, case.in_channels, case.size, case.size)
+    weight = tensor(case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel,
+                    scale=1 / math.sqrt(fan_in))
+    bias = (torch.randn(case.out_channels, generator=gen) * 0.5).to(device) if case.bias else None
+    out_size = case.out_size
+    residual, residual_stride, residual_offset = None, 1, 0
+    if case.residual == "same":
+        residual = tensor(case.batch, case.out_channels, out_size, out_size)
+    elif case.residual == "option_a":  # odd input sizes too: ceil(size / 2) == out_size
+        size = 2 * out_size - (out_size % 2)
+        residual = tensor(case.batch, case.out_channels // 2, size, size)
+        residual_stride, residual_offset = 2, case.out_channels // 4
+    shortcut_x = shortcut_weight = None
+    if case.shortcut_channels:
+        size = out_size * case.shortcut_stride
+        shortcut_x = tensor(case.batch, case.shortcut_channels, size, size)
+        shortcut_weight = tensor(case.out_channels, case.shortcut_channels, 1, 1,
+                                 scale=1 / math.sqrt(case.shortcut_channels))
+    return Inputs(x, weight, bias, residual, residual_stride, residual_offset, shortcut_x, shortcut_weight)
+
+
+def poisoned_output(case: Case, inputs: Inputs) -> torch.Tensor:
+    x = inputs.x
+    shape = (case.batch, case.out_channels, case.out_size, case.out_size)
+    return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(
+        memory_format=memory_format_of(x))
+
+
+def check_case(run, case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int, tile: int = 0):
+    """``run(*args, out=, tile=)`` against the float64 reference, with PyTorch's own error at ``dtype``."""
+    inputs = make_inputs(case, dtype, device, channels_last, seed)
+    out = poisoned_output(case, inputs)
+    result = run(*inputs.args(case), out=out, tile=tile)
+    assert result.data_ptr() == out.data_ptr()
+    ref64 = reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case))
+    torch_out = reference.conv_bias_act(*inputs.args(case))
+    assert_rule(f"{case.name} out", result, ref64, torch_out)
+
+
+# --------------------------------------------------------------------------- the build
+def test_extension_built():
+    if os.environ.get("FUSED_RESBLOCK_EXPECT_CUDA_EXT") == "1":
+        import fused_resblock._C  # noqa: F401  (raises, with the real import error, if missing)
+
+        assert EXT is not None, EXT_REASON
+    elif EXT is None:
+        pytest.skip(cuda_backend.build_info()["reason"])
+    info = cuda_backend.build_info()
+    assert info["built"] and info["reason"] is None
+    assert info["path"] and os.path.exists(info["path"])
+    assert info["cuda_version"] and info["cuda_version"].split(".")[0].isdigit()
+
+
+@needs_ext
+def test_build_info_archs():
+    info = cuda_backend.build_info()
+    archs = info["archs"]
+    assert "sm_80" in archs, info
+    if info["archs_source"].startswith("__CUDA_ARCH_LIST__"):
+        assert "sm_90" in archs, info
+        pytest.skip("neither cuobjdump nor the build's arch flags are at hand: sm_90 and sm_90a look alike")
+    assert "sm_90a" in archs, info
+
+
+def test_build_info_without_extension(monkeypatch):
+    """A machine without the extension: import works, the reasons say why, calls raise clearly."""
+    monkeypatch.delenv(cuda_backend.JIT_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "fused_resblock._C", None)  # makes the import fail
+    monkeypatch.delattr(fused_resblock, "_C", raising=False)
+    cuda_backend._extension.cache_clear()
+    try:
+        reason = cuda_backend.available()
+        assert reason.startswith("extension not built"), reason
+        info = cuda_backend.build_info()
+        assert info["built"] is False and info["reason"].startswith("extension not built")
+        config = dict(_CONFIG, device=torch.device("cuda", 0))
+        assert cuda_backend.supports("conv_bias_act", config).startswith("extension not built")
+        x = torch.zeros(1, 8, 4, 4, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match="extension not built"):
+            cuda_backend.conv_bias_act(x, torch.zeros(8, 8, 1, 1, dtype=torch.float16), None, (1, 1), (0, 0),
+                                       (1, 1), 1, None, 1, 0, None, None, 1, False)
+    finally:
+        cuda_backend._extension.cache_clear()
+
+
+def test_available_reason_here():
+    reason = cuda_backend.available()
+    if EXT is None:
+        assert reason.startswith("extension not built"), reason
+    elif not torch.cuda.is_available():
+        assert reason == "no CUDA device"
+    else:
+        assert reason is None or "compute capability" in reason or "kernel image" in reason
+
+
+# --------------------------------------------------------------------------- supports()
+_CONFIG = dict(device=torch.device("cuda"), dtype=torch.float16, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+               dilation=(1, 1), groups=1, in_channels=64, out_channels=64, merged_shortcut=False, prologue=False)
+
+
+@pytest.mark.parametrize("op, change, expected", [
+    ("conv_stats", {}, "no kernel for conv_stats"),
+    ("conv_bias_act_backward", {}, "no kernel for conv_bias_act_backward"),
+    ("scale_shift_act", {}, "no kernel for scale_shift_act"),
+    ("no_such_op", {}, "unknown op"),
+    ("conv_bias_act", {"device": torch.device("cpu")}, "CUDA tensors only"),
+    ("conv_bias_act", {"dtype": torch.float32}, "float32"),
+    ("conv_bias_act", {"dtype": torch.float64}, "fp16/bf16"),
+    ("conv_bias_act", {"prologue": True}, "prologue"),
+    ("conv_bias_act", {"groups": 3}, "does not divide"),
+    ("conv_bias_act", {"stride": (0, 1)}, "not a valid convolution"),
+])
+def test_supports_reasons(op, change, expected):
+    reason = cuda_backend.supports(op, dict(_CONFIG, **change))
+    assert reason is not None and expected in reason, reason
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"dtype": torch.bfloat16}, {"groups": 32, "in_channels": 128, "out_channels": 128},
+    {"kernel": (7, 7), "stride": (2, 2), "padding": (3, 3), "in_channels": 3},
+    {"kernel": (1, 1), "padding": (0, 0), "merged_shortcut": True}, {"dilation": (2, 2), "padding": (2, 2)},
+])
+def test_supports_accepts(change):
+    """Configurations the kernel handles are refused only for want of a GPU or build here."""
+    assert cuda_backend.supports("conv_bias_act", dict(_CONFIG, **change)) == cuda_backend.available()
+
+
+# --------------------------------------------------------------------------- binding checks
+@needs_ext
+def test_binding_rejects_cpu_tensors():
+    case = CASES[2]
+    inputs = make_inputs(case, torch.float16, "cpu", False, seed=0)
+    with pytest.raises(RuntimeError, match="expected CUDA tensor for x"):
+        EXT.conv_bias_act(*inputs.args(case))
+    with pytest.raises(RuntimeError, match="expected CUDA tensor for x"):
+        cuda_backend.conv_bias_act(*inputs.args(case))
+
+
+def _bad_inputs(device):
+    """(name, Case, Inputs changes, expected message) for the binding's input checks."""
+    case = Case("base", 2, 16, 6, 32, residual="same", shortcut_channels=8)
+    base = make_inputs(case, torch.float16, device, False, seed=1)
+    return case, base, [
+        ("fp32", {"x": base.x.float(), "weight": base.weight.float()}, "expected float16 or bfloat16"),
+        ("weight_dtype", {"weight": base.weight.bfloat16()}, "weight has dtype"),
+        ("channels", {"weight": base.weight[:, :8]}, "expects 8 input channels"),
+        ("weight_rank", {"weight": base.weight[:, :, 0]}, "expected a 4-D tensor for weight"),
+        ("bias_dtype", {"bias": base.bias.half()}, "expected float32 bias"),
+        ("bias_shape", {"bias": base.bias[:16]}, "expected bias of shape"),
+        ("residual_size", {"residual": base.residual[:, :, :5]}, "residual of shape"),
+        ("residual_channels", {"residual": torch.cat([base.residual, base.residual], 1)}, "fall outside"),
+        ("shortcut_pair", {"shortcut_weight": None}, "go together"),
+        ("shortcut_weight", {"shortcut_weight": base.shortcut_weight[:16]}, "expected shortcut_weight of shape"),
+        ("shortcut_size", {"shortcut_x": base.shortcut_x[:, :, :4]}, "shortcut_x of shape"),
+    ]
+
+
+def _apply(base: Inputs, change: dict) -> Inputs:
+    return replace(base, **change)
+
+
+@needs_ext
+@pytest.mark.parametrize("index", range(11))
+def test_emulator_input_checks(index):
+    """The binding's checks, through the host emulator (same checks, CPU tensors)."""
+    case, base, bad = _bad_inputs("cpu")
+    name, change, expected = bad[index]
+    with pytest.raises(RuntimeError, match=expected):
+        EXT._emulate_conv_bias_act(*_apply(base, change).args(case))
+
+
+@needs_ext
+def test_emulator_kernel_larger_than_input():
+    x = torch.zeros(1, 8, 3, 3, dtype=torch.float16)
+    weight = torch.zeros(8, 8, 4, 4, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        EXT._emulate_conv_bias_act(x, weight, None, (2, 2), (0, 0), (1, 1), 1, None, 1, 0, None, None, 1, False)
+
+
+@needs_ext
+def test_emulator_output_checks():
+    case = CASES[2]
+    inputs = make_inputs(case, torch.float16, "cpu", False, seed=2)
+    wrong_shape = torch.empty(case.batch, case.out_channels, 3, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="expected out of shape"):
+        EXT._emulate_conv_bias_act(*inputs.args(case), out=wrong_shape)
+    with pytest.raises(RuntimeError, match="out has dtype"):
+        EXT._emulate_conv_bias_act(*inputs.args(case), out=poisoned_output(case, inputs).bfloat16())
+
+
+# --------------------------------------------------------------------------- host emulation of the kernel
+def _emulate(*args, out=None, tile=0):
+    return EXT._emulate_conv_bias_act(*args, out=out, tile=tile)
+
+
+@needs_ext
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_emulated_kernel_matches_reference(case, dtype, channels_last):
+    check_case(_emulate, case, dtype, "cpu", channels_last, seed=zlib.crc32(case.name.encode()))
+
+
+@needs_ext
+@pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[11], CASES[13]], ids=str)
+def test_emulated_tile_shapes(case, tile):
+    check_case(_emulate, case, torch.float16, "cpu", True, seed=7, tile=tile)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[12]], ids=str)
+def test_emulated_unaligned_inputs(case):
+    """Inputs 2 bytes off 16-byte alignment take the element-wise gathers."""
+    check_case(lambda *a, **k: _emulate(*_misalign(a), **k), case, torch.float16, "cpu", True, seed=3)
+
+
+def _misalign(args):
+    """The same values at an address 2 bytes past a 16-byte boundary, layouts kept."""
+    def shift(t):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return t
+        perm = (0, 2, 3, 1) if memory_format_of(t) == torch.channels_last else (0, 1, 2, 3)
+        dense = t.permute(*perm).contiguous()
+        flat = torch.empty(dense.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+        flat.copy_(dense.reshape(-1))
+        inverse = [perm.index(i) for i in range(4)]
+        return flat.view(dense.shape).permute(*inverse)
+    return tuple(shift(a) for a in args)
+
+
+def _residual_views(inputs: Inputs, skip: int) -> list:
+    """The residual as channel slices of wider tensors (strided views), both layouts."""
+    r = inputs.residual
+    views = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        wide = torch.randn(r.shape[0], r.shape[1] + skip + 1, *r.shape[2:]).to(r.dtype)
+        wide = wide.to(r.device).contiguous(memory_format=fmt)
+        view = wide[:, skip:skip + r.shape[1]]
+        view.copy_(r)
+        views.append(view)
+    return views
+
+
+def check_residual_views(run, device, skip: int):
+    """Strided residual views: 8-channel vectors where aligned (skip 8), element-wise otherwise."""
+    for case in (CASES[10], CASES[11]):
+        inputs = make_inputs(case, torch.float16, device, True, seed=16)
+        for view in _residual_views(inputs, skip):
+            viewed = replace(inputs, residual=view)
+            out = poisoned_output(case, viewed)
+            run(*viewed.args(case), out=out)
+            assert_rule(f"{case.name} out", out, reference.conv_bias_act(*viewed.to("cpu", torch.float64).args(case)),
+                        reference.conv_bias_act(*viewed.args(case)))
+
+
+@needs_ext
+@pytest.mark.parametrize("skip", [3, 8])
+def test_emulated_residual_views(skip):
+    check_residual_views(_emulate, "cpu", skip)
+
+
+@needs_ext
+def test_emulated_output_memory_format():
+    for channels_last in (False, True):
+        case = CASES[2]
+        inputs = make_inputs(case, torch.float16, "cpu", channels_last, seed=4)
+        result = EXT._emulate_conv_bias_act(*inputs.args(case))
+        assert memory_format_of(result) == memory_format_of(inputs.x)
+        assert_rule("out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
+                    reference.conv_bias_act(*inputs.args(case)))
+
+
+# --------------------------------------------------------------------------- on the GPU
+def _launch(*args, out=None, tile=0):
+    return EXT.conv_bias_act(*args, out=out, tile=tile)
+
+
+@needs_gpu
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_matches_reference(case, dtype, channels_last):
+    check_case(_launch, case, dtype, "cuda", channels_last, seed=zlib.crc32(case.name.encode()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", RESNET_CASES, ids=str)
+def test_cuda_resnet_layers(case, dtype):
+    check_case(_launch, case, dtype, "cuda", True, seed=11)
+
+
+@needs_gpu
+@pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[11], CASES[12], RESNET_CASES[9]], ids=str)
+def test_cuda_tile_shapes(case, tile):
+    check_case(_launch, case, torch.bfloat16, "cuda", True, seed=5, tile=tile)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[12]], ids=str)
+def test_cuda_unaligned_inputs(case):
+    check_case(lambda *a, **k: _launch(*_misalign(a), **k), case, torch.float16, "cuda", True, seed=6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("skip", [3, 8])
+def test_cuda_residual_views(skip):
+    check_residual_views(_launch, "cuda", skip)
+
+
+@needs_gpu
+def test_cuda_mixed_layouts():
+    """channels_last x with an NCHW residual and NCHW weights: residual and output go by strides."""
+    case = CASES[10]
+    inputs = make_inputs(case, torch.float16, "cuda", True, seed=8)
+    inputs = replace(inputs, residual=inputs.residual.contiguous(), weight=inputs.weight.contiguous())
+    result = EXT.conv_bias_act(*inputs.args(case))
+    assert memory_format_of(result) == torch.channels_last
+    assert_rule("out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
+                reference.conv_bias_act(*inputs.args(case)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+def test_cuda_output_memory_format(channels_last):
+    case = CASES[2]
+    inputs = make_inputs(case, torch.float16, "cuda", channels_last, seed=9)
+    result = cuda_backend.conv_bias_act(*inputs.args(case))
+    assert result.is_cuda and result.dtype == torch.float16
+    assert memory_format_of(result) == memory_format_of(inputs.x)
+
+
+@needs_gpu
+@pytest.mark.parametrize("index", range(11))
+def test_cuda_input_checks(index):
+    case, base, bad = _bad_inputs("cuda")
+    name, change, expected = bad[index]
+    with pytest.raises(RuntimeError, match=expected):
+        EXT.conv_bias_act(*_apply(base, change).args(case))
+
+
+@needs_gpu
+def test_cuda_rejects_mixed_devices():
+    case = CASES[2]
+    inputs = make_inputs(case, torch.float16, "cuda", False, seed=10)
+    with pytest.raises(RuntimeError, match="expected CUDA tensor for weight"):
+        EXT.conv_bias_act(*replace(inputs, weight=inputs.weight.cpu()).args(case))
+
+
+@needs_gpu
+def test_cuda_current_stream():
+    """The launch goes on the caller's current stream."""
+    case = RESNET_CASES[2]
+    inputs = make_inputs(case, torch.float16, "cuda", True, seed=12)
+    expected = EXT.conv_bias_act(*inputs.args(case))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = poisoned_output(case, inputs)
+        result = EXT.conv_bias_act(*inputs.args(case), out=out)
+    stream.synchronize()
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+@needs_gpu
+def test_cuda_graph_capture():
+    """Capturable: the captured launch replays with new inputs written in place."""
+    case = CASES[12]
+    inputs = make_inputs(case, torch.float16, "cuda", True, seed=13)
+    out = poisoned_output(case, inputs)
+    EXT.conv_bias_act(*inputs.args(case), out=out)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        EXT.conv_bias_act(*inputs.args(case), out=out)
+    fresh = make_inputs(case, torch.float16, "cuda", True, seed=14)
+    for name in ("x", "weight", "shortcut_x", "shortcut_weight"):
+        getattr(inputs, name).copy_(getattr(fresh, name))
+    inputs.bias.copy_(fresh.bias)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_rule("graph out", out, reference.conv_bias_act(*fresh.to("cpu", torch.float64).args(case)),
+                reference.conv_bias_act(*fresh.args(case)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_layer_forced_to_cuda(dtype):
+    """fused_resblock.ops.conv_bias_act(backend="cuda") runs this backend end to end."""
+    case = CASES[11]
+    inputs = make_inputs(case, dtype, "cuda", True, seed=15)
+    result = fused_resblock.ops.conv_bias_act(
+        inputs.x, inputs.weight, inputs.bias, stride=case.stride, padding=case.padding,
+        residual=inputs.residual, residual_stride=inputs.residual_stride,
+        residual_offset=inputs.residual_offset, relu=case.relu, backend="cuda")
+    assert_rule("op out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
+                reference.conv_bias_act(*inputs.args(case)))

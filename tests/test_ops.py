@@ -1,0 +1,255 @@
+"""The custom ops: opcheck, gradcheck, input errors, backend selection, folding cache, torch.compile."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet as tv
+
+import fused_resblock as frb
+from fused_resblock import backends, models, ops
+from fused_resblock.backends import reference
+from helpers import randomize_norms
+
+F64 = torch.float64
+
+
+def _rand(*shape, dtype=F64, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+
+
+def _bn(c, dtype=F64, requires_grad=False):
+    """(mean, invstd, weight, bias) of a random BN."""
+    return (_rand(c, dtype=dtype, requires_grad=requires_grad),
+            (torch.rand(c, dtype=dtype) + 0.5).requires_grad_(requires_grad),
+            _rand(c, dtype=dtype, requires_grad=requires_grad),
+            _rand(c, dtype=dtype, requires_grad=requires_grad))
+
+
+# (op, args, kwargs) samples covering every optional input
+def _conv_bias_act_samples(requires_grad=False):
+    rg = requires_grad
+    return [
+        (ops._conv_bias_act, (_rand(2, 4, 5, 5, requires_grad=rg), _rand(6, 4, 3, 3, requires_grad=rg),
+                              _rand(6, requires_grad=rg), [1, 1], [1, 1], [1, 1], 1,
+                              None, 1, 0, None, None, 1, True, "reference")),
+        (ops._conv_bias_act, (_rand(2, 4, 6, 6, requires_grad=rg), _rand(8, 2, 3, 3, requires_grad=rg),
+                              None, [2, 2], [2, 2], [2, 2], 2,
+                              _rand(2, 4, 6, 6, requires_grad=rg), 2, 2,
+                              _rand(2, 3, 6, 6, requires_grad=rg), _rand(8, 3, 1, 1, requires_grad=rg), 2,
+                              True, "reference")),
+    ]
+
+
+def _conv_stats_samples(requires_grad=False):
+    rg = requires_grad
+    return [
+        (ops._conv_stats, (_rand(2, 4, 5, 5, requires_grad=rg), _rand(6, 4, 3, 3, requires_grad=rg), None,
+                           [1, 1], [1, 1], [1, 1], 1, None, None, None, None, False, True, "reference")),
+        (ops._conv_stats, (_rand(3, 4, 5, 5, requires_grad=rg), _rand(6, 2, 1, 1, requires_grad=rg),
+                           _rand(6, requires_grad=rg), [2, 2], [0, 0], [1, 1], 2,
+                           *_bn(4, requires_grad=rg), True, True, "reference")),
+        (ops._conv_stats, (_rand(2, 4, 5, 5, requires_grad=rg), _rand(6, 4, 3, 3, requires_grad=rg), None,
+                           [1, 1], [1, 1], [1, 1], 1, *_bn(4, requires_grad=rg)[:2], None, None, True, False,
+                           "reference")),
+    ]
+
+
+def _bn_add_act_samples(requires_grad=False):
+    rg = requires_grad
+    return [
+        (ops._bn_add_act, (_rand(2, 6, 4, 4, requires_grad=rg), *_bn(6, requires_grad=rg),
+                           _rand(2, 6, 4, 4, requires_grad=rg), None, None, None, None, 1, 0, True, "reference")),
+        (ops._bn_add_act, (_rand(2, 6, 4, 4, requires_grad=rg), *_bn(6, requires_grad=rg),
+                           _rand(2, 5, 4, 4, requires_grad=rg), *_bn(5, requires_grad=rg), 1, 0, True, "reference")),
+        (ops._bn_add_act, (_rand(2, 8, 3, 3, requires_grad=rg), *_bn(8, requires_grad=rg)[:2], None, None,
+                           _rand(2, 4, 6, 6, requires_grad=rg), None, None, None, None, 2, 2, False, "reference")),
+    ]
+
+
+ALL_SAMPLES = {
+    "conv_bias_act": _conv_bias_act_samples,
+    "conv_stats": _conv_stats_samples,
+    "bn_add_act": _bn_add_act_samples,
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_SAMPLES))
+def test_opcheck(name):
+    for op, args in ALL_SAMPLES[name](requires_grad=True):
+        torch.library.opcheck(op, args)
+    for op, args in ALL_SAMPLES[name](requires_grad=False):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", list(ALL_SAMPLES))
+def test_gradcheck(name):
+    for op, args in ALL_SAMPLES[name](requires_grad=True):
+        def fn(*tensors, args=args):
+            it = iter(tensors)
+            full = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
+            out = op(*full)
+            return out if isinstance(out, torch.Tensor) else tuple(o for o in out if o.numel())
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_double_backward_is_a_clear_error():
+    op, args = _conv_bias_act_samples(requires_grad=True)[0]
+    out = op(*args)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), args[0], create_graph=True)
+    torch.autograd.grad(op(*args).sum(), args[0])  # a plain backward works
+
+
+def test_block_gradcheck_train_and_eval():
+    block = randomize_norms(tv.BasicBlock(3, 4, 2, nn.Sequential(tv.conv1x1(3, 4, 2), nn.BatchNorm2d(4)))).double()
+    frb.convert(block)
+    x = _rand(2, 3, 5, 5, requires_grad=True)
+    for train in (True, False):
+        block.train(train)
+        snapshot = [b.clone() for b in block.buffers()]
+
+        def fn(x, train=train):
+            if train:  # running stats must not drift between gradcheck's calls
+                with torch.no_grad():
+                    for b, saved in zip(block.buffers(), snapshot):
+                        b.copy_(saved)
+            return block(x)
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture
+def block():
+    return frb.convert(tv.BasicBlock(8, 8)).eval()
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(8, 9, 9), ValueError, "4-D"),
+    (torch.randn(2, 5, 9, 9), ValueError, "expected 8 channels, got 5"),
+    (torch.randint(0, 5, (2, 8, 9, 9)), TypeError, "floating-point"),
+    (torch.randn(2, 8, 9, 9, dtype=torch.float64), TypeError, "dtype"),
+    (torch.randn(2, 8, 9, 9, device="meta"), RuntimeError, "meta"),
+])
+def test_bad_input_errors(block, x, error, match):
+    with pytest.raises(error, match=match):
+        block(x)
+    block.train()
+    with pytest.raises(error, match=match):
+        block(x)
+
+
+def test_not_a_tensor(block):
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.conv_bias_act([1.0], block.conv1.weight)
+
+
+def test_batch_norm_needs_more_than_one_value():
+    blk = frb.convert(tv.BasicBlock(8, 8)).train()
+    with pytest.raises(ValueError, match="more than 1 value"):
+        blk(torch.randn(1, 8, 1, 1))
+
+
+# --------------------------------------------------------------------------- backend selection
+def test_forced_backend_never_falls_back(block, monkeypatch):
+    x = torch.randn(2, 8, 9, 9)
+    frb.set_backend(block, "cuda")
+    with pytest.raises(frb.BackendUnsupportedError, match="'cuda' \\(forced\\)"):
+        block(x)
+    frb.set_backend(block, None)
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    backends.clear_caches()
+    with pytest.raises(frb.BackendUnsupportedError, match="cuda"):
+        block(x)
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="unknown fused_resblock backend 'bogus'"):
+        block(x)
+
+
+def test_auto_on_cpu_runs_reference_without_warning(block):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block(torch.randn(2, 8, 9, 9))
+
+
+def test_auto_on_gpu_without_kernel_warns_once(monkeypatch):
+    """Selection logic for a CUDA device whose configuration no kernel backend supports."""
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("cuda",))
+    config = {"device": torch.device("cuda", 0), "dtype": torch.float16}
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="conv_stats"):
+        chosen = backends.select("conv_stats", "auto", config)
+    assert chosen is reference
+    backends.clear_caches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("conv_stats", "auto", config) is reference
+
+
+def test_availability_report_names_every_backend():
+    report = backends.availability()
+    assert set(report) == set(backends.NAMES)
+    assert report["reference"] is None
+
+
+# --------------------------------------------------------------------------- folding cache
+def test_fold_cache_hits_and_invalidates():
+    model = models.resnet18(num_classes=4).eval()
+    blk = model.layer1[0]
+    cache = blk.fold_cache
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        first = cache.fold(blk.conv1, blk.bn1, torch.float32)
+        assert cache.fold(blk.conv1, blk.bn1, torch.float32) is first          # a hit: no re-fold
+        blk.bn1.running_var.mul_(2)                                            # a buffer changed in place
+        second = cache.fold(blk.conv1, blk.bn1, torch.float32)
+        assert second is not first
+        assert not torch.equal(second[0], first[0])
+        model.load_state_dict(copy.deepcopy(model.state_dict()))               # load_state_dict copies in place
+        assert cache.fold(blk.conv1, blk.bn1, torch.float32) is not second
+        third = cache.fold(blk.conv1, blk.bn1, torch.float32)
+        model.double()                                                         # new tensors
+        fourth = cache.fold(blk.conv1, blk.bn1, torch.float64)
+        assert fourth is not third and fourth[0].dtype == torch.float64
+
+
+def test_fold_follows_an_optimizer_step():
+    model = frb.convert(randomize_norms(tv.BasicBlock(4, 4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(2, 4, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    reference = frb.revert(copy.deepcopy(model))
+    with torch.no_grad():
+        after, expected = model(x), reference(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+# --------------------------------------------------------------------------- torch.compile
+def test_compile_fullgraph_eval_inductor():
+    model = randomize_norms(models.cifar_resnet20()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_train_step():
+    torch._dynamo.reset()
+    model = randomize_norms(models.cifar_resnet20(shortcut="B")).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
