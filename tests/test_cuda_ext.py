@@ -259,7 +259,7 @@ _CONFIG = dict(device=torch.device("cuda"), dtype=torch.float16, kernel=(3, 3), 
 @pytest.mark.parametrize("op, change, expected", [
     ("conv_stats", {}, "no kernel for conv_stats"),
     ("conv_bias_act_backward", {}, "no kernel for conv_bias_act_backward"),
-    ("scale_shift_act", {}, "no kernel for scale_shift_act"),
+    ("bn_add_act", {}, "no kernel for bn_add_act"),
     ("no_such_op", {}, "unknown op"),
     ("conv_bias_act", {"device": torch.device("cpu")}, "CUDA tensors only"),
     ("conv_bias_act", {"dtype": torch.float32}, "float32"),
