@@ -65,8 +65,8 @@ def test_seeded_builders_equal_torchvision_and_load_strictly(name):
 
 @pytest.mark.parametrize("block, tv_block", [(frb.FusedBottleneck, tv.Bottleneck), (frb.FusedBasicBlock, tv.BasicBlock)])
 def test_resnet_built_from_our_blocks(block, tv_block):
-    ours = _seeded(tv.ResNet, block=block, layers=[1, 1, 1, 1], zero_init_residual=True)
-    theirs = _seeded(tv.ResNet, block=tv_block, layers=[1, 1, 1, 1], zero_init_residual=True)
+    ours = _seeded(tv.ResNet, block=block, layers=[3, 4, 6, 3], zero_init_residual=True)
+    theirs = _seeded(tv.ResNet, block=tv_block, layers=[3, 4, 6, 3], zero_init_residual=True)
     _assert_same_state(ours, theirs)
     last_bn = "bn3" if block is frb.FusedBottleneck else "bn2"
     for m in ours.modules():

@@ -1,0 +1,36 @@
+"""The command line: doctor, verify, demo (tiny)."""
+import subprocess
+import sys
+
+import pytest
+
+from fused_resblock import backends
+from fused_resblock.__main__ import main
+
+
+def test_doctor_names_every_backend(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in backends.NAMES:
+        assert f"  {name} " in out
+    assert "reference  available" in out
+
+
+def test_verify_one_model_float64(capsys):
+    assert main(["verify", "cifar_resnet20", "--dtype", "float64", "--batch", "2", "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3.2" in out and "(whole model)" in out and "FAIL" not in out
+    assert " eval " in out and " train " in out
+
+
+def test_verify_rejects_unknown_model():
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["verify", "resnet9000", "--whole"])
+
+
+def test_demo_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "fused_resblock", "demo", "--models", "cifar_resnet20", "--cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "all checks passed" in proc.stdout
+    assert "float32" in proc.stdout and "float64" in proc.stdout
