@@ -93,15 +93,15 @@ def _run_eval(x, layers, shortcut, final_relu, cache, backend):
         weight, bias = cache.fold(conv, norm, h.dtype)
         h = ops.conv_bias_act(h, weight, bias, **_conv_args(conv), relu=True, backend=backend)
     conv, norm = layers[-1]
-    weight, bias = cache.fold(conv, norm, h.dtype)
     extra = {}
+    if shortcut.kind == "projection" and _mergeable(shortcut.conv):
+        weight, s_weight, bias = cache.fold_projection(conv, norm, shortcut.conv, shortcut.norm, h.dtype)
+        extra = dict(shortcut_x=x, shortcut_weight=s_weight, shortcut_stride=shortcut.conv.stride[0])
+    else:
+        weight, bias = cache.fold(conv, norm, h.dtype)
     if shortcut.kind in ("identity", "mapped"):
         extra = dict(residual=x, residual_stride=shortcut.stride, residual_offset=shortcut.offset)
-    elif shortcut.kind == "projection" and _mergeable(shortcut.conv):
-        s_weight, s_bias = cache.fold(shortcut.conv, shortcut.norm, h.dtype)
-        bias = bias + s_bias
-        extra = dict(shortcut_x=x, shortcut_weight=s_weight, shortcut_stride=shortcut.conv.stride[0])
-    elif shortcut.kind == "projection":
+    elif shortcut.kind == "projection" and not extra:
         s_weight, s_bias = cache.fold(shortcut.conv, shortcut.norm, x.dtype)
         extra = dict(residual=ops.conv_bias_act(x, s_weight, s_bias, **_conv_args(shortcut.conv), backend=backend))
     elif shortcut.kind == "module":

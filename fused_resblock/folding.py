@@ -22,7 +22,7 @@ def _tensors(conv: nn.Conv2d, norm: nn.Module):
     return (conv.weight, conv.bias, weight, bias, norm.running_mean, norm.running_var)
 
 
-def _key(tensors, dtype: torch.dtype, eps: float):
+def _key(tensors, dtype: torch.dtype, eps):
     parts = [dtype, eps]
     for t in tensors:
         if t is None:
@@ -42,24 +42,37 @@ def fold_uncached(conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
 
 
 class FoldCache:
-    """Folded (weight, bias) per (conv, norm) pair, valid while their tensors are unchanged."""
+    """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
     def __init__(self) -> None:
         self._entries: dict = {}
 
     def fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
-        tensors = _tensors(conv, norm)
+        """(weight, bias) of ``conv`` followed by ``norm``."""
+        return self._cached((conv, norm), dtype, lambda: fold_uncached(conv, norm, dtype))
+
+    def fold_projection(self, conv: nn.Conv2d, norm: nn.Module, shortcut_conv: nn.Conv2d,
+                        shortcut_norm: nn.Module, dtype: torch.dtype):
+        """(weight, shortcut weight, summed bias) of a last conv merged with its projection shortcut."""
+        def compute():
+            weight, bias = fold_uncached(conv, norm, dtype)
+            s_weight, s_bias = fold_uncached(shortcut_conv, shortcut_norm, dtype)
+            return weight, s_weight, bias + s_bias
+        return self._cached((conv, norm, shortcut_conv, shortcut_norm), dtype, compute)
+
+    def _cached(self, pairs, dtype: torch.dtype, compute):
+        tensors = [t for i in range(0, len(pairs), 2) for t in _tensors(pairs[i], pairs[i + 1])]
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         ):
-            return fold_uncached(conv, norm, dtype)
-        key = _key(tensors, dtype, norm.eps)
-        slot = (id(conv), id(norm))
+            return compute()
+        key = _key(tensors, dtype, tuple(norm.eps for norm in pairs[1::2]))
+        slot = tuple(id(m) for m in pairs)
         entry = self._entries.get(slot)
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
-            folded = fold_uncached(conv, norm, dtype)
+            folded = compute()
         # a new version of any tensor replaces the entry: the cache never grows stale copies
         self._entries[slot] = (key, folded)
         return folded

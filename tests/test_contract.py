@@ -155,7 +155,7 @@ def test_convert_revert_every_torchvision_builder(name):
 
 def test_convert_nested_model_and_optimizer_keeps_working():
     backbone = tv.resnet18(num_classes=4)
-    model = nn.Sequential(backbone, nn.Softmax(dim=1))
+    model = nn.Sequential(backbone, nn.Tanh())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     frb.convert(model)
     assert isinstance(model[0], frb.FusedResNet) and isinstance(model[0].layer1[0], frb.FusedBasicBlock)

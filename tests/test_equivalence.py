@@ -75,12 +75,12 @@ def _check_bias_before_batch_norm(fused, reference, x):
     floor, relative to max|ref| = 0, is meaningless there, so those two are held to rounding noise
     relative to their weights' gradients; every other check follows the rule."""
     reports = equivalence_report(fused, reference, x, train=True)
-    bias_checks = [r for r in reports if r.name.endswith(".bias") and r.name.startswith("grad conv")]
-    assert len(bias_checks) == 2
-    assert [str(r) for r in reports if r not in bias_checks and not r.passed] == []
-    for conv in (fused.conv1, fused.conv2):
-        noise = 64 * torch.finfo(x.dtype).eps * conv.weight.grad.abs().max()
-        assert conv.bias.grad.abs().max() <= noise
+    bias_checks = {r.name: r for r in reports if r.name.endswith(".bias") and r.name.startswith("grad conv")}
+    assert sorted(bias_checks) == ["grad conv1.bias", "grad conv2.bias"]
+    assert [str(r) for r in reports if r.name not in bias_checks and not r.passed] == []
+    for name, conv in (("grad conv1.bias", fused.conv1), ("grad conv2.bias", fused.conv2)):
+        noise = 64 * torch.finfo(x.dtype).eps * float(conv.weight.grad.abs().max())
+        assert bias_checks[name].err <= 2 * bias_checks[name].torch_err + noise, str(bias_checks[name])
 
 
 @pytest.mark.parametrize("size, batch", [(7, 1), (13, 3)])
@@ -128,7 +128,7 @@ def test_large_mean_small_variance_float32():
             m.conv1.bias.fill_(300.0)
             m.conv2.bias.fill_(-200.0)
     x = _input_for(reference, dtype=torch.float32) * 0.05
-    assert_equivalent(fused, reference, x, train=True)
+    _check_bias_before_batch_norm(fused, reference, x)
 
 
 def test_frozen_batchnorm_is_folded_in_train_mode(recwarn):

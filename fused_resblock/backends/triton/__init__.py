@@ -23,7 +23,7 @@ NAME = "triton"
 OPS = (
     "conv_bias_act", "conv_bias_act_backward",
     "conv_stats", "conv_stats_backward",
-    "scale_shift_act", "scale_shift_act_backward",
+    "bn_add_act", "bn_add_act_backward",
 )
 SUPPORTED_OPS = ("conv_bias_act",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,9 +9,10 @@ does one lookup) and in a JSON file, so a second process pays no tuning.
   atomically (temporary file + ``os.replace``), merged with what other
   processes wrote meanwhile; a corrupt or foreign-format file is ignored with
   one warning and rewritten on the next save.
-* no timing under Triton's interpreter (a fixed small config keeps CPU tests
-  fast), while a CUDA graph is being captured (timing would synchronise), or
-  when ``FUSED_RESBLOCK_AUTOTUNE=0``: a heuristic default is used instead.
+* no timing under Triton's interpreter (tiles as large as the problem keep
+  CPU runs fast), while a CUDA graph is being captured (timing would
+  synchronise), or when ``FUSED_RESBLOCK_AUTOTUNE=0``: a heuristic default is
+  used instead.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 import tempfile
 import threading
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -81,9 +82,11 @@ class ShapeKey(NamedTuple):
     flat_k: bool
 
 
-# Fixed config for the interpreter: a few big programs run faster than many
-# small ones there, and 16 is the smallest tile tl.dot accepts on a GPU.
-INTERPRETER_CONFIG = Config(block_m=32, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
+# The interpreter pays ~ms of Python per program per K step whatever the tile
+# size, so there the tiles are as large as the problem allows (up to a cap that
+# keeps numpy's work small): a ResNet-18 layer4 conv at batch 1 takes ~150
+# program-steps instead of ~9000. Tests that want many small tiles pass a config.
+_INTERPRETER_CAPS = Config(block_m=64, block_n=128, block_k=128, group_m=4, num_warps=1, num_stages=1)
 
 # Candidates timed on a GPU, in the spirit of Triton's matmul tutorial; they
 # are clamped to the problem (see candidate_configs) and deduplicated.
@@ -105,7 +108,7 @@ def _pow2_at_least(v: int, low: int = 16) -> int:
 
 
 def _gemm_sizes(key: ShapeKey) -> Tuple[int, int, int]:
-    """(M, columns per group, K length walked per BLOCK_K step's source) for clamping."""
+    """(M, output channels per group, longest contiguous K run a BLOCK_K slice walks): tile bounds."""
     oh = (key.height + 2 * key.padding[0] - key.dilation[0] * (key.kernel[0] - 1) - 1) // key.stride[0] + 1
     ow = (key.width + 2 * key.padding[1] - key.dilation[1] * (key.kernel[1] - 1) - 1) // key.stride[1] + 1
     c_in_g = key.in_channels // key.groups
@@ -135,10 +138,18 @@ def candidate_configs(key: ShapeKey) -> List[Config]:
     return list(seen)
 
 
+def interpreter_config(key: ShapeKey) -> Config:
+    """Few, large programs: what is fast under Triton's interpreter (no timing there)."""
+    m, n, k = _gemm_sizes(key)
+    caps = _INTERPRETER_CAPS
+    return replace(caps, block_m=min(caps.block_m, _pow2_at_least(m)),
+                   block_n=min(caps.block_n, _pow2_at_least(n)), block_k=min(caps.block_k, _pow2_at_least(k)))
+
+
 def default_config(key: ShapeKey) -> Config:
     """A reasonable config without timing (capture, tuning off, interpreter)."""
     if interpreter_requested() or key.device.type != "cuda":
-        return INTERPRETER_CONFIG
+        return interpreter_config(key)
     m, _, _ = _gemm_sizes(key)
     return _clamp(Config(128 if m >= 4096 else 64, 128, 32, 8, 4, 3), key)
 

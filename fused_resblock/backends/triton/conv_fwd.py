@@ -5,11 +5,13 @@
 The GEMM view: rows M = N·OH·OW output pixels, columns = the C_out/groups
 output channels of one group (the group is grid axis 1), reduction K = kernel
 taps × C_in/groups. Every tensor is addressed through strides passed at run
-time, so NCHW and channels_last inputs, residuals and outputs all work
-without copies. Padding is a load mask. The merged projection shortcut is a
-second K loop into the same fp32 accumulator (one GEMM concatenated along K);
-the epilogue adds the bias and the mapped residual, applies ReLU, casts to the
-output dtype and stores once.
+time, so NCHW and channels_last inputs, residuals and outputs all work; on a
+GPU the K-loop operands (x, shortcut_x) are nevertheless copied to
+channels_last when they are NCHW, because only channel-contiguous loads get
+pipelined (see ``CHANNELS_LAST_INSIDE``). Padding is a load mask. The merged
+projection shortcut is a second K loop into the same fp32 accumulator (one
+GEMM concatenated along K); the epilogue adds the bias and the mapped
+residual, applies ReLU, casts to the output dtype and stores once.
 
 Two ways to walk K (``FLAT_K``):
 * per tap: for each (kh, kw), blocks of input channels; the tap's spatial
@@ -34,6 +36,13 @@ from . import autotune
 # Read once, as triton.jit does at decoration time: the kernel below is either
 # compiled or interpreted for the life of the process.
 INTERPRETING = autotune.interpreter_requested()
+
+# NHWC inside: an NCHW operand of the GEMM's K loops is copied to channels_last
+# first. With channels contiguous (stride 1, which Triton specialises on) the
+# K-direction loads vectorise and the compiler pipelines them (cp.async); with
+# NCHW they are scalar gathers and are not pipelined at all. The interpreter
+# keeps the stride-generic path (nothing to gain there, and it stays tested).
+CHANNELS_LAST_INSIDE = not INTERPRETING
 
 # Debug aid: fill every freshly allocated output with NaN before the launch so
 # an element the kernel forgets to write cannot pass a test. Tests set it.
@@ -186,6 +195,12 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _channels_last(t: Tensor) -> Tensor:
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: TF32 for fp32 exactly when PyTorch's conv flag allows it.
 
@@ -275,8 +290,15 @@ def conv_bias_act_forward(
     if out.numel() == 0:  # an empty batch: nothing to launch (a zero-size grid is an error)
         return out
     # Absent operands get harmless geometry: their code is compiled out, their ints still travel.
-    residual_stride, residual_offset = (int(residual_stride), int(residual_offset)) if residual is not None else (1, 0)
-    shortcut_stride = int(shortcut_stride) if shortcut_x is not None else 1
+    if residual is None:
+        residual_stride, residual_offset = 1, 0
+    if shortcut_x is None:
+        shortcut_stride = 1
+
+    if CHANNELS_LAST_INSIDE:
+        x = _channels_last(x)
+        if shortcut_x is not None:
+            shortcut_x = _channels_last(shortcut_x)
 
     precision = _input_precision(x.dtype)
     if flat_k is None:

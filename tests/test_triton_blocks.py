@@ -1,0 +1,101 @@
+"""Whole fused blocks and a small model in eval mode on the triton backend (interpreter on CPU).
+
+Every conv of a block is one Triton launch: BasicBlock 2, Bottleneck 3 with its
+downsample merged into the last GEMM, and nothing else runs between them.
+"""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_resblock as frb
+from fused_resblock import models
+from fused_resblock.testing import check_rule
+from helpers import randomize_norms
+from test_equivalence import BLOCKS
+
+triton_backend = pytest.importorskip("fused_resblock.backends.triton")
+if triton_backend.available() is not None:
+    pytest.skip(f"triton backend unavailable: {triton_backend.available()}", allow_module_level=True)
+from fused_resblock.backends.triton import conv_fwd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EVAL_BLOCKS = ["basic", "basic-down", "basic-conv-bias", "bottleneck-down", "bottleneck-groups",
+               "bottleneck-dilation", "cifar-A", "cifar-B", "cifar-C", "cifar-plain", "plain"]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(conv_fwd, "POISON_OUTPUT", True)
+
+
+def _eval_check(reference_model, x, dtype):
+    """Fused (triton, forced) against float64 and against PyTorch at ``dtype``, by the rule."""
+    reference_model = reference_model.eval()
+    fused = frb.convert(copy.deepcopy(reference_model).to(DEVICE, dtype), backend="triton").eval()
+    torch_model = copy.deepcopy(reference_model).to(DEVICE, dtype)
+    ref64 = copy.deepcopy(reference_model).double()
+    with torch.no_grad():
+        out = fused(x.to(DEVICE, dtype))
+        report = check_rule("out", out, ref64(x.double()), torch_model(x.to(DEVICE, dtype)), dtype)
+    assert report.passed, str(report)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", EVAL_BLOCKS)
+def test_block_eval_on_triton(name, dtype):
+    block = randomize_norms(BLOCKS[name]())
+    x = torch.randn(2, block.conv1.in_channels, 7, 7)
+    _eval_check(block, x, dtype)
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_block_keeps_memory_format(fmt):
+    block = randomize_norms(BLOCKS["bottleneck-down"]())
+    x = torch.randn(3, 8, 13, 13).contiguous(memory_format=fmt)
+    out = _eval_check(block, x, torch.float32)
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("name, shape", [("cifar_resnet20", (2, 3, 16, 16)), ("resnet18", (1, 3, 32, 32)),
+                                         ("resnext50_32x4d", (1, 3, 32, 32))])
+def test_small_whole_model_eval_on_triton(name, shape):
+    model = frb.revert(randomize_norms(getattr(models, name)(num_classes=10)))
+    _eval_check(model, torch.randn(*shape), torch.float32)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _LaunchCounter:
+    """Stands in for the jitted kernel and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("name, launches", [("basic", 2), ("basic-down", 2), ("bottleneck-down", 3), ("cifar-A", 2)])
+def test_eval_block_launch_count(name, launches, monkeypatch):
+    block = frb.convert(randomize_norms(BLOCKS[name]()).to(DEVICE), backend="triton").eval()
+    x = torch.randn(2, block.conv1.in_channels, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        block(x)  # the first call folds BN (cached) and picks tile configs
+        counter = _LaunchCounter(conv_fwd._conv_bias_act_kernel)
+        monkeypatch.setattr(conv_fwd, "_conv_bias_act_kernel", counter)
+        with _OpLog() as log:
+            block(x)
+    assert counter.count == launches
+    assert log.ops == ["fused_resblock.conv_bias_act.default"] * launches  # nothing else runs around them

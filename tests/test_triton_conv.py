@@ -1,0 +1,493 @@
+"""The Triton backend's eval-mode op: fused conv + bias + shortcut + residual + ReLU.
+
+Every output is checked with the numerical rule (``fused_resblock.testing``)
+against the reference backend in float64 on the CPU and against the reference
+at the dtype under test (PyTorch's own error). Outputs are poisoned with NaN
+before each launch, so an element the kernel does not write fails.
+
+Without CUDA the kernels run under Triton's interpreter on CPU tensors at tiny
+shapes; bf16 GEMMs are then skipped (the 3.8 interpreter computes bf16 tl.dot
+wrongly). With CUDA the same tests run on the GPU, plus real ResNet layer shapes.
+"""
+import os
+
+import torch
+
+# Must precede the first import of the kernels: triton.jit reads it at decoration time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fused_resblock.backends import reference  # noqa: E402
+from fused_resblock.backends import triton as triton_backend  # noqa: E402
+from fused_resblock.backends.triton import autotune  # noqa: E402
+from fused_resblock.testing import assert_rule  # noqa: E402
+
+pytest.importorskip("triton")
+from fused_resblock.backends.triton import conv_fwd  # noqa: E402
+
+INTERPRETING = autotune.interpreter_requested()
+ON_GPU = torch.cuda.is_available() and not INTERPRETING
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
+BF16 = pytest.param(
+    torch.bfloat16, id="bf16",
+    marks=pytest.mark.skipif(
+        not ON_GPU, reason="Triton 3.8's interpreter computes bf16 tl.dot wrongly; bf16 is checked on a GPU"),
+)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs_and_isolate_tuning(monkeypatch, tmp_path):
+    """NaN in every fresh output before the launch: an unwritten element fails the rule.
+
+    Tuning stays off (it is tested on its own) and away from the user's cache file.
+    """
+    monkeypatch.setattr(conv_fwd, "POISON_OUTPUT", True)
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "0")
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------- cases
+# Many tiles on every axis of the tiny shapes (the default config takes few, large ones).
+SMALL_TILES = autotune.Config(16, 16, 16, group_m=3, num_warps=1, num_stages=1)
+
+@dataclass(frozen=True)
+class Case:
+    """One conv_bias_act call; residual: None, "same" (R = a tensor shaped like out) or "option_a"."""
+
+    batch: int
+    in_channels: int
+    size: int
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    residual: Optional[str] = None
+    shortcut_channels: int = 0  # merged 1x1 projection, read at shortcut_stride
+    shortcut_stride: int = 1
+    shortcut_size: Optional[int] = None  # its input's spatial size; default out_size * shortcut_stride
+    relu: bool = True
+    bias: bool = True
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+
+CASES = {
+    "1x1_s1_res": Case(2, 24, 7, 12, kernel=1, padding=0, residual="same"),
+    "1x1_s2_norelu": Case(3, 12, 13, 24, kernel=1, stride=2, padding=0, relu=False),
+    "1x1_cout5_nobias": Case(1, 12, 7, 5, kernel=1, padding=0, bias=False),
+    "3x3_s1_cin5_res": Case(1, 5, 13, 12, residual="same"),
+    "3x3_s1_cin24": Case(2, 24, 7, 24, relu=False),
+    "3x3_s2_cin24": Case(3, 24, 13, 12, stride=2),
+    "3x3_s2_option_a": Case(2, 12, 13, 24, stride=2, residual="option_a"),
+    "3x3_dil2": Case(2, 16, 7, 16, padding=2, dilation=2, residual="same"),
+    "3x3_dil4": Case(1, 8, 13, 12, padding=4, dilation=4),
+    "7x7_s2_stem": Case(2, 3, 13, 16, kernel=7, stride=2, padding=3),
+    "3x3_groups4": Case(2, 16, 7, 16, groups=4, residual="same"),
+    "3x3_s2_groups8": Case(1, 32, 13, 32, stride=2, groups=8),
+    "1x1_projection_s2": Case(2, 12, 7, 24, kernel=1, padding=0, shortcut_channels=20, shortcut_stride=2,
+                              shortcut_size=13),
+    "1x1_projection_s1": Case(1, 16, 7, 24, kernel=1, padding=0, shortcut_channels=12, relu=False),
+    "3x3_groups4_projection_res": Case(1, 16, 7, 16, groups=4, shortcut_channels=8, shortcut_stride=2,
+                                       residual="same"),
+}
+
+
+def make_inputs(case: Case, dtype, device, channels_last: bool, residual_channels_last: Optional[bool] = None):
+    """Fresh random arguments for ``conv_bias_act`` (bias random, never zero)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    res_fmt = fmt if residual_channels_last is None else (
+        torch.channels_last if residual_channels_last else torch.contiguous_format)
+    c_in_g = case.in_channels // case.groups
+    fan_in = c_in_g * case.kernel ** 2 + case.shortcut_channels
+
+    def rand(*shape, memory_format=torch.contiguous_format, scale=1.0):
+        t = torch.randn(*shape, dtype=torch.float32, device=device) * scale
+        return t.to(dtype).contiguous(memory_format=memory_format)
+
+    x = rand(case.batch, case.in_channels, case.size, case.size, memory_format=fmt)
+    weight = rand(case.out_channels, c_in_g, case.kernel, case.kernel, scale=fan_in ** -0.5)
+    bias = torch.randn(case.out_channels, device=device) if case.bias else None
+    residual, residual_stride, residual_offset = None, 1, 0
+    o = case.out_size
+    if case.residual == "same":
+        residual = rand(case.batch, case.out_channels, o, o, memory_format=res_fmt)
+    elif case.residual == "option_a":
+        # CIFAR option A reads the block input itself: stride 2, planes//4 zero channels each side.
+        assert case.in_channels == case.out_channels // 2
+        residual, residual_stride, residual_offset = x, case.stride, case.out_channels // 4
+    shortcut_x = shortcut_weight = None
+    if case.shortcut_channels:
+        big = case.shortcut_size or case.out_size * case.shortcut_stride
+        shortcut_x = rand(case.batch, case.shortcut_channels, big, big, memory_format=fmt)
+        shortcut_weight = rand(case.out_channels, case.shortcut_channels, 1, 1, scale=fan_in ** -0.5)
+    return dict(
+        x=x, weight=weight, bias=bias, stride=(case.stride,) * 2, padding=(case.padding,) * 2,
+        dilation=(case.dilation,) * 2, groups=case.groups,
+        residual=residual, residual_stride=residual_stride, residual_offset=residual_offset,
+        shortcut_x=shortcut_x, shortcut_weight=shortcut_weight, shortcut_stride=case.shortcut_stride,
+        relu=case.relu,
+    )
+
+
+def float64_cpu(args: dict) -> dict:
+    return {k: (v.detach().to("cpu", torch.float64) if isinstance(v, torch.Tensor) else v)
+            for k, v in args.items()}
+
+
+def check_against_reference(args: dict, out: torch.Tensor, name: str = "out") -> None:
+    """The rule against float64 and torch at the same dtype, plus dtype and memory format."""
+    ref64 = reference.conv_bias_act(**float64_cpu(args))
+    torch_out = reference.conv_bias_act(**args)
+    assert out.dtype == args["x"].dtype
+    assert reference.memory_format_of(out) == reference.memory_format_of(args["x"]), "output memory format"
+    assert_rule(name, out, ref64, torch_out, dtype=args["x"].dtype)
+
+
+# --------------------------------------------------------------------------- the op
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_conv_bias_act_matches_reference(case_id, dtype, channels_last):
+    args = make_inputs(CASES[case_id], dtype, DEVICE, channels_last)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@pytest.mark.parametrize("x_channels_last", [False, True], ids=["x_nchw", "x_channels_last"])
+def test_residual_in_the_other_layout(x_channels_last):
+    args = make_inputs(CASES["3x3_dil2"], torch.float16, DEVICE, x_channels_last,
+                       residual_channels_last=not x_channels_last)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@pytest.mark.parametrize("channels_last_inside", [False, True], ids=["strided", "converted"])
+def test_nchw_with_and_without_channels_last_inside(channels_last_inside, monkeypatch):
+    """NCHW operands are either read through their strides or first copied to channels_last."""
+    monkeypatch.setattr(conv_fwd, "CHANNELS_LAST_INSIDE", channels_last_inside)
+    args = make_inputs(CASES["3x3_groups4_projection_res"], torch.float16, DEVICE, channels_last=False)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+def test_non_contiguous_input_view():
+    """Strides are run-time arguments: a sliced view needs no copy."""
+    args = make_inputs(Case(2, 12, 9, 12, residual="same"), torch.float32, DEVICE, channels_last=False)
+    wide = torch.randn(2, 20, 9, 11, device=DEVICE)
+    args["x"] = wide[:, 4:16, :, 1:10]
+    assert not args["x"].is_contiguous()
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@pytest.mark.parametrize("flat_k", [False, True], ids=["per_tap", "flat"])
+@pytest.mark.parametrize("case_id", ["3x3_s1_cin5_res", "3x3_s1_cin24", "3x3_groups4", "7x7_s2_stem"])
+def test_both_k_walks(case_id, flat_k):
+    """Small tiles: several channel blocks per tap, several taps per flat slice."""
+    args = make_inputs(CASES[case_id], torch.float32, DEVICE, channels_last=True)
+    out = conv_fwd.conv_bias_act_forward(**args, flat_k=flat_k, config=SMALL_TILES)
+    check_against_reference(args, out)
+
+
+@pytest.mark.parametrize("config", [
+    autotune.Config(16, 16, 16, group_m=1, num_warps=1, num_stages=1),
+    SMALL_TILES,
+    autotune.Config(64, 32, 32, group_m=8, num_warps=1, num_stages=1),
+], ids=["16x16x16_g1", "16x16x16_g3", "64x32x32_g8"])
+def test_tile_configs(config):
+    """Many small tiles, a partial band of grouped tile order, and tiles larger than the problem."""
+    args = make_inputs(Case(3, 24, 9, 40, residual="same", shortcut_channels=0), torch.float16, DEVICE, False)
+    out = conv_fwd.conv_bias_act_forward(**args, config=config)
+    check_against_reference(args, out)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_out", "channels_last_out"])
+def test_out_argument_any_strides(channels_last):
+    args = make_inputs(CASES["3x3_s2_cin24"], torch.float32, DEVICE, channels_last=not channels_last)
+    c = CASES["3x3_s2_cin24"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.full((c.batch, c.out_channels, c.out_size, c.out_size), float("nan"), device=DEVICE)
+    out = out.contiguous(memory_format=fmt)
+    result = conv_fwd.conv_bias_act_forward(**args, out=out)
+    assert result is out
+    ref64 = reference.conv_bias_act(**float64_cpu(args))
+    assert_rule("out", out, ref64, reference.conv_bias_act(**args))
+
+
+def test_poisoning_catches_an_unwritten_output(monkeypatch):
+    """With the launch skipped, the poisoned output must be all NaN and fail the rule."""
+
+    class SkippedLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(conv_fwd, "_conv_bias_act_kernel", SkippedLaunch())
+    args = make_inputs(CASES["1x1_s1_res"], torch.float32, DEVICE, False)
+    out = conv_fwd.conv_bias_act_forward(**args, config=SMALL_TILES)
+    assert torch.isnan(out).all()
+    with pytest.raises(AssertionError):
+        check_against_reference(args, out)
+
+
+def test_bf16_interpreter_upcast():
+    """Under the interpreter bf16 tiles are upcast before tl.dot (its bf16 dot is wrong);
+    this checks the bf16 loads, casts and stores. On a GPU the bf16 cases above cover it."""
+    if not INTERPRETING:
+        pytest.skip("only meaningful under TRITON_INTERPRET=1")
+    args = make_inputs(CASES["3x3_s2_option_a"], torch.bfloat16, DEVICE, channels_last=True)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+def test_empty_batch():
+    args = make_inputs(CASES["3x3_s1_cin24"], torch.float32, DEVICE, False)
+    args["x"] = args["x"][:0]
+    out = triton_backend.conv_bias_act(**args)
+    assert out.shape == (0, 24, 7, 7)
+
+
+def test_mismatched_shapes_raise():
+    args = make_inputs(CASES["3x3_s1_cin24"], torch.float32, DEVICE, False)
+    bad = dict(args, residual=torch.randn(2, 24, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="residual"):
+        triton_backend.conv_bias_act(**bad)
+    bad = dict(args, weight=args["weight"][:, :7])
+    with pytest.raises(ValueError, match="groups"):
+        triton_backend.conv_bias_act(**bad)
+    bad = dict(args, bias=args["bias"][:5])
+    with pytest.raises(ValueError, match="bias"):
+        triton_backend.conv_bias_act(**bad)
+
+
+# --------------------------------------------------------------------------- GPU only
+RESNET50_SHAPES = {
+    # batch 8 (4 for the stem), channels_last, the block's real channel counts and map sizes
+    "stem_7x7_s2": Case(4, 3, 224, 64, kernel=7, stride=2, padding=3),
+    "layer1_conv1": Case(8, 64, 56, 64, kernel=1, padding=0),
+    "layer1_conv2": Case(8, 64, 56, 64),
+    "layer1_conv3_projection": Case(8, 64, 56, 256, kernel=1, padding=0, shortcut_channels=64),
+    "layer1_conv3_residual": Case(8, 64, 56, 256, kernel=1, padding=0, residual="same"),
+    "layer2_conv2_s2": Case(8, 128, 56, 128, stride=2),
+    "layer2_conv3_projection_s2": Case(8, 128, 28, 512, kernel=1, padding=0, shortcut_channels=256,
+                                       shortcut_stride=2),
+    "layer3_conv2": Case(8, 256, 14, 256),
+    "layer4_conv2_s2": Case(8, 512, 14, 512, stride=2),
+    "layer4_conv3_residual": Case(8, 512, 7, 2048, kernel=1, padding=0, residual="same"),
+    "resnext32x4d_layer1_conv2": Case(8, 128, 56, 128, groups=32),
+    "resnext32x8d_layer2_conv2_s2": Case(8, 512, 56, 512, stride=2, groups=32),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape_id", list(RESNET50_SHAPES))
+def test_resnet50_layer_shapes_on_gpu(shape_id, dtype):
+    args = make_inputs(RESNET50_SHAPES[shape_id], dtype, DEVICE, channels_last=True)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@needs_gpu
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_follows_cudnn_tf32_flag(allow_tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    args = make_inputs(RESNET50_SHAPES["layer3_conv2"], torch.float32, DEVICE, channels_last=True)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@needs_gpu
+def test_cuda_graph_capture_and_replay():
+    args = make_inputs(RESNET50_SHAPES["layer1_conv3_projection"], torch.float16, DEVICE, channels_last=True)
+    triton_backend.conv_bias_act(**args)  # compile (and tune) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_backend.conv_bias_act(**args)
+    for t in ("x", "shortcut_x"):
+        args[t].copy_(torch.randn_like(args[t]))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(args, out)
+
+
+@needs_gpu
+def test_gpu_tuning_writes_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
+    tuner = autotune.Autotuner(tmp_path / "autotune.json")
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    args = make_inputs(RESNET50_SHAPES["layer3_conv2"], torch.float16, DEVICE, channels_last=True)
+    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    assert len(autotune.load_cache_file(tmp_path / "autotune.json")) == 1
+
+
+# --------------------------------------------------------------------------- autotune cache
+KEY = autotune.ShapeKey(
+    device=torch.device("cuda", 0), dtype=torch.float16, batch=8, in_channels=64, height=56, width=56,
+    out_channels=64, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+    shortcut_channels=0, shortcut_stride=0, channels_last=True, input_precision="tf32", flat_k=False,
+)
+
+
+class FakeBench:
+    """Times by formula (bigger tiles are faster) and counts calls; runs nothing on a GPU."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, run):
+        self.calls += 1
+        run()
+        return 1.0 / (self._cfg.block_m * self._cfg.block_n)
+
+    def launcher(self):
+        def launch(cfg):
+            self._cfg = cfg
+        return launch
+
+
+def never_bench(run):
+    raise AssertionError("a cached config must not be re-tuned")
+
+
+def test_cache_round_trip(tmp_path):
+    path = tmp_path / "tuned" / "autotune.json"  # the directory is created on the first save
+    bench = FakeBench()
+    first = autotune.Autotuner(path, benchmark=bench)
+    cfg = first.choose(KEY, bench.launcher(), device_name="Fake GPU", tune=True)
+    assert bench.calls == len(autotune.candidate_configs(KEY)) > 1
+    assert cfg == max(autotune.candidate_configs(KEY), key=lambda c: c.block_m * c.block_n)
+    assert first.choose(KEY, bench.launcher(), device_name="Fake GPU", tune=True) is cfg
+    assert bench.calls == len(autotune.candidate_configs(KEY)), "memoised in the process"
+    data = json.loads(path.read_text())
+    assert data["format"] == autotune.FORMAT and len(data["entries"]) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["autotune.json"], "no temporary file left behind"
+
+    second = autotune.Autotuner(path, benchmark=never_bench)  # a fresh process's view
+    assert second.choose(KEY, lambda c: None, device_name="Fake GPU", tune=True) == cfg
+    other_gpu = autotune.Autotuner(path, benchmark=FakeBench())
+    other_gpu.choose(KEY, lambda c: None, device_name="Other GPU", tune=True)
+    assert len(autotune.load_cache_file(path)) == 2, "entries merge, keyed by GPU name"
+
+
+def test_cache_read_by_a_fresh_process(tmp_path):
+    path = tmp_path / "autotune.json"
+    bench = FakeBench()
+    cfg = autotune.Autotuner(path, benchmark=bench).choose(KEY, bench.launcher(), device_name="Fake GPU", tune=True)
+    code = (
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from fused_resblock.backends.triton import autotune\n"
+        "def never(run): raise SystemExit('re-tuned')\n"
+        f"key = autotune.ShapeKey(torch.device('cuda', 0), torch.float16, *{tuple(KEY)[2:]!r})\n"
+        f"cfg = autotune.Autotuner(Path({str(path)!r}), benchmark=never)"
+        ".choose(key, lambda c: None, device_name='Fake GPU', tune=True)\n"
+        "print(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(v) for v in (cfg.block_m, cfg.block_n, cfg.block_k,
+                                                      cfg.group_m, cfg.num_warps, cfg.num_stages)]
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    json.dumps({"format": "someone-else", "version": 1, "entries": {}}),
+    json.dumps({"format": autotune.FORMAT, "version": 1, "entries": {"k": {"block_m": "big"}}}),
+    json.dumps([1, 2, 3]),
+], ids=["corrupt", "foreign_format", "bad_entry", "not_an_object"])
+def test_bad_cache_file_is_ignored_with_one_warning(tmp_path, content):
+    path = tmp_path / "autotune.json"
+    path.write_text(content)
+    bench = FakeBench()
+    tuner = autotune.Autotuner(path, benchmark=bench)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuner.choose(KEY, bench.launcher(), device_name="Fake GPU", tune=True)
+        tuner.choose(replace_key(batch=16), bench.launcher(), device_name="Fake GPU", tune=True)
+    messages = [str(w.message) for w in caught if "autotune cache" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert bench.calls > 0, "ignored file: tuned anyway"
+    assert len(autotune.load_cache_file(path)) == 2, "the bad file is replaced by a good one"
+
+
+def replace_key(**changes) -> autotune.ShapeKey:
+    return KEY._replace(**changes)
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    assert autotune.cache_path() == tmp_path / "autotune.json"
+    monkeypatch.delenv("FUSED_RESBLOCK_CACHE_DIR")
+    assert autotune.cache_path().parts[-2:] == ("fused_resblock", "autotune.json")
+
+
+def test_candidates_are_clamped_to_the_problem():
+    grouped = replace_key(in_channels=128, out_channels=128, groups=32, flat_k=True)  # 4 channels per group
+    assert {c.block_n for c in autotune.candidate_configs(grouped)} == {16}
+    fp32 = autotune.candidate_configs(replace_key(dtype=torch.float32))
+    assert all(c.block_k <= 32 and c.num_stages <= 3 for c in fp32)
+    for key in (KEY, grouped):
+        configs = autotune.candidate_configs(key)
+        assert len(configs) == len(set(configs))
+
+
+def test_no_tuning_under_the_interpreter():
+    if not INTERPRETING:
+        pytest.skip("interpreter only")
+    key = replace_key(device=torch.device("cpu"))
+    tuner = autotune.Autotuner(Path("/nonexistent/never-written.json"), benchmark=never_bench)
+    config = tuner.choose(key, lambda c: None)
+    assert config == autotune.interpreter_config(key) == autotune.default_config(key)
+    assert (config.block_m, config.block_n, config.block_k) == (64, 64, 64), "as large as the problem"
+
+
+# --------------------------------------------------------------------------- the backend interface
+def conv_config(**changes) -> dict:
+    config = dict(device=DEVICE, dtype=torch.float32, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                  dilation=(1, 1), groups=1, in_channels=16, out_channels=16, merged_shortcut=False)
+    config.update(changes)
+    return config
+
+
+def test_supports_reasons(monkeypatch):
+    assert triton_backend.NAME == "triton"
+    assert triton_backend.available() is None
+    assert triton_backend.supports("conv_bias_act", conv_config()) is None
+    assert triton_backend.supports("conv_bias_act", conv_config(groups=4, merged_shortcut=True)) is None
+    assert "float64" in triton_backend.supports("conv_bias_act", conv_config(dtype=torch.float64))
+    assert "int32" in triton_backend.supports("conv_bias_act", conv_config(dtype=torch.int32))
+    assert "groups" in triton_backend.supports("conv_bias_act", conv_config(groups=3))
+    for op in ("conv_bias_act_backward", "conv_stats", "conv_stats_backward",
+               "bn_add_act", "bn_add_act_backward"):
+        assert f"no kernel for {op}" in triton_backend.supports(op, conv_config())
+    assert "unknown op" in triton_backend.supports("conv_transpose", conv_config())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        assert "CUDA" in triton_backend.available()
+    assert "TRITON_INTERPRET" in triton_backend.supports("conv_bias_act", conv_config(device=torch.device("cpu")))
+
+
+def test_import_without_triton_reports_instead_of_crashing():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "from fused_resblock.backends import triton as b\n"
+        "reason = b.available()\n"
+        "assert reason and 'triton is not importable' in reason, reason\n"
+        "assert 'not importable' in b.supports('conv_bias_act', {})\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
