@@ -152,6 +152,17 @@ def test_group_norm_runs_as_given_with_one_warning():
         fused(x)
 
 
+def test_sync_batchnorm_fused_in_eval_unfused_in_train():
+    fused, reference = _pair(lambda: tv.BasicBlock(8, 8, norm_layer=nn.SyncBatchNorm))
+    assert_equivalent(fused, reference, _input_for(reference), train=False)
+    fused.train()
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="SyncBatchNorm"):
+        try:
+            fused(_input_for(reference))
+        except ValueError as exc:  # SyncBatchNorm itself refuses CPU tensors in training
+            assert "GPU" in str(exc) or "CUDA" in str(exc) or "process group" in str(exc)
+
+
 def test_custom_downsample_runs_as_given():
     def make():
         ds = nn.Sequential(nn.AvgPool2d(2), tv.conv1x1(8, 16), nn.BatchNorm2d(16))
