@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resblock as frb
 from fused_resblock import models
-from fused_resblock.testing import check_rule
+from fused_resblock.testing import assert_equivalent, check_rule
 from helpers import randomize_norms
-from test_equivalence import BLOCKS
+from test_equivalence import BLOCKS, _check_bias_before_batch_norm
 
 triton_backend = pytest.importorskip("fused_resblock.backends.triton")
 if triton_backend.available() is not None:
@@ -99,3 +99,44 @@ def test_eval_block_launch_count(name, launches, monkeypatch):
             block(x)
     assert counter.count == launches
     assert log.ops == ["fused_resblock.conv_bias_act.default"] * launches  # nothing else runs around them
+
+
+# --------------------------------------------------------------------------- training
+TRAIN_BLOCKS = ["basic", "basic-down", "bottleneck-down", "bottleneck-groups", "cifar-A", "cifar-B",
+                "cifar-C", "cifar-plain", "basic-conv-bias"]
+
+
+def _triton_pair(name, dtype):
+    reference = randomize_norms(BLOCKS[name]()).to(DEVICE, dtype)
+    fused = frb.convert(copy.deepcopy(reference), backend="triton")
+    return fused, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", TRAIN_BLOCKS)
+def test_block_train_forward_backward_on_triton(name, dtype):
+    """Output, input gradient, every parameter gradient and the BN buffers, by the rule."""
+    fused, reference = _triton_pair(name, dtype)
+    x = torch.randn(3, reference.conv1.in_channels, 7, 7, device=DEVICE, dtype=dtype)
+    if name == "basic-conv-bias":  # conv biases before a train-mode BN: gradient exactly 0
+        _check_bias_before_batch_norm(fused, reference, x)
+    else:
+        assert_equivalent(fused, reference, x, train=True)
+
+
+def test_train_eval_train_switching_on_triton():
+    fused, reference = _triton_pair("bottleneck-down", torch.float32)
+    for _ in range(2):
+        x = torch.randn(2, 8, 9, 9, device=DEVICE)
+        assert_equivalent(fused, reference, x, train=True)
+        fused.eval(), reference.eval()
+        with torch.no_grad():
+            report = check_rule("eval out", fused(x), copy.deepcopy(reference).double()(x.double()), reference(x))
+        assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("name, shape", [("cifar_resnet20", (2, 3, 16, 16)), ("resnet18", (2, 3, 48, 48))])
+def test_small_whole_model_train_on_triton(name, shape):
+    fused = randomize_norms(getattr(models, name)(num_classes=10, backend="triton")).to(DEVICE)
+    reference = frb.revert(copy.deepcopy(fused))
+    assert_equivalent(fused, reference, torch.randn(*shape, device=DEVICE), train=True)

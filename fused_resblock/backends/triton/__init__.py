@@ -1,8 +1,11 @@
 """The Triton backend: fused kernels written in Triton, behind the backend interface.
 
 Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch per
-conv, see ``conv_fwd``). The other ops report themselves unsupported, so the
-op layer falls back to the reference backend for them.
+conv, see ``conv_fwd``); the train forward ops ``conv_stats`` (the same kernel
+with a BN+ReLU prologue and a batch-statistics epilogue, plus a tiny merge
+launch) and ``bn_add_act`` (one elementwise launch, see ``bn_act``). Ops not
+in ``SUPPORTED_OPS`` report themselves unsupported, so the op layer falls back
+to the reference backend for them.
 
 Importing this package never imports Triton: ``available()`` reports whether
 it can be used, and the kernels load on the first call. Set
@@ -25,7 +28,8 @@ OPS = (
     "conv_stats", "conv_stats_backward",
     "bn_add_act", "bn_add_act_backward",
 )
-SUPPORTED_OPS = ("conv_bias_act",)
+SUPPORTED_OPS = ("conv_bias_act", "conv_stats", "bn_add_act",
+                 "conv_stats_backward", "bn_add_act_backward")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,6 +85,8 @@ def supports(op: str, config: dict) -> Optional[str]:
     if (dtype == torch.bfloat16 and device.type == "cuda" and not interpreter_requested()
             and torch.cuda.get_device_capability(device) < (8, 0)):
         return "bfloat16 needs a GPU of compute capability 8.0 or newer"
+    if "kernel" not in config:  # elementwise ops (bn_add_act): no conv geometry to check
+        return None
     return _geometry_reason(config)
 
 
@@ -103,3 +109,58 @@ def conv_bias_act(
     return _forward(x, weight, bias, stride, padding, dilation, groups,
                     residual, residual_stride, residual_offset,
                     shortcut_x, shortcut_weight, shortcut_stride, relu)
+
+
+def conv_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool,
+):
+    """``reference.conv_stats``: the conv kernel with a BN+ReLU prologue and a statistics
+    epilogue (per-tile mean/M2), then one small launch merging them (see ``conv_fwd``)."""
+    from .conv_fwd import conv_stats_forward
+
+    return conv_stats_forward(x, weight, bias, stride, padding, dilation, groups,
+                              in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats)
+
+
+def bn_add_act(
+    y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], res_bias: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool,
+) -> Tensor:
+    """``reference.bn_add_act`` as one elementwise Triton launch (see ``bn_act``)."""
+    from .bn_act import bn_add_act_forward
+
+    return bn_add_act_forward(y, mean, invstd, weight, bias, residual, res_mean, res_invstd,
+                              res_weight, res_bias, residual_stride, residual_offset, relu)
+
+
+def conv_stats_backward(
+    grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+    x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, needs: list,
+):
+    """``reference.conv_stats_backward``: an implicit-GEMM dgrad (prologue backward in its
+    epilogue) and wgrad (prologue recomputed in its operand load), see ``conv_bwd``."""
+    from .conv_bwd import conv_stats_backward as impl
+
+    return impl(grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, stride, padding,
+                dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu, needs)
+
+
+def bn_add_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool, needs: list,
+):
+    """``reference.bn_add_act_backward``: one elementwise launch with per-tile channel sums,
+    one deterministic finalize per BN (see ``bn_act_bwd``)."""
+    from .bn_act_bwd import bn_add_act_backward as impl
+
+    return impl(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+                residual_stride, residual_offset, relu, needs)

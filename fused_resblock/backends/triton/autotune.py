@@ -80,6 +80,7 @@ class ShapeKey(NamedTuple):
     channels_last: bool
     input_precision: str
     flat_k: bool
+    fusion: str = ""  # train-mode extras compiled in: "bn" / "bn_relu" prologue, "stats" epilogue
 
 
 # The interpreter pays ~ms of Python per program per K step whatever the tile
@@ -213,7 +214,9 @@ def _file_key(key: ShapeKey, device_name: str) -> str:
     """Stable text key: the GPU model and Triton version take the device's place."""
     import triton
 
-    shape = "|".join(str(v) for v in key[2:])
+    shape = "|".join(str(v) for v in key[2:-1])
+    if key.fusion:  # eval keys stay as they were before train mode existed
+        shape += f"|{key.fusion}"
     return f"{device_name}|triton-{triton.__version__}|{str(key.dtype).replace('torch.', '')}|{shape}"
 
 

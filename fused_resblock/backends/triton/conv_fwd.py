@@ -1,6 +1,21 @@
-"""Eval-mode fused convolution: one implicit-GEMM Triton launch per conv.
+"""Fused convolution: one implicit-GEMM Triton kernel for both modes.
 
-    out = relu?(conv(x, w) + bias + conv1x1(shortcut_x, shortcut_w) + R)
+    eval  (``conv_bias_act``): out = relu?(conv(x, w) + bias + conv1x1(shortcut_x, shortcut_w) + R)
+    train (``conv_stats``):    y = conv(relu?(BN_in(x)), w) + bias, and y's batch mean / variance
+
+Train mode switches on two constexpr extensions of the same kernel:
+* prologue (HAS_PROLOGUE, PROLOGUE_W/B/RELU): the previous layer's BN + ReLU
+  is applied to each input tile as it loads, in fp32, rounded back to x's
+  dtype (as the reference does); padding is zero *after* it (padding is zero
+  in the conv's input, not in x).
+* epilogue statistics (WRITE_STATS): each program reduces its output tile to
+  per-channel partials (shift K = the tile's first row, mean of y - K, M2
+  about the tile mean) of y *as stored*, i.e. after rounding to y's dtype:
+  the next BN normalises exactly those values, the reference's statistics are
+  of them too, and for fp32 it is the same thing. A second tiny kernel merges
+  the partials per channel in a fixed order (chunked parallel formula, then
+  Chan's pairwise merge, all relative to tile 0's shift): deterministic, no
+  atomics, and no Σy² - (Σy)² cancellation when |mean| >> std.
 
 The GEMM view: rows M = N·OH·OW output pixels, columns = the C_out/groups
 output channels of one group (the group is grid axis 1), reduction K = kernel
@@ -63,12 +78,58 @@ def _load_input_tile(x_rows, ih0, iw0, row_mask, c, k_mask, kh, kw,
     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     mask = row_mask[:, None] & k_mask[None, :] & inside
     ptrs = x_rows[:, None] + c[None, :] * sx_c + ih * sx_h + iw * sx_w
-    return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs, mask=mask, other=0.0), mask
+
+
+@triton.jit
+def _bn_prologue(x, mask, ch, ch_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr):
+    """relu?((x - mean[ch]) * invstd[ch] * w[ch] + b[ch]) in fp32, rounded to x's dtype; 0 where ~mask.
+
+    The previous layer's BN + ReLU on a loaded input tile. Padding is zero in
+    the conv's input, i.e. *after* this transform, hence the final select.
+    """
+    mean = tl.load(mean_ptr + ch, mask=ch_mask, other=0.0)
+    scale = tl.load(invstd_ptr + ch, mask=ch_mask, other=0.0)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + ch, mask=ch_mask, other=0.0)
+    a = (x.to(tl.float32) - mean[None, :]) * scale[None, :]
+    if HAS_B:
+        a = a + tl.load(b_ptr + ch, mask=ch_mask, other=0.0)[None, :]
+    if RELU:
+        a = tl.maximum(a, 0.0)
+    return tl.where(mask, a, 0.0).to(x.dtype)
+
+
+@triton.jit
+def _tile_stats(y, row_mask, first_row, col_mask, pid_m, co, C_OUT,
+                part_shift_ptr, part_mean_ptr, part_m2_ptr):
+    """Per-column statistics of the valid rows of one output tile -> partials[pid_m, co].
+
+    Stored: the shift K (the tile's first row, always valid: a value of y itself), the mean of
+    y - K, and M2 about the tile mean. Sums of y - K and of squared deviations
+    stay at the scale of the spread, so nothing cancels however large |mean| is,
+    and the tile mean K + s keeps the bits an fp32 value near |mean| would
+    round off. The count is implied by pid_m: min(BLOCK_M, M - pid_m * BLOCK_M).
+    """
+    valid = row_mask[:, None] & col_mask[None, :]
+    shift = tl.sum(tl.where(first_row[:, None], y, 0.0), axis=0)  # exact: one term, the rest zeros
+    count = tl.sum(row_mask.to(tl.float32), axis=0)
+    shifted = tl.where(valid, y - shift[None, :], 0.0)
+    mean = tl.sum(shifted, axis=0) / count
+    d = tl.where(valid, shifted - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    offs = pid_m.to(tl.int64) * C_OUT + co
+    tl.store(part_shift_ptr + offs, shift, mask=col_mask)
+    tl.store(part_mean_ptr + offs, mean, mask=col_mask)
+    tl.store(part_m2_ptr + offs, m2, mask=col_mask)
 
 
 @triton.jit
 def _conv_bias_act_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, sc_x_ptr, sc_w_ptr, out_ptr,
+    # train mode: the input's BN (prologue) and the per-tile statistics of the output (epilogue)
+    in_mean_ptr, in_invstd_ptr, in_w_ptr, in_b_ptr, part_shift_ptr, part_mean_ptr, part_m2_ptr,
     # GEMM and image sizes
     M, OH, OW, H, W, C_IN_G, C_OUT_G,
     # convolution geometry
@@ -84,6 +145,8 @@ def _conv_bias_act_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
     RELU: tl.constexpr, FLAT_K: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PROLOGUE_W: tl.constexpr, PROLOGUE_B: tl.constexpr,
+    PROLOGUE_RELU: tl.constexpr, WRITE_STATS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -126,8 +189,11 @@ def _conv_bias_act_kernel(
             tap = k // C_IN_G
             kh = tap // KW
             kw = tap % KW
-            a = _load_input_tile(x_rows, ih0, iw0, m_mask, c, k_mask, kh[None, :], kw[None, :],
-                                 H, W, DIL_H, DIL_W, sx_c, sx_h, sx_w)
+            a, a_mask = _load_input_tile(x_rows, ih0, iw0, m_mask, c, k_mask, kh[None, :], kw[None, :],
+                                         H, W, DIL_H, DIL_W, sx_c, sx_h, sx_w)
+            if HAS_PROLOGUE:
+                a = _bn_prologue(a, a_mask, group * C_IN_G + c, k_mask, in_mean_ptr, in_invstd_ptr,
+                                 in_w_ptr, in_b_ptr, PROLOGUE_W, PROLOGUE_B, PROLOGUE_RELU)
             b_ptrs = w_cols[None, :] + (c * sw_c + kh * sw_h + kw * sw_w)[:, None]
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST_DOT:
@@ -142,8 +208,11 @@ def _conv_bias_act_kernel(
             kw = tap % KW
             c = (step % c_blocks) * BLOCK_K + offs_k
             k_mask = c < C_IN_G
-            a = _load_input_tile(x_rows, ih0, iw0, m_mask, c, k_mask, kh, kw,
-                                 H, W, DIL_H, DIL_W, sx_c, sx_h, sx_w)
+            a, a_mask = _load_input_tile(x_rows, ih0, iw0, m_mask, c, k_mask, kh, kw,
+                                         H, W, DIL_H, DIL_W, sx_c, sx_h, sx_w)
+            if HAS_PROLOGUE:
+                a = _bn_prologue(a, a_mask, group * C_IN_G + c, k_mask, in_mean_ptr, in_invstd_ptr,
+                                 in_w_ptr, in_b_ptr, PROLOGUE_W, PROLOGUE_B, PROLOGUE_RELU)
             b_ptrs = w_cols[None, :] + (c * sw_c)[:, None] + (kh * sw_h + kw * sw_w)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST_DOT:
@@ -181,9 +250,55 @@ def _conv_bias_act_kernel(
         acc += r.to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    y = acc.to(out_ptr.dtype.element_ty)
     out_rows = out_ptr + n_img * so_n + oh * so_h + ow * so_w
     out_ptrs = out_rows[:, None] + (co * so_c)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs, y, mask=out_mask)
+    if WRITE_STATS:  # of y as stored (rounded): what the next BN normalises
+        _tile_stats(y.to(tl.float32), m_mask, offs_m == pid_m * BLOCK_M, n_mask, pid_m, co,
+                    C_OUT_G * tl.num_programs(1),
+                    part_shift_ptr, part_mean_ptr, part_m2_ptr)
+
+
+@triton.jit
+def _finalize_stats_kernel(part_shift_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, M, C, NUM_TILES,
+                           TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """mean and biased variance per channel from per-tile (count, K + mean, M2), in a fixed order.
+
+    Everything is computed relative to tile 0's shift K0: tile means become
+    u_i = (K_i - K0) + s_i, small and precise. Each chunk of BLOCK_T tiles is
+    combined around its own mean (M2 = sum M2_i + n_i (u_i - u_chunk)^2), then
+    merged into the running (n, u, M2) with Chan's pairwise formula: no large
+    sums are subtracted, and the order never depends on scheduling
+    (deterministic, no atomics).
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_t = tl.arange(0, BLOCK_T)
+    k0 = tl.load(part_shift_ptr + offs_c, mask=c_mask, other=0.0)
+    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, NUM_TILES, BLOCK_T):
+        t = t0 + offs_t
+        t_mask = t < NUM_TILES
+        n_t = tl.where(t_mask, tl.minimum(M - t * TILE_M, TILE_M), 0).to(tl.float32)
+        offs = t.to(tl.int64)[:, None] * C + offs_c[None, :]
+        mask = t_mask[:, None] & c_mask[None, :]
+        mean_t = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+        mean_t += tl.load(part_shift_ptr + offs, mask=mask, other=0.0) - k0[None, :]
+        m2_t = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
+        n_chunk = tl.sum(n_t, axis=0)  # a scalar: every channel sees the same rows
+        mean_chunk = tl.sum(mean_t * n_t[:, None], axis=0) / n_chunk
+        dev = mean_t - mean_chunk[None, :]
+        m2_chunk = tl.sum(m2_t + n_t[:, None] * dev * dev, axis=0)
+        n_new = n + n_chunk
+        delta = mean_chunk - mean
+        mean = mean + delta * (n_chunk / n_new)
+        m2 = m2 + m2_chunk + delta * delta * (n * (n_chunk / n_new))
+        n = n_new
+    tl.store(mean_ptr + offs_c, k0 + mean, mask=c_mask)
+    tl.store(var_ptr + offs_c, m2 / n, mask=c_mask)
 
 
 # --------------------------------------------------------------------------- host
@@ -254,20 +369,31 @@ def _check(x, weight, bias, groups, residual, residual_stride, shortcut_x, short
                 f"{weight.shape[0]}, {oh}, {ow}) {x.dtype}")
 
 
-def conv_bias_act_forward(
+def _check_prologue(x, in_mean, in_invstd, in_weight, in_bias) -> None:
+    c = x.shape[1]
+    for name, t in (("in_mean", in_mean), ("in_invstd", in_invstd), ("in_weight", in_weight),
+                    ("in_bias", in_bias)):
+        if t is None:
+            continue
+        if t.device != x.device or t.dtype != torch.float32 or t.shape != (c,):
+            raise ValueError(f"{name} must be float32 of shape ({c},) on {x.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if in_mean is not None and in_invstd is None:
+        raise ValueError("the prologue BN needs in_invstd with in_mean")
+
+
+def _conv_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
     residual: Optional[Tensor], residual_stride: int, residual_offset: int,
     shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
-    relu: bool,
-    *, out: Optional[Tensor] = None, config: Optional[autotune.Config] = None,
-    flat_k: Optional[bool] = None,
-) -> Tensor:
-    """``reference.conv_bias_act`` in one Triton launch.
+    relu: bool, prologue: Optional[tuple], in_relu: bool, stats: bool,
+    out: Optional[Tensor], config: Optional[autotune.Config], flat_k: Optional[bool],
+):
+    """The one launch behind both ops: (out, (part_shift, part_mean, part_m2, tile_m) or None).
 
-    ``out``: optional destination (right shape, x's dtype, any strides); a
-    fresh tensor in x's memory format otherwise. ``config`` / ``flat_k``
-    override the tile choice and the K walk (for tests and benchmarks).
+    ``prologue`` = (mean, invstd, weight, bias) of the input's BN or None;
+    ``stats``: also write per-tile partial statistics of ``out``.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c_in, h, w = x.shape
@@ -276,6 +402,8 @@ def conv_bias_act_forward(
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     _check(x, weight, bias, groups, residual, residual_stride, shortcut_x, shortcut_weight,
            shortcut_stride, oh, ow)
+    if prologue is not None:
+        _check_prologue(x, *prologue)
     c_out_g = c_out // groups
     c_sc = shortcut_x.shape[1] if shortcut_x is not None else 0
 
@@ -288,7 +416,7 @@ def conv_bias_act_forward(
         raise ValueError(f"out must be {(n, c_out, oh, ow)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
 
     if out.numel() == 0:  # an empty batch: nothing to launch (a zero-size grid is an error)
-        return out
+        return out, None
     # Absent operands get harmless geometry: their code is compiled out, their ints still travel.
     if residual is None:
         residual_stride, residual_offset = 1, 0
@@ -304,15 +432,25 @@ def conv_bias_act_forward(
     if flat_k is None:
         flat_k = kh * kw > 1 and c_in_g < autotune.FLAT_K_BELOW_CHANNELS
     m = n * oh * ow
+    in_mean, in_invstd, in_weight, in_bias = prologue if prologue is not None else (None,) * 4
+    partials = None
 
     def launch(cfg: autotune.Config) -> None:
+        nonlocal partials
         # plain integer ceil-division: triton.cdiv is a slow constexpr_function on the host in 3.8
-        grid = (-(-m // cfg.block_m) * -(-c_out_g // cfg.block_n), groups)
+        num_pid_m = -(-m // cfg.block_m)
+        grid = (num_pid_m * -(-c_out_g // cfg.block_n), groups)
         res = residual if residual is not None else x
         scx = shortcut_x if shortcut_x is not None else x
         scw = shortcut_weight if shortcut_weight is not None else weight
+        if stats:  # (shift, mean, M2) per (row tile, channel); every entry is written once
+            part = torch.empty((3, num_pid_m, c_out), dtype=torch.float32, device=x.device)
+            partials = (part[0], part[1], part[2], cfg.block_m)
+        dummy = out  # any pointer: the code that would read it is compiled out
         _conv_bias_act_kernel[grid](
             x, weight, bias if bias is not None else x, res, scx, scw, out,
+            *(t if t is not None else dummy for t in (in_mean, in_invstd, in_weight, in_bias)),
+            *(partials[:3] if stats else (dummy,) * 3),
             m, oh, ow, h, w, c_in_g, c_out_g,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *x.stride(), *weight.stride(), *out.stride(),
@@ -321,6 +459,8 @@ def conv_bias_act_forward(
             KH=kh, KW=kw,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             HAS_SHORTCUT=shortcut_x is not None, RELU=bool(relu), FLAT_K=bool(flat_k),
+            HAS_PROLOGUE=prologue is not None, PROLOGUE_W=in_weight is not None,
+            PROLOGUE_B=in_bias is not None, PROLOGUE_RELU=bool(in_relu), WRITE_STATS=bool(stats),
             INPUT_PRECISION=precision,
             UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -328,14 +468,86 @@ def conv_bias_act_forward(
         )
 
     if config is None:
+        fusion = []
+        if prologue is not None:
+            fusion.append("bn_relu" if in_relu else "bn")
+        if stats:
+            fusion.append("stats")
         key = autotune.ShapeKey(
             device=x.device, dtype=x.dtype, batch=n, in_channels=c_in, height=h, width=w,
             out_channels=c_out, kernel=(kh, kw), stride=stride, padding=padding,
             dilation=dilation, groups=groups, shortcut_channels=c_sc,
             shortcut_stride=shortcut_stride if c_sc else 0,
             channels_last=x.is_contiguous(memory_format=torch.channels_last),
-            input_precision=precision, flat_k=bool(flat_k),
+            input_precision=precision, flat_k=bool(flat_k), fusion="+".join(fusion),
         )
         config = autotune.choose_config(key, launch)
     launch(config)
+    return out, partials
+
+
+def conv_bias_act_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool,
+    *, out: Optional[Tensor] = None, config: Optional[autotune.Config] = None,
+    flat_k: Optional[bool] = None,
+) -> Tensor:
+    """``reference.conv_bias_act`` in one Triton launch.
+
+    ``out``: optional destination (right shape, x's dtype, any strides); a
+    fresh tensor in x's memory format otherwise. ``config`` / ``flat_k``
+    override the tile choice and the K walk (for tests and benchmarks).
+    """
+    out, _ = _conv_forward(x, weight, bias, stride, padding, dilation, groups,
+                           residual, residual_stride, residual_offset,
+                           shortcut_x, shortcut_weight, shortcut_stride, relu,
+                           None, False, False, out, config, flat_k)
     return out
+
+
+# Finalisation tiles: channels per program, tiles merged per step.
+_FINALIZE_BLOCK_C = 64
+_FINALIZE_BLOCK_T = 64
+
+
+def finalize_stats(part_shift: Tensor, part_mean: Tensor, part_m2: Tensor, m: int, tile_m: int):
+    """(mean, biased var) per channel from the per-tile partials, one small launch."""
+    num_tiles, c = part_mean.shape
+    mean = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    var = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    if POISON_OUTPUT:
+        mean.fill_(float("nan"))
+        var.fill_(float("nan"))
+    block_t = min(_FINALIZE_BLOCK_T, max(2, 1 << max(0, num_tiles - 1).bit_length()))
+    grid = (-(-c // _FINALIZE_BLOCK_C),)
+    _finalize_stats_kernel[grid](part_shift, part_mean, part_m2, mean, var, m, c, num_tiles,
+                                 TILE_M=tile_m, BLOCK_T=block_t, BLOCK_C=_FINALIZE_BLOCK_C)
+    return mean, var
+
+
+def conv_stats_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool,
+    *, config: Optional[autotune.Config] = None, flat_k: Optional[bool] = None,
+):
+    """``reference.conv_stats``: one conv launch (BN_in + ReLU prologue, statistics epilogue)
+    plus, when ``compute_stats``, one tiny launch merging the per-tile statistics."""
+    prologue = (in_mean, in_invstd, in_weight, in_bias) if in_mean is not None else None
+    y, partials = _conv_forward(x, weight, bias, stride, padding, dilation, groups,
+                                None, 1, 0, None, None, 1, False,
+                                prologue, in_relu and prologue is not None, compute_stats,
+                                None, config, flat_k)
+    c_out = weight.shape[0]
+    if not compute_stats:
+        empty = y.new_empty((0,), dtype=torch.float32)
+        return y, empty, empty.clone()
+    if partials is None:  # nothing to average: NaN, as the reference (and PyTorch) give
+        nan = torch.full((c_out,), float("nan"), dtype=torch.float32, device=y.device)
+        return y, nan, nan.clone()
+    mean, var = finalize_stats(*partials[:3], y.numel() // c_out, partials[3])
+    return y, mean, var
