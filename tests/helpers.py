@@ -1,4 +1,6 @@
 """Helpers shared by the tests."""
+import os
+
 import pytest
 import torch
 
@@ -17,3 +19,18 @@ def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.5)
     return model
+
+
+# --------------------------------------------------------------------------- Triton test settings
+# conftest.py sets TRITON_INTERPRET=1 without a GPU before any kernel module is imported.
+TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_GPU = torch.cuda.is_available() and not TRITON_INTERPRETING
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
+BF16 = pytest.param(
+    torch.bfloat16, id="bf16",
+    marks=pytest.mark.skipif(
+        not ON_GPU, reason="Triton 3.8's interpreter computes bf16 tl.dot wrongly and rounds fp32->bf16 "
+                           "casts toward zero; bf16 is checked on a GPU"),
+)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]

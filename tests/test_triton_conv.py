@@ -13,9 +13,6 @@ import os
 
 import torch
 
-# Must precede the first import of the kernels: triton.jit reads it at decoration time.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -35,18 +32,9 @@ from fused_resblock.testing import assert_rule  # noqa: E402
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import conv_fwd  # noqa: E402
 
+from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
-ON_GPU = torch.cuda.is_available() and not INTERPRETING
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = Path(__file__).resolve().parents[1]
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
-BF16 = pytest.param(
-    torch.bfloat16, id="bf16",
-    marks=pytest.mark.skipif(
-        not ON_GPU, reason="Triton 3.8's interpreter computes bf16 tl.dot wrongly; bf16 is checked on a GPU"),
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 
 
 @pytest.fixture(autouse=True)

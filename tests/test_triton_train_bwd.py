@@ -10,12 +10,9 @@ Without CUDA the kernels run under Triton's interpreter on CPU tensors at tiny
 shapes (bf16 skipped: the 3.8 interpreter computes bf16 tl.dot wrongly). With
 CUDA the same tests run on the GPU, plus ResNet-50 layer shapes.
 """
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dataclasses import dataclass  # noqa: E402
 
@@ -30,17 +27,8 @@ from fused_resblock.testing import assert_rule  # noqa: E402
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd  # noqa: E402
 
+from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
-ON_GPU = torch.cuda.is_available() and not INTERPRETING
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
-BF16 = pytest.param(
-    torch.bfloat16, id="bf16",
-    marks=pytest.mark.skipif(
-        not ON_GPU, reason="Triton 3.8's interpreter computes bf16 tl.dot wrongly; bf16 is checked on a GPU"),
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,9 @@ shapes (bf16 is then skipped: the 3.8 interpreter computes bf16 tl.dot
 wrongly); with CUDA the same tests run compiled, plus real ResNet-50 shapes.
 """
 import copy
-import os
 
 import torch
 
-# Must precede the first import of the kernels: triton.jit reads it at decoration time.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dataclasses import dataclass  # noqa: E402
 
@@ -35,18 +31,8 @@ from fused_resblock.backends.triton import autotune, bn_act, conv_fwd  # noqa: E
 from fused_resblock.testing import assert_rule, check_rule  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 
+from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
-ON_GPU = torch.cuda.is_available() and not INTERPRETING
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
-BF16 = pytest.param(
-    torch.bfloat16, id="bf16",
-    marks=pytest.mark.skipif(
-        not ON_GPU, reason="Triton 3.8's interpreter computes bf16 tl.dot wrongly and rounds fp32->bf16 "
-                           "casts toward zero; bf16 is checked on a GPU"),
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
 SMALL_TILES = autotune.Config(16, 16, 16, group_m=3, num_warps=1, num_stages=1)
 

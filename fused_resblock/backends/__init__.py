@@ -34,6 +34,23 @@ class BackendUnsupportedError(NotImplementedError):
     """A forced backend cannot run the requested configuration."""
 
 
+def conv_geometry_reason(config: dict) -> Optional[str]:
+    """None when ``config`` describes a valid convolution a GPU grid can carry, else why not."""
+    kh, kw = config["kernel"]
+    if kh < 1 or kw < 1:
+        return f"kernel {tuple(config['kernel'])} is empty"
+    if min(config["stride"]) < 1 or min(config["dilation"]) < 1 or min(config["padding"]) < 0:
+        return (f"stride {tuple(config['stride'])}, padding {tuple(config['padding'])}, "
+                f"dilation {tuple(config['dilation'])} are not a valid convolution")
+    groups = config["groups"]
+    if groups < 1 or config["in_channels"] % groups or config["out_channels"] % groups:
+        return (f"groups={groups} does not divide in_channels={config['in_channels']} "
+                f"and out_channels={config['out_channels']}")
+    if groups > 65535:  # both backends put the group on a grid axis limited to 65535
+        return f"groups={groups} exceeds the CUDA grid limit of 65535"
+    return None
+
+
 def resolve_name(requested: Optional[str]) -> str:
     """The backend name in force: the argument, else the environment, else ``auto``."""
     name = requested or os.environ.get(ENV_VAR) or "auto"

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import conv_geometry_reason
+
 NAME = "cuda"
 
 OPS = (
@@ -113,22 +115,6 @@ def _require() -> ModuleType:
 
 
 # --------------------------------------------------------------------------- support
-def _geometry_reason(config: dict) -> Optional[str]:
-    kh, kw = config["kernel"]
-    if kh < 1 or kw < 1:
-        return f"kernel {tuple(config['kernel'])} is empty"
-    if min(config["stride"]) < 1 or min(config["dilation"]) < 1 or min(config["padding"]) < 0:
-        return (f"stride {tuple(config['stride'])}, padding {tuple(config['padding'])}, "
-                f"dilation {tuple(config['dilation'])} are not a valid convolution")
-    groups = config["groups"]
-    if groups < 1 or config["in_channels"] % groups or config["out_channels"] % groups:
-        return (f"groups={groups} does not divide in_channels={config['in_channels']} "
-                f"and out_channels={config['out_channels']}")
-    if groups > 65535:  # grid axis z carries the group
-        return f"groups={groups} exceeds the CUDA grid limit of 65535"
-    return None
-
-
 def supports(op: str, config: dict) -> Optional[str]:
     """None when ``op`` is supported for ``config``, else the reason it is not.
 
@@ -148,7 +134,7 @@ def supports(op: str, config: dict) -> Optional[str]:
                 "(float32, with or without TF32, runs on the triton or reference backend)")
     if config.get("prologue"):
         return "cuda backend has no input prologue (scale/shift/ReLU as the input loads) yet"
-    reason = _geometry_reason(config)
+    reason = conv_geometry_reason(config)
     if reason is not None:
         return reason
     reason = available()

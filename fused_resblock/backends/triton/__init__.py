@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import conv_geometry_reason
 from .autotune import interpreter_requested
 
 NAME = "triton"
@@ -46,22 +47,6 @@ def available() -> Optional[str]:
     return "triton backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
 
 
-def _geometry_reason(config: dict) -> Optional[str]:
-    kh, kw = config["kernel"]
-    if kh < 1 or kw < 1:
-        return f"kernel {tuple(config['kernel'])} is empty"
-    if min(config["stride"]) < 1 or min(config["dilation"]) < 1 or min(config["padding"]) < 0:
-        return (f"stride {tuple(config['stride'])}, padding {tuple(config['padding'])}, "
-                f"dilation {tuple(config['dilation'])} are not a valid convolution")
-    groups = config["groups"]
-    if groups < 1 or config["in_channels"] % groups or config["out_channels"] % groups:
-        return (f"groups={groups} does not divide in_channels={config['in_channels']} "
-                f"and out_channels={config['out_channels']}")
-    if groups > 65535:  # grid axis 1 carries the group
-        return f"groups={groups} exceeds the CUDA grid limit of 65535"
-    return None
-
-
 def supports(op: str, config: dict) -> Optional[str]:
     """None when ``op`` is supported for ``config``, else the reason it is not."""
     if op not in OPS:
@@ -87,7 +72,7 @@ def supports(op: str, config: dict) -> Optional[str]:
         return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     if "kernel" not in config:  # elementwise ops (bn_add_act): no conv geometry to check
         return None
-    return _geometry_reason(config)
+    return conv_geometry_reason(config)
 
 
 _forward = None
