@@ -124,15 +124,22 @@ def test_block_train_forward_backward_on_triton(name, dtype):
         assert_equivalent(fused, reference, x, train=True)
 
 
-def test_train_eval_train_switching_on_triton():
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_train_eval_train_switching_on_triton(momentum):
     fused, reference = _triton_pair("bottleneck-down", torch.float32)
-    for _ in range(2):
+    for m in (*fused.modules(), *reference.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    for _ in range(3):
         x = torch.randn(2, 8, 9, 9, device=DEVICE)
         assert_equivalent(fused, reference, x, train=True)
         fused.eval(), reference.eval()
         with torch.no_grad():
             report = check_rule("eval out", fused(x), copy.deepcopy(reference).double()(x.double()), reference(x))
         assert report.passed, str(report)
+    assert int(fused.bn1.num_batches_tracked) == 3
+    for (name, a), b in zip(fused.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("name, shape", [("cifar_resnet20", (2, 3, 16, 16)), ("resnet18", (2, 3, 48, 48))])
