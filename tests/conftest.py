@@ -26,6 +26,10 @@ def pytest_report_header(config):
     return f"fused_resblock test seed: FUSED_RESBLOCK_TEST_SEED={RUN_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"fused_resblock test seed: FUSED_RESBLOCK_TEST_SEED={RUN_SEED} (to replay this run)")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(request, monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
