@@ -102,7 +102,7 @@ def test_eval_block_launch_count(name, launches, monkeypatch):
 
 
 # --------------------------------------------------------------------------- training
-TRAIN_BLOCKS = ["basic", "basic-down", "bottleneck-down", "bottleneck-groups", "cifar-A", "cifar-B",
+TRAIN_BLOCKS = ["basic", "basic-down", "bottleneck-down", "bottleneck-groups", "bottleneck-dilation", "cifar-A", "cifar-B",
                 "cifar-C", "cifar-plain", "basic-conv-bias"]
 
 
