@@ -72,11 +72,15 @@ RESNET50_FC = (2048, 1000)  # in, out features of the classifier
 RESNET50_GMAC = 4.09  # torchvision's published cost per 224x224 image (its "GFLOPS" are MACs)
 
 
-def layer(name: str) -> ConvLayer:
-    for spec in RESNET50_LAYERS:
+def _lookup(specs, name: str, what: str):
+    for spec in specs:
         if spec.name == name:
             return spec
-    raise KeyError(f"no ResNet-50 layer named {name!r}; known: {', '.join(s.name for s in RESNET50_LAYERS)}")
+    raise KeyError(f"no {what} named {name!r}; known: {', '.join(s.name for s in specs)}")
+
+
+def layer(name: str) -> ConvLayer:
+    return _lookup(RESNET50_LAYERS, name, "ResNet-50 layer")
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,7 @@ BLOCKS: tuple = (
 
 
 def block(name: str) -> BlockSpec:
-    for spec in BLOCKS:
-        if spec.name == name:
-            return spec
-    raise KeyError(f"no block named {name!r}; known: {', '.join(s.name for s in BLOCKS)}")
+    return _lookup(BLOCKS, name, "block")
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,7 @@ TINY_MODEL = ModelSpec("cifar_resnet20@16", "cifar_resnet20", 16, 10)
 
 
 def model(name: str) -> ModelSpec:
-    for spec in MODELS + (TINY_MODEL,):
-        if spec.name == name:
-            return spec
-    raise KeyError(f"no model named {name!r}; known: {', '.join(s.name for s in MODELS + (TINY_MODEL,))}")
+    return _lookup(MODELS + (TINY_MODEL,), name, "model")
 
 
 def target_spec(kind: str, target: str):
