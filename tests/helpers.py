@@ -34,3 +34,29 @@ BF16 = pytest.param(
                            "casts toward zero; bf16 is checked on a GPU"),
 )
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
+
+
+# --------------------------------------------------------------------------- backward checks
+def float64_cpu(values):
+    """float64 CPU copies of every tensor in a list or dict (memory formats kept, the rest as is)."""
+    def convert(v):
+        return v.detach().to("cpu", torch.float64) if isinstance(v, torch.Tensor) else v
+    if isinstance(values, dict):
+        return {k: convert(v) for k, v in values.items()}
+    return [convert(v) for v in values]
+
+
+def check_grads(names, fused, ref_t, ref64, dtype):
+    """Same presence, dtype, shape and memory format as the reference at ``dtype``; values by the rule."""
+    from fused_resblock.backends.reference import memory_format_of
+    from fused_resblock.testing import assert_rule
+
+    assert len(fused) == len(ref_t) == len(names)
+    for name, f, t, r in zip(names, fused, ref_t, ref64):
+        assert (f is None) == (t is None), f"{name}: fused {'absent' if f is None else 'present'}, reference not"
+        if f is None:
+            continue
+        assert f.dtype == t.dtype and f.shape == t.shape and f.device == t.device, (
+            f"{name}: fused {f.dtype} {tuple(f.shape)}, reference {t.dtype} {tuple(t.shape)}")
+        assert memory_format_of(f) == memory_format_of(t), f"{name}: memory format {f.stride()} vs {t.stride()}"
+        assert_rule(name, f, r, t, dtype)

@@ -147,3 +147,22 @@ def test_small_whole_model_train_on_triton(name, shape):
     fused = randomize_norms(getattr(models, name)(num_classes=10, backend="triton")).to(DEVICE)
     reference = frb.revert(copy.deepcopy(fused))
     assert_equivalent(fused, reference, torch.randn(*shape, device=DEVICE), train=True)
+
+
+# --------------------------------------------------------------------------- eval-mode backward
+def _freeze_norms(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["basic", "bottleneck-down", "bottleneck-groups", "cifar-A", "cifar-B", "plain"])
+def test_frozen_norm_eval_backward_on_triton(name, dtype, recwarn):
+    """Fine-tuning convs through frozen, folded BN: forward and backward on triton kernels, no fallback."""
+    reference = _freeze_norms(randomize_norms(BLOCKS[name]())).to(DEVICE, dtype)
+    fused = frb.convert(copy.deepcopy(reference), backend="triton")
+    x = torch.randn(2, reference.conv1.in_channels, 7, 7, device=DEVICE, dtype=dtype)
+    assert_equivalent(fused, reference, x, train=False)
+    assert not [w for w in recwarn if issubclass(w.category, frb.FusedResblockFallbackWarning)]

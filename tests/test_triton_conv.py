@@ -30,9 +30,9 @@ from fused_resblock.backends.triton import autotune  # noqa: E402
 from fused_resblock.testing import assert_rule  # noqa: E402
 
 pytest.importorskip("triton")
-from fused_resblock.backends.triton import conv_fwd  # noqa: E402
+from fused_resblock.backends.triton import bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
 
-from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
+from helpers import BF16, DEVICE, DTYPES, ON_GPU, check_grads, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,11 +133,6 @@ def make_inputs(case: Case, dtype, device, channels_last: bool, residual_channel
         shortcut_x=shortcut_x, shortcut_weight=shortcut_weight, shortcut_stride=case.shortcut_stride,
         relu=case.relu,
     )
-
-
-def float64_cpu(args: dict) -> dict:
-    return {k: (v.detach().to("cpu", torch.float64) if isinstance(v, torch.Tensor) else v)
-            for k, v in args.items()}
 
 
 def check_against_reference(args: dict, out: torch.Tensor, name: str = "out") -> None:
@@ -260,6 +255,82 @@ def test_mismatched_shapes_raise():
         triton_backend.conv_bias_act(**bad)
 
 
+# --------------------------------------------------------------------------- the backward
+BACKWARD_NAMES = ["grad x", "grad weight", "grad bias", "grad residual", "grad shortcut_x",
+                  "grad shortcut_weight"]
+
+
+def backward_inputs(args: dict) -> dict:
+    """``conv_bias_act_backward``'s arguments for a forward call ``args``: its output and a random gradient."""
+    out = reference.conv_bias_act(**args)
+    grad = torch.randn(out.shape, device=out.device).to(out.dtype).contiguous(
+        memory_format=reference.memory_format_of(out))
+    forward = {k: v for k, v in args.items() if k != "bias"}
+    return dict(grad=grad, out=out, has_bias=args["bias"] is not None, **forward)
+
+
+def run_backward(args: dict, needs: list, **kw) -> list:
+    """The triton backward against the reference at the same dtype and in float64, gradient by gradient."""
+    bargs = dict(backward_inputs(args), needs=list(needs))
+    fused = conv_bwd.conv_bias_act_backward(**bargs, **kw)
+    ref_t = reference.conv_bias_act_backward(**bargs)
+    ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
+    check_grads(BACKWARD_NAMES, fused, ref_t, ref64, args["x"].dtype)
+    return fused
+
+
+@pytest.fixture
+def poison_gradients(monkeypatch):
+    monkeypatch.setattr(bn_act_bwd, "POISON_OUTPUT", True)
+
+
+@pytest.mark.usefixtures("poison_gradients")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_conv_bias_act_backward_matches_reference(case_id, dtype, channels_last):
+    run_backward(make_inputs(CASES[case_id], dtype, DEVICE, channels_last), [True] * 6)
+
+
+@pytest.mark.usefixtures("poison_gradients")
+@pytest.mark.parametrize("needs", [
+    [True, False, False, False, False, False],   # only x (saliency through a frozen model)
+    [False, True, False, False, False, False],   # only the weight
+    [False, False, True, False, False, False],   # only the bias
+    [False, False, False, True, False, False],   # only the residual
+    [False, False, False, False, True, True],    # only the shortcut
+    [True, True, False, True, False, True],
+], ids=["x", "w", "b", "res", "shortcut", "mixed"])
+def test_conv_bias_act_backward_needs(needs):
+    fused = run_backward(make_inputs(CASES["3x3_groups4_projection_res"], torch.float32, DEVICE, True), needs)
+    assert [g is not None for g in fused] == needs
+
+
+@pytest.mark.usefixtures("poison_gradients")
+def test_conv_bias_act_backward_option_a_residual():
+    """The CIFAR option-A residual is x itself, subsampled and channel-shifted: its gradient is scattered back."""
+    fused = run_backward(make_inputs(CASES["3x3_s2_option_a"], torch.float32, DEVICE, False), [True] * 6)
+    grad_residual = fused[3]
+    assert torch.all(grad_residual[:, :, 1::2] == 0) and torch.all(grad_residual[:, :, :, 1::2] == 0)
+
+
+@pytest.mark.usefixtures("poison_gradients")
+def test_conv_bias_act_backward_tilings(monkeypatch):
+    """Many small tiles and wgrad's split-K (the GPU tilings) under the interpreter."""
+    monkeypatch.setattr(conv_bwd, "_tiles", lambda m, n, k, dtype, dev: (16, 16, 16, 1, 1))
+    for case_id in ("3x3_s2_cin24", "1x1_projection_s2"):
+        run_backward(make_inputs(CASES[case_id], torch.float32, DEVICE, True), [True] * 6, split_k=3)
+
+
+def test_conv_bias_act_backward_deterministic():
+    bargs = dict(backward_inputs(make_inputs(CASES["1x1_projection_s2"], torch.float32, DEVICE, True)),
+                 needs=[True] * 6)
+    first = conv_bwd.conv_bias_act_backward(**bargs, split_k=2)
+    again = conv_bwd.conv_bias_act_backward(**bargs, split_k=2)
+    for a, b in zip(first, again):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- GPU only
 RESNET50_SHAPES = {
     # batch 8 (4 for the stem), channels_last, the block's real channel counts and map sizes
@@ -285,6 +356,15 @@ RESNET50_SHAPES = {
 def test_resnet50_layer_shapes_on_gpu(shape_id, dtype):
     args = make_inputs(RESNET50_SHAPES[shape_id], dtype, DEVICE, channels_last=True)
     check_against_reference(args, triton_backend.conv_bias_act(**args))
+
+
+@needs_gpu
+@pytest.mark.usefixtures("poison_gradients")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape_id", ["layer1_conv3_residual", "layer2_conv2_s2", "layer2_conv3_projection_s2",
+                                      "resnext32x4d_layer1_conv2"])
+def test_conv_bias_act_backward_resnet50_shapes_on_gpu(shape_id, dtype):
+    run_backward(make_inputs(RESNET50_SHAPES[shape_id], dtype, DEVICE, channels_last=True), [True] * 6)
 
 
 @needs_gpu

@@ -11,24 +11,17 @@ shapes (bf16 skipped: the 3.8 interpreter computes bf16 tl.dot wrongly). With
 CUDA the same tests run on the GPU, plus ResNet-50 layer shapes.
 """
 
+from dataclasses import dataclass
+
+import pytest
 import torch
 
-
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-
-from fused_resblock.backends import reference  # noqa: E402
-from fused_resblock.backends import triton as triton_backend  # noqa: E402
-from fused_resblock.backends.reference import memory_format_of  # noqa: E402
-from fused_resblock.backends.triton import autotune  # noqa: E402
-from fused_resblock.testing import assert_rule  # noqa: E402
+from fused_resblock.backends import reference
+from fused_resblock.backends import triton as triton_backend
+from helpers import DEVICE, DTYPES, check_grads, float64_cpu, needs_gpu
 
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd  # noqa: E402
-
-from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
-INTERPRETING = autotune.interpreter_requested()
 
 
 @pytest.fixture(autouse=True)
@@ -37,30 +30,6 @@ def poison_outputs(monkeypatch):
 
 
 # --------------------------------------------------------------------------- helpers
-def _to(t, dtype=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        return t
-    return t.to(device=device or t.device, dtype=dtype or t.dtype)
-
-
-def _f64(args):
-    """float64 CPU copies of every tensor argument (memory formats kept)."""
-    return [_to(a, torch.float64, "cpu") for a in args]
-
-
-def _check_grads(names, fused, ref_t, ref64, dtype):
-    """Same presence, dtype, shape and memory format as the reference; values by the rule."""
-    assert len(fused) == len(ref_t) == len(names)
-    for name, f, t, r in zip(names, fused, ref_t, ref64):
-        assert (f is None) == (t is None), f"{name}: fused {'absent' if f is None else 'present'}, reference not"
-        if f is None:
-            continue
-        assert f.dtype == t.dtype and f.shape == t.shape and f.device == t.device, (
-            f"{name}: fused {f.dtype} {tuple(f.shape)}, reference {t.dtype} {tuple(t.shape)}")
-        assert memory_format_of(f) == memory_format_of(t), f"{name}: memory format {f.stride()} vs {t.stride()}"
-        assert_rule(name, f, r, t, dtype)
-
-
 def _randn(shape, dtype, channels_last=False, scale=1.0, shift=0.0):
     t = (torch.randn(shape, device=DEVICE) * scale + shift).to(dtype)
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
@@ -105,8 +74,8 @@ def _run_bn(args, needs, dtype):
     args = list(args) + [list(needs)]
     fused = bn_act_bwd.bn_add_act_backward(*args)
     ref_t = reference.bn_add_act_backward(*args)
-    ref64 = reference.bn_add_act_backward(*_f64(args))
-    _check_grads(BN_NAMES, fused, ref_t, ref64, dtype)
+    ref64 = reference.bn_add_act_backward(*float64_cpu(args))
+    check_grads(BN_NAMES, fused, ref_t, ref64, dtype)
     return fused
 
 
@@ -232,8 +201,8 @@ def _run_conv(args, needs, dtype, **kw):
     args = list(args) + [list(needs)]
     fused = conv_bwd.conv_stats_backward(*args, **kw)
     ref_t = reference.conv_stats_backward(*args)
-    ref64 = reference.conv_stats_backward(*_f64(args))
-    _check_grads(CONV_NAMES, fused, ref_t, ref64, dtype)
+    ref64 = reference.conv_stats_backward(*float64_cpu(args))
+    check_grads(CONV_NAMES, fused, ref_t, ref64, dtype)
     return fused
 
 

@@ -31,7 +31,7 @@ from fused_resblock.backends.triton import autotune, bn_act, conv_fwd  # noqa: E
 from fused_resblock.testing import assert_rule, check_rule  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 
-from helpers import BF16, DEVICE, DTYPES, ON_GPU, needs_gpu  # noqa: E402
+from helpers import BF16, DEVICE, DTYPES, ON_GPU, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
 SMALL_TILES = autotune.Config(16, 16, 16, group_m=3, num_warps=1, num_stages=1)
@@ -46,11 +46,6 @@ def poison_outputs_and_isolate_tuning(monkeypatch, tmp_path):
 
 def fmt(channels_last: bool):
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def float64_cpu(args: dict) -> dict:
-    return {k: (v.detach().to("cpu", torch.float64) if isinstance(v, torch.Tensor) else v)
-            for k, v in args.items()}
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, channels_last=False):

@@ -1,11 +1,10 @@
 """The Triton backend: fused kernels written in Triton, behind the backend interface.
 
-Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch per
-conv, see ``conv_fwd``); the train forward ops ``conv_stats`` (the same kernel
-with a BN+ReLU prologue and a batch-statistics epilogue, plus a tiny merge
-launch) and ``bn_add_act`` (one elementwise launch, see ``bn_act``). Ops not
-in ``SUPPORTED_OPS`` report themselves unsupported, so the op layer falls back
-to the reference backend for them.
+Every op of the contract: ``conv_bias_act`` (eval mode: one implicit-GEMM
+launch per conv, see ``conv_fwd``) and its backward; the train forward ops
+``conv_stats`` (the same kernel with a BN+ReLU prologue and a batch-statistics
+epilogue, plus a tiny merge launch) and ``bn_add_act`` (one elementwise launch,
+see ``bn_act``); their backwards (``conv_bwd``, ``bn_act_bwd``).
 
 Importing this package never imports Triton: ``available()`` reports whether
 it can be used, and the kernels load on the first call. Set
@@ -29,8 +28,7 @@ OPS = (
     "conv_stats", "conv_stats_backward",
     "bn_add_act", "bn_add_act_backward",
 )
-SUPPORTED_OPS = ("conv_bias_act", "conv_stats", "bn_add_act",
-                 "conv_stats_backward", "bn_add_act_backward")
+SUPPORTED_OPS = OPS
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -121,6 +119,22 @@ def bn_add_act(
 
     return bn_add_act_forward(y, mean, invstd, weight, bias, residual, res_mean, res_invstd,
                               res_weight, res_bias, residual_stride, residual_offset, relu)
+
+
+def conv_bias_act_backward(
+    grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, needs: list,
+):
+    """``reference.conv_bias_act_backward``: dgrad/wgrad launches that apply the ReLU mask as
+    they load the gradient, and one launch for the residual's gradient (see ``conv_bwd``)."""
+    from .conv_bwd import conv_bias_act_backward as impl
+
+    return impl(grad, out, x, weight, has_bias, stride, padding, dilation, groups,
+                residual, residual_stride, residual_offset, shortcut_x, shortcut_weight,
+                shortcut_stride, relu, needs)
 
 
 def conv_stats_backward(

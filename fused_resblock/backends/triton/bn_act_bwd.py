@@ -111,11 +111,13 @@ def _bn_add_act_bwd_kernel(
     pid_t = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    # ---- per-channel constants (fp32)
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    scale = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    # ---- per-channel constants (fp32), loaded only when used (the residual-only call has none)
+    if MAIN_CENTRED:
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    if STORE_GY:
+        scale = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            scale *= tl.load(w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     rc = offs_c - RES_OFFSET  # residual channel that output channel c reads
     rc_mask = c_mask & (rc >= 0) & (rc < C_RES)
     if RES_BN:
@@ -231,13 +233,29 @@ def _row_tiling(m: int, c: int, device: torch.device):
     return block_m, block_c, iters, t
 
 
+def mapped_residual_grad(grad: Tensor, out: Tensor, residual: Tensor, residual_stride: int,
+                         residual_offset: int, relu: bool) -> Tensor:
+    """The gradient of a mapped residual added before an optional ReLU (``out`` its output): one launch.
+
+    The conv_bias_act backward's residual term: the kernel above with no BN on either side.
+    """
+    return bn_add_act_backward(grad, out, out, None, None, None, residual, None, None, None,
+                               residual_stride, residual_offset, relu, [False] * 5 + [True] + [False] * 4)[5]
+
+
 def bn_add_act_backward(
-    grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    grad: Tensor, out: Tensor, y: Tensor, mean: Optional[Tensor], invstd: Optional[Tensor],
+    weight: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
     res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool, needs: list,
 ):
-    """``reference.bn_add_act_backward`` in two Triton launches (same contract, same return tuple)."""
+    """``reference.bn_add_act_backward`` in two Triton launches (same contract, same return tuple).
+
+    ``mean``/``invstd`` may be None when none of y's or its BN's gradients is needed.
+    """
     needs = [bool(v) for v in needs]
+    if (mean is None or invstd is None) and any(needs[0:5]):
+        raise ValueError("mean and invstd are required for the gradients of y and of its BN")
     n, c, h, w = y.shape
     if grad.shape != y.shape or out.shape != y.shape:
         raise ValueError(f"grad {tuple(grad.shape)} and out {tuple(out.shape)} must match y {tuple(y.shape)}")
@@ -276,9 +294,9 @@ def bn_add_act_backward(
         part = torch.empty((t, 4 * c), dtype=torch.float32, device=dev)
     if m > 0 and c > 0 and (store_gy or store_gr or main_sums or res_sums):
         res = residual if has_res else y
-        dummy = mean
+        dummy = mean if mean is not None else grad  # a pointer for absent tensors, never read
         _bn_add_act_bwd_kernel[(t, -(-c // block_c))](
-            grad, out, y, mean, invstd, weight if weight is not None else dummy,
+            grad, out, y, dummy, invstd if invstd is not None else dummy, weight if weight is not None else dummy,
             res, res_mean if res_bn else dummy, res_invstd if res_bn else dummy,
             res_weight if (res_bn and res_weight is not None) else dummy,
             gy if gy is not None else y, gr if gr is not None else y, part if part is not None else dummy,

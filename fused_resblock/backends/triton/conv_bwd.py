@@ -1,11 +1,17 @@
-"""Train-mode backward of ``conv_stats``: dgrad and wgrad as implicit GEMMs.
+"""The convolutions' backward, dgrad and wgrad as implicit GEMMs, for both modes.
 
-Forward: y = conv(a, w) + bias, a = relu?(BN_in(x)) (the prologue), with the
-batch statistics (mean, var) of y. Backward, g is y's total gradient
+Train (``conv_stats_backward``): forward y = conv(a, w) + bias, a =
+relu?(BN_in(x)) (the prologue), with the batch statistics (mean, var) of y.
+Backward, g is y's total gradient
 
     g = grad_y + grad_mean/count + grad_var·2(y − mean)/count
 
-and is never materialised: both GEMMs rebuild it from grad_y, y and three
+Eval (``conv_bias_act_backward``, BN folded): g = grad where the forward's
+output > 0 (the ReLU's mask), and no prologue. A merged projection shortcut is
+a second dgrad/wgrad pair on the same g; the mapped residual's gradient is one
+elementwise launch (``bn_act_bwd.mapped_residual_grad``).
+
+g is never materialised: both GEMMs rebuild it from grad_y, y (or out) and
 per-channel vectors in their operand loads (``_g_tile``), in fp32, then round
 it to x's dtype for the tensor cores (as the reference does before its conv).
 
@@ -39,7 +45,7 @@ from torch import Tensor
 
 from ..reference import memory_format_of, stat_dtype
 from .autotune import interpreter_requested
-from .bn_act_bwd import finalize_channel_grads, new_output
+from .bn_act_bwd import finalize_channel_grads, mapped_residual_grad, new_output
 
 INTERPRETING = interpreter_requested()
 
@@ -48,9 +54,14 @@ INTERPRETING = interpreter_requested()
 @triton.jit
 def _g_tile(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, inv_count,
             off_gy, off_y, co, co_mask, mask,
-            HAS_GM: tl.constexpr, HAS_GV: tl.constexpr):
-    """fp32 tile of y's total gradient at element offsets off_gy/off_y; co (broadcastable) its channels."""
+            HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, RELU_MASK: tl.constexpr):
+    """fp32 tile of y's total gradient at element offsets off_gy/off_y; co (broadcastable) its channels.
+
+    RELU_MASK (the eval backward): y_ptr is the forward's output and g is zero where it is not > 0.
+    """
     g = tl.load(gy_ptr + off_gy, mask=mask, other=0.0).to(tl.float32)
+    if RELU_MASK:
+        g = tl.where(tl.load(y_ptr + off_y, mask=mask, other=0.0) > 0, g, 0.0)
     if HAS_GM:
         g += tl.load(gmean_ptr + co, mask=co_mask, other=0.0).to(tl.float32) * inv_count
     if HAS_GV:
@@ -86,7 +97,7 @@ def _dgrad_kernel(
     sw_o, sw_c, sw_h, sw_w,
     sx_n, sx_c, sx_h, sx_w,
     sgx_n, sgx_c, sgx_h, sgx_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, RELU_MASK: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_HAS_W: tl.constexpr, IN_HAS_B: tl.constexpr, IN_RELU: tl.constexpr,
     STORE_GX: tl.constexpr, PART_SUMS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -140,7 +151,7 @@ def _dgrad_kernel(
                 mask = valid[:, None] & k_mask[None, :]
                 g = _g_tile(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, inv_count,
                             row_gy[:, None] + (co * sgy_c)[None, :], row_y[:, None] + (co * sy_c)[None, :],
-                            co[None, :], k_mask[None, :], mask, HAS_GM, HAS_GV)
+                            co[None, :], k_mask[None, :], mask, HAS_GM, HAS_GV, RELU_MASK)
                 a = g.to(w_ptr.dtype.element_ty)
                 b = tl.load(w_ptr + (co * sw_o)[:, None] + (offs_n * sw_c)[None, :] + (kh * sw_h + kw * sw_w),
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -195,7 +206,7 @@ def _wgrad_kernel(
     sy_n, sy_c, sy_h, sy_w,
     sx_n, sx_c, sx_h, sx_w,
     sgw_s, sgw_o, sgw_c, sgw_h, sgw_w, sgb_s,
-    KW: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
+    KW: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, RELU_MASK: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_HAS_W: tl.constexpr, IN_HAS_B: tl.constexpr, IN_RELU: tl.constexpr,
     STORE_GW: tl.constexpr, BIAS_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -244,7 +255,7 @@ def _wgrad_kernel(
         g = _g_tile(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, inv_count,
                     (co * sgy_c)[:, None] + (n_img * sgy_n + oh * sgy_h + ow * sgy_w)[None, :],
                     (co * sy_c)[:, None] + (n_img * sy_n + oh * sy_h + ow * sy_w)[None, :],
-                    co[:, None], m_mask[:, None], g_mask, HAS_GM, HAS_GV)
+                    co[:, None], m_mask[:, None], g_mask, HAS_GM, HAS_GV, RELU_MASK)
         if BIAS_GRAD:
             bsum += tl.sum(g, axis=1)
         if STORE_GW:
@@ -303,7 +314,7 @@ def _tiles(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
             min(bk, _pow2(k)), 4, 3)
 
 
-def _check(grad_y, x, y, mean, weight, groups, oh, ow, in_mean) -> None:
+def _check(grad_y, x, y, weight, groups, oh, ow) -> None:
     if x.dim() != 4 or weight.dim() != 4 or y.dim() != 4:
         raise ValueError(f"x, y and weight must be 4-D, got {tuple(x.shape)}, {tuple(y.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -314,10 +325,131 @@ def _check(grad_y, x, y, mean, weight, groups, oh, ow, in_mean) -> None:
     expect = (x.shape[0], weight.shape[0], oh, ow)
     if tuple(y.shape) != expect or tuple(grad_y.shape) != expect:
         raise ValueError(f"y {tuple(y.shape)} / grad_y {tuple(grad_y.shape)} must be {expect}")
-    if in_mean is not None and in_mean.shape != (x.shape[1],):
-        raise ValueError(f"in_mean must have shape ({x.shape[1]},), got {tuple(in_mean.shape)}")
 
 
+class _GradSource:
+    """How the kernels rebuild the output gradient g in their operand loads.
+
+    conv_stats: g = grad_y + grad_mean/count + grad_var·2(y − mean)/count.
+    conv_bias_act: g = grad_y where the forward's output > 0 (``relu_out``), else grad_y.
+    """
+
+    def __init__(self, grad_y: Tensor, *, y: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                 grad_mean: Optional[Tensor] = None, grad_var: Optional[Tensor] = None,
+                 relu_out: Optional[Tensor] = None):
+        count = grad_y.numel() // max(grad_y.shape[1], 1)
+        dummy = grad_y
+        y_like = relu_out if relu_out is not None else (y if grad_var is not None else dummy)
+        self.args = (grad_y, y_like,
+                     grad_mean if grad_mean is not None else dummy,
+                     grad_var if grad_var is not None else dummy,
+                     mean if grad_var is not None else dummy,
+                     1.0 / max(count, 1))
+        self.flags = dict(HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
+                          RELU_MASK=relu_out is not None)
+        self.strides = (*grad_y.stride(), *y_like.stride())
+
+
+class _Prologue:
+    """The input's BN(+ReLU) applied in the forward's operand load (absent: plain x)."""
+
+    def __init__(self, dummy: Tensor, mean=None, invstd=None, weight=None, bias=None, relu=False):
+        self.present = mean is not None
+        self.args = tuple(t if t is not None else dummy for t in (mean, invstd, weight, bias))
+        self.flags = dict(PROLOGUE=self.present, IN_HAS_W=self.present and weight is not None,
+                          IN_HAS_B=self.present and bias is not None, IN_RELU=self.present and bool(relu))
+
+
+def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
+           prologue: _Prologue, store_gx: bool, part_sums: bool):
+    """One dgrad launch: (gx or None, the per-tile partial sums of the prologue's backward or None)."""
+    stride, padding, dilation, groups = geometry
+    n, c_in, h, w = x.shape
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    dev = x.device
+    gx = new_output(x.shape, x.dtype, dev, memory_format_of(x)) if store_gx else None
+    phases = stride[0] * stride[1]
+    rows = n * (-(-h // stride[0])) * (-(-w // stride[1]))
+    bm, bn, bk, warps, stages = _tiles(rows, c_in_g, c_out // groups, x.dtype, dev)
+    num_pid_m = max(1, -(-rows // bm))
+    part = torch.empty((phases * num_pid_m, 2 * c_in), dtype=torch.float32, device=dev) if part_sums else None
+    if x.numel() == 0:
+        if part is not None:
+            part.zero_()
+        return gx, part
+    gx_t = gx if gx is not None else x
+    _dgrad_kernel[(num_pid_m * -(-c_in_g // bn), groups, phases)](
+        *src.args, weight, x, *prologue.args, gx_t, part if part is not None else x,
+        n, h, w, oh, ow, c_in, c_in_g, c_out // groups, num_pid_m,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *src.strides, *weight.stride(), *x.stride(), *gx_t.stride(),
+        KH=weight.shape[2], KW=weight.shape[3], **src.flags, **prologue.flags,
+        STORE_GX=store_gx, PART_SUMS=part_sums,
+        INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return gx, part
+
+
+def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
+           prologue: _Prologue, need_gw: bool, bias_grad: bool, split_k: Optional[int]):
+    """One wgrad launch (plus a fixed-order sum of the K splits): (gw or None, gb or None)."""
+    stride, padding, dilation, groups = geometry
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    c_out_g = c_out // groups
+    dev = x.device
+    p_total = n * oh * ow
+    k_cols = kh * kw * c_in_g
+    bm, bn, bk, warps, stages = _tiles(c_out_g, k_cols, p_total, x.dtype, dev)
+    num_pid_n = -(-k_cols // bn) if need_gw else 1
+    tiles = -(-c_out_g // bm) * num_pid_n * groups
+    if split_k is None:
+        split_k = 1
+        if not INTERPRETING and dev.type == "cuda":
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            split_k = max(1, min(-(-2 * sms // tiles), p_total // (8 * bk)))
+    k_per_split = -(-max(p_total, 1) // split_k)
+    k_per_split = -(-k_per_split // bk) * bk
+    split_k = max(1, -(-max(p_total, 1) // k_per_split))
+    direct = split_k == 1
+    gw = gb = None
+    gw_t = gb_t = x  # placeholders for absent outputs (never written)
+    if need_gw:
+        # as convolution_backward: channels_last when x or the weight is
+        gw_format = (torch.channels_last if torch.channels_last in (memory_format_of(x), memory_format_of(weight))
+                     else torch.contiguous_format)
+        gw = new_output(weight.shape, weight.dtype, dev, gw_format)
+        gw_t = gw if direct else torch.empty((split_k, *weight.shape), dtype=torch.float32, device=dev)
+    if bias_grad:
+        gb = new_output((c_out,), stat_dtype(x.dtype), dev)
+        gb_t = gb if direct else torch.empty((split_k, c_out), dtype=torch.float32, device=dev)
+    if p_total == 0:
+        for t in (gw, gb):
+            if t is not None:
+                t.zero_()
+        return gw, gb
+    gw_strides = ((0, *gw_t.stride()) if direct else gw_t.stride()) if need_gw else (0,) * 5
+    _wgrad_kernel[(-(-c_out_g // bm) * num_pid_n, groups, split_k)](
+        *src.args, x, *prologue.args, gw_t, gb_t,
+        p_total, oh * ow, ow, h, w, c_in_g, c_out_g, k_cols, k_per_split, num_pid_n,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *src.strides, *x.stride(),
+        *gw_strides, 0 if direct or not bias_grad else gb_t.stride(0),
+        KW=kw, **src.flags, **prologue.flags,
+        STORE_GW=need_gw, BIAS_GRAD=bias_grad,
+        INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    if not direct:  # fixed-order sum of the splits, then the final dtype
+        if need_gw:
+            gw.copy_(gw_t.sum(0))
+        if bias_grad:
+            gb.copy_(gb_t.sum(0))
+    return gw, gb
+
+
+# --------------------------------------------------------------------------- the ops
 def conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
@@ -332,114 +464,65 @@ def conv_stats_backward(
     None where not needed. ``split_k`` overrides wgrad's K split (tests).
     """
     needs = [bool(v) for v in needs]
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    n, c_in, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
     oh, ow = y.shape[2], y.shape[3]
-    _check(grad_y, x, y, mean, weight, groups, oh, ow, in_mean)
-    c_out_g = c_out // groups
-    dev = x.device
-    sd = stat_dtype(x.dtype)
-    count = y.numel() // max(c_out, 1)
-    inv_count = 1.0 / max(count, 1)
-    has_gm, has_gv = grad_mean is not None, grad_var is not None
-    dummy = mean if mean.numel() else grad_y
-    gm_t = grad_mean if has_gm else dummy
-    gv_t = grad_var if has_gv else dummy
-    mean_t = mean if has_gv else dummy
-    prologue = in_mean is not None
-    p_needs = needs[3:7] if prologue else [False] * 4
-    p_needs_eff = [p_needs[0], p_needs[1], p_needs[2] and in_weight is not None, p_needs[3]]
-    part_sums = any(p_needs_eff)
-    store_gx = needs[0]
-    need_dgrad = store_gx or part_sums
-    bias_grad = has_bias and needs[2]
-    need_wgrad = needs[1] or bias_grad
-    precision = _input_precision(x.dtype)
-    upcast = INTERPRETING and x.dtype == torch.bfloat16
-    pro = dict(PROLOGUE=prologue, IN_HAS_W=prologue and in_weight is not None,
-               IN_HAS_B=prologue and in_bias is not None, IN_RELU=prologue and bool(in_relu))
-    in_t = [t if t is not None else dummy for t in (in_mean, in_invstd, in_weight, in_bias)]
-    g_args = (grad_y, y, gm_t, gv_t, mean_t, inv_count)
+    _check(grad_y, x, y, weight, groups, oh, ow)
+    if in_mean is not None and in_mean.shape != (x.shape[1],):
+        raise ValueError(f"in_mean must have shape ({x.shape[1]},), got {tuple(in_mean.shape)}")
+    src = _GradSource(grad_y, y=y, mean=mean, grad_mean=grad_mean, grad_var=grad_var)
+    prologue = _Prologue(grad_y, in_mean, in_invstd, in_weight, in_bias, in_relu)
+    p_needs = needs[3:7] if prologue.present else [False] * 4
+    part_sums = any([p_needs[0], p_needs[1], p_needs[2] and in_weight is not None, p_needs[3]])
 
-    gx = part = None
+    gx = None
     p_grads = [None] * 4
-    if need_dgrad:
-        if store_gx:
-            gx = new_output(x.shape, x.dtype, dev, memory_format_of(x))
-        phases = stride[0] * stride[1]
-        rows = n * (-(-h // stride[0])) * (-(-w // stride[1]))
-        bm, bn, bk, warps, stages = _tiles(rows, c_in_g, c_out_g, x.dtype, dev)
-        num_pid_m = max(1, -(-rows // bm))
+    if needs[0] or part_sums:
+        gx, part = _dgrad(src, weight, x, geometry, oh, ow, prologue, store_gx=needs[0], part_sums=part_sums)
         if part_sums:
-            part = torch.empty((phases * num_pid_m, 2 * c_in), dtype=torch.float32, device=dev)
-        if x.numel() > 0:
-            gx_t = gx if gx is not None else x
-            _dgrad_kernel[(num_pid_m * -(-c_in_g // bn), groups, phases)](
-                *g_args, weight, x, *in_t, gx_t, part if part is not None else dummy,
-                n, h, w, oh, ow, c_in, c_in_g, c_out_g, num_pid_m,
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                *grad_y.stride(), *y.stride(), *weight.stride(), *x.stride(), *gx_t.stride(),
-                KH=kh, KW=kw, HAS_GM=has_gm, HAS_GV=has_gv, **pro,
-                STORE_GX=store_gx, PART_SUMS=part_sums,
-                INPUT_PRECISION=precision, UPCAST_DOT=upcast,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            )
-        elif part is not None:
-            part.zero_()
-        if part_sums:
-            p_grads = finalize_channel_grads(part, 0, c_in, c_in, 0, in_invstd, in_weight, p_needs)
-
+            p_grads = finalize_channel_grads(part, 0, x.shape[1], x.shape[1], 0, in_invstd, in_weight, p_needs)
     gw = gb = None
-    if need_wgrad:
-        p_total = n * oh * ow
-        k_cols = kh * kw * c_in_g
-        bm, bn, bk, warps, stages = _tiles(c_out_g, k_cols, p_total, x.dtype, dev)
-        num_pid_n = -(-k_cols // bn) if needs[1] else 1
-        tiles = -(-c_out_g // bm) * num_pid_n * groups
-        if split_k is None:
-            split_k = 1
-            if not INTERPRETING and dev.type == "cuda":
-                sms = torch.cuda.get_device_properties(dev).multi_processor_count
-                split_k = max(1, min(-(-2 * sms // tiles), p_total // (8 * bk)))
-        k_per_split = -(-max(p_total, 1) // split_k)
-        k_per_split = -(-k_per_split // bk) * bk
-        split_k = max(1, -(-max(p_total, 1) // k_per_split))
-        direct = split_k == 1
-        if needs[1]:
-            # as convolution_backward: channels_last when x or the weight is
-            gw_format = (torch.channels_last if torch.channels_last in (memory_format_of(x), memory_format_of(weight))
-                         else torch.contiguous_format)
-            gw = new_output(weight.shape, weight.dtype, dev, gw_format)
-            gw_t = gw if direct else torch.empty((split_k, *weight.shape), dtype=torch.float32, device=dev)
-        else:
-            gw_t = dummy
-        if bias_grad:
-            gb = new_output((c_out,), sd, dev)
-            gb_t = gb if direct else torch.empty((split_k, c_out), dtype=torch.float32, device=dev)
-        else:
-            gb_t = dummy
-        gw_strides = ((0, *gw_t.stride()) if direct else gw_t.stride()) if needs[1] else (0,) * 5
-        if p_total > 0:
-            _wgrad_kernel[(-(-c_out_g // bm) * num_pid_n, groups, split_k)](
-                *g_args, x, *in_t, gw_t, gb_t,
-                p_total, oh * ow, ow, h, w, c_in_g, c_out_g, k_cols, k_per_split, num_pid_n,
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                *grad_y.stride(), *y.stride(), *x.stride(),
-                *gw_strides, 0 if direct or not bias_grad else gb_t.stride(0),
-                KW=kw, HAS_GM=has_gm, HAS_GV=has_gv, **pro,
-                STORE_GW=needs[1], BIAS_GRAD=bias_grad,
-                INPUT_PRECISION=precision, UPCAST_DOT=upcast,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            )
-            if not direct:  # fixed-order sum of the splits, then the final dtype
-                if needs[1]:
-                    gw.copy_(gw_t.sum(0))
-                if bias_grad:
-                    gb.copy_(gb_t.sum(0))
-        else:
-            if gw is not None:
-                gw.zero_()
-            if gb is not None:
-                gb.zero_()
+    bias_grad = has_bias and needs[2]
+    if needs[1] or bias_grad:
+        gw, gb = _wgrad(src, weight, x, geometry, oh, ow, prologue, needs[1], bias_grad, split_k)
     return (gx, gw, gb, *p_grads)
+
+
+def conv_bias_act_backward(
+    grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, needs: list, *, split_k: Optional[int] = None,
+):
+    """``reference.conv_bias_act_backward``: the eval-mode (folded BN) backward.
+
+    g = grad masked by out > 0 is rebuilt in every operand load, never stored:
+    a dgrad and a wgrad launch for the conv (the bias gradient rides in wgrad),
+    the same pair for a merged projection shortcut, and one elementwise launch
+    for the mapped residual. Returns (gx, gw, gb, g_residual, g_shortcut_x,
+    g_shortcut_weight) with None where not needed or not present.
+    """
+    needs = [bool(v) for v in needs]
+    oh, ow = out.shape[2], out.shape[3]
+    _check(grad, x, out, weight, groups, oh, ow)
+    src = _GradSource(grad, relu_out=out if relu else None)
+    no_prologue = _Prologue(grad)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    gx = _dgrad(src, weight, x, geometry, oh, ow, no_prologue, True, False)[0] if needs[0] else None
+    bias_grad = has_bias and needs[2]
+    gw = gb = None
+    if needs[1] or bias_grad:
+        gw, gb = _wgrad(src, weight, x, geometry, oh, ow, no_prologue, needs[1], bias_grad, split_k)
+    gr = None
+    if residual is not None and needs[3]:
+        gr = mapped_residual_grad(grad, out, residual, residual_stride, residual_offset, relu)
+    gsx = gsw = None
+    if shortcut_x is not None:
+        sc_geometry = (_pair(shortcut_stride), (0, 0), (1, 1), 1)
+        _check(grad, shortcut_x, out, shortcut_weight, 1, oh, ow)
+        if needs[4]:
+            gsx = _dgrad(src, shortcut_weight, shortcut_x, sc_geometry, oh, ow, no_prologue, True, False)[0]
+        if needs[5]:
+            gsw = _wgrad(src, shortcut_weight, shortcut_x, sc_geometry, oh, ow, no_prologue, True, False,
+                         split_k)[0]
+    return gx, gw, gb, gr, gsx, gsw
