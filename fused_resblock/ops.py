@@ -55,6 +55,13 @@ def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation):
     )
 
 
+def _layout(t: Optional[Tensor]):
+    """What about a tensor can change which kernel is fastest: shape and channels_last-ness."""
+    if t is None:
+        return None
+    return (*t.shape, t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
 def _empty_like_format(shape, like: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
                        memory_format=memory_format_of(like))
@@ -85,11 +92,16 @@ def _conv_bias_act(
     relu: bool, backend: str,
 ) -> Tensor:
     config = _config(x, weight, stride, padding, dilation, groups, merged_shortcut=shortcut_x is not None)
-    impl = backends.select("conv_bias_act", backend or None, config)
-    return impl.conv_bias_act(
-        x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu,
-    )
+    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+            residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu)
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (*(_layout(t) for t in (x, weight, bias, residual, shortcut_x)), *args[3:7],
+                     residual_stride, residual_offset, shortcut_stride, relu)
+        return shape_key, lambda module: module.conv_bias_act(*args)
+
+    impl = backends.select("conv_bias_act", backend or None, config, measure=measure)
+    return impl.conv_bias_act(*args)
 
 
 @_conv_bias_act.register_fake

@@ -5,6 +5,9 @@ variable must be set before any kernel module is imported, hence here.
 Every test gets its own seed, derived from a per-run seed (printed in the
 header; set FUSED_RESBLOCK_TEST_SEED to replay a run), so inputs are fresh on
 every run yet a failure can be reproduced.
+Measurements that tune (Triton tile configs, auto's backend choice) are off
+unless a test turns them on, and every cache file goes to a per-test
+directory, never the user's.
 """
 import os
 import random
@@ -31,8 +34,10 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_state(request, monkeypatch):
+def _fresh_state(request, monkeypatch, tmp_path):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "0")
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path / "fused_resblock_cache"))
     torch.manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
     _warnings.reset()
     backends.clear_caches()

@@ -9,7 +9,8 @@ emulator on every configuration below, with the numerical rule.
 
 GPU side, skipped without CUDA: the same configurations and real ResNet layer
 shapes on the GPU, each tile shape, unaligned inputs, the current stream, CUDA
-graph capture, and the op layer forced to this backend.
+graph capture, the op layer forced to this backend, and ``auto`` measuring it
+against triton.
 
 Every output is poisoned with NaN before the launch, so an element the kernel
 does not write fails the rule.
@@ -556,3 +557,32 @@ def test_op_layer_forced_to_cuda(dtype):
         residual_offset=inputs.residual_offset, relu=case.relu, backend="cuda")
     assert_rule("op out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
                 reference.conv_bias_act(*inputs.args(case)))
+
+
+@needs_gpu
+def test_auto_measures_triton_against_cuda(tmp_path, monkeypatch):
+    """Both backends capable: auto times them once for the shape, keeps the winner in the cache file."""
+    import json
+
+    from fused_resblock import backends
+    from fused_resblock.backends import choice
+    from fused_resblock.backends import triton as triton_backend
+
+    if triton_backend.available() is not None:
+        pytest.skip(f"needs the triton backend too: {triton_backend.available()}")
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
+    monkeypatch.setattr(choice, "CHOOSER", choice.BackendChooser(tmp_path / "backends.json"))
+    backends.clear_caches()
+    case = CASES[11]
+    inputs = make_inputs(case, torch.float16, "cuda", True, seed=16)
+    for _ in range(2):  # measured on the first call, remembered for the second
+        result = fused_resblock.ops.conv_bias_act(
+            inputs.x, inputs.weight, inputs.bias, stride=case.stride, padding=case.padding,
+            residual=inputs.residual, residual_stride=inputs.residual_stride,
+            residual_offset=inputs.residual_offset, relu=case.relu, backend="auto")
+        assert_rule("auto out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
+                    reference.conv_bias_act(*inputs.args(case)))
+    entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
+    assert len(entries) == 1 and set(entries.values()) <= {"triton", "cuda"}, entries
+    backends.clear_caches()

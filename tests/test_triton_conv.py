@@ -32,20 +32,18 @@ from fused_resblock.testing import assert_rule  # noqa: E402
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
 
-from helpers import BF16, DEVICE, DTYPES, ON_GPU, check_grads, float64_cpu, needs_gpu  # noqa: E402
+from helpers import DEVICE, DTYPES, check_grads, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs_and_isolate_tuning(monkeypatch, tmp_path):
+def poison_outputs(monkeypatch):
     """NaN in every fresh output before the launch: an unwritten element fails the rule.
 
-    Tuning stays off (it is tested on its own) and away from the user's cache file.
+    (Tuning is off and its cache file per test: conftest.py.)
     """
     monkeypatch.setattr(conv_fwd, "POISON_OUTPUT", True)
-    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "0")
-    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------- cases
@@ -232,7 +230,18 @@ def test_bf16_interpreter_upcast():
     if not INTERPRETING:
         pytest.skip("only meaningful under TRITON_INTERPRET=1")
     args = make_inputs(CASES["3x3_s2_option_a"], torch.bfloat16, DEVICE, channels_last=True)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    out = triton_backend.conv_bias_act(**args)
+    ref64 = reference.conv_bias_act(**float64_cpu(args))
+    # The interpreter's fp32 -> bf16 cast truncates: up to one bf16 ulp (2^-7 relative) per element,
+    # where round-to-nearest (PyTorch, and the GPU) errs half as much. 2x PyTorch's max error usually
+    # covers that but not for every draw, so this test bounds each element by its own ulp instead.
+    err = (out.double() - ref64).abs()
+    bound = ref64.abs() * 2.0 ** -7 + 1e-3 * ref64.abs().max()
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (
+        f"bf16 out: error {err.flatten()[worst]:.3e} over one ulp {bound.flatten()[worst]:.3e} "
+        f"at flat index {worst}: got {out.flatten()[worst]}, ref {ref64.flatten()[worst]}")
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_empty_batch():

@@ -31,17 +31,15 @@ from fused_resblock.backends.triton import autotune, bn_act, conv_fwd  # noqa: E
 from fused_resblock.testing import assert_rule, check_rule  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 
-from helpers import BF16, DEVICE, DTYPES, ON_GPU, float64_cpu, needs_gpu  # noqa: E402
+from helpers import DEVICE, DTYPES, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
 SMALL_TILES = autotune.Config(16, 16, 16, group_m=3, num_warps=1, num_stages=1)
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs_and_isolate_tuning(monkeypatch, tmp_path):
+def poison_outputs(monkeypatch):
     monkeypatch.setattr(conv_fwd, "POISON_OUTPUT", True)
-    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "0")
-    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def fmt(channels_last: bool):

@@ -7,22 +7,25 @@ above this package knows which backend ran.
 Selection, per call:
 * a forced backend (``backend=`` argument or ``FUSED_RESBLOCK_BACKEND``) runs or
   raises ``BackendUnsupportedError`` naming what it lacks; it never falls back;
-* ``auto`` takes the first of ``AUTO_ORDER`` that is available and supports the
-  configuration; on a CUDA device a fall back to ``reference`` warns once per
-  configuration. On the CPU the reference is the intended path: no warning.
+* ``auto`` considers the backends of ``AUTO_ORDER`` that are available and
+  support the configuration: one runs; of several, the faster per shape is
+  measured once (``choice``) where the op layer passes its arguments, else the
+  first runs. With none on a CUDA device the fall back to ``reference`` warns
+  once per configuration. On the CPU the reference is the intended path: no
+  warning.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 from .._warnings import FusedResblockFallbackWarning, warn_once
 
 NAMES = ("reference", "triton", "cuda")
-# Triton first: its kernels are the same code the CPU interpreter tests; the CUDA
-# extension's take over per shape once GPU measurements say they are faster.
+# Triton first where nothing is measured: its kernels are the same code the CPU
+# interpreter tests; the CUDA extension's take over per shape when measured faster.
 AUTO_ORDER = ("triton", "cuda")
 ENV_VAR = "FUSED_RESBLOCK_BACKEND"
 
@@ -97,36 +100,51 @@ def _describe(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
-def select(op: str, requested: Optional[str], config: dict) -> ModuleType:
-    """The backend module that runs ``op`` for ``config`` (see module docstring)."""
+def select(op: str, requested: Optional[str], config: dict,
+           measure: Optional[Callable[[], Tuple[tuple, Callable[[ModuleType], object]]]] = None) -> ModuleType:
+    """The backend module that runs ``op`` for ``config`` (see module docstring).
+
+    ``measure()`` -> (shape key, run): with ``auto``, when several backends can
+    run the call, ``run(module)`` times each once per shape and the fastest is
+    kept (``choice``). Without it the first capable one runs.
+    """
     name = resolve_name(requested)
     key = (op, name, tuple(config.items()))
-    module = _choices.get(key)
-    if module is not None:
-        return module
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _candidates(op, name, config)
+    if isinstance(choice, ModuleType):
+        return choice
+    if measure is None or len(choice) == 1:
+        return choice[0]
+    from .choice import CHOOSER
+
+    shape_key, run = measure()
+    return CHOOSER.choose(op, shape_key, choice, run, config["device"])
+
+
+def _candidates(op: str, name: str, config: dict):
+    """A module when the choice is fixed, else the tuple of ``auto``'s capable backends (in order)."""
     if name != "auto":
         reason = _unsupported(name, op, config)
         if reason is not None:
             raise BackendUnsupportedError(
                 f"fused_resblock backend {name!r} (forced) cannot run {op} for {_describe(config)}: {reason}"
             )
-        module = get(name)
-    elif _device_type(config) == "cpu":
-        module = get("reference")  # kernels run on the CPU only under Triton's interpreter: a test mode
-    else:
-        module = None
-        reasons = []
-        for candidate in AUTO_ORDER:
-            reason = _unsupported(candidate, op, config)
-            if reason is None:
-                module = get(candidate)
-                break
+        return get(name)
+    if _device_type(config) == "cpu":
+        return get("reference")  # kernels run on the CPU only under Triton's interpreter: a test mode
+    capable, reasons = [], []
+    for candidate in AUTO_ORDER:
+        reason = _unsupported(candidate, op, config)
+        if reason is None:
+            capable.append(get(candidate))
+        else:
             reasons.append(f"{candidate}: {reason}")
-        if module is None:
-            module = get("reference")
-            _warn_fallback(op, config, reasons)
-    _choices[key] = module
-    return module
+    if not capable:
+        _warn_fallback(op, config, reasons)
+        return get("reference")
+    return tuple(capable)
 
 
 def _device_type(config: dict) -> str:
@@ -139,7 +157,7 @@ def _warn_fallback(op: str, config: dict, reasons: list) -> None:
         ("backend", op, tuple(config.items())),
         f"fused_resblock: no fused kernel for {op} with {_describe(config)} "
         f"({'; '.join(reasons)}); running the unfused reference implementation",
-        stacklevel=5,
+        stacklevel=6,
     )
 
 

@@ -4,11 +4,10 @@ Per (shape, dtype, GPU name, Triton version) the candidates are timed once on
 the GPU and the winner is kept twice: in a process-wide dict (the launch path
 does one lookup) and in a JSON file, so a second process pays no tuning.
 
-* file: ``$FUSED_RESBLOCK_CACHE_DIR/autotune.json``, else
-  ``${XDG_CACHE_HOME:-~/.cache}/fused_resblock/autotune.json``; written
-  atomically (temporary file + ``os.replace``), merged with what other
-  processes wrote meanwhile; a corrupt or foreign-format file is ignored with
-  one warning and rewritten on the next save.
+* file: ``autotune.json`` in the cache directory (``cache_file``: atomic
+  writes, merged with what other processes wrote meanwhile; a corrupt or
+  foreign-format file is ignored with one warning and rewritten on the next
+  save).
 * no timing under Triton's interpreter (tiles as large as the problem keep
   CPU runs fast), while a CUDA graph is being captured (timing would
   synchronise), or when ``FUSED_RESBLOCK_AUTOTUNE=0``: a heuristic default is
@@ -16,16 +15,15 @@ does one lookup) and in a JSON file, so a second process pays no tuning.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import threading
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+
+from ..cache_file import cache_dir, merge_entry, read_entries, write_entries
 
 FORMAT = "fused_resblock.autotune"
 VERSION = 1
@@ -156,57 +154,22 @@ def default_config(key: ShapeKey) -> Config:
 
 
 # --------------------------------------------------------------------------- the file
+WHAT = "autotune cache"
+
+
 def cache_path() -> Path:
     """Where the tuned configs live (see the module docstring)."""
-    root = os.environ.get("FUSED_RESBLOCK_CACHE_DIR")
-    if root:
-        return Path(root) / "autotune.json"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "fused_resblock" / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 def load_cache_file(path: Path, warn: bool = True) -> Dict[str, Config]:
     """Entries of the cache file; {} when it is missing, and (with a warning) when unreadable."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        if warn:
-            warnings.warn(f"fused_resblock: cannot read autotune cache {path} ({e}); ignoring it")
-        return {}
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(f"not a {FORMAT} v{VERSION} file")
-        entries = data["entries"]
-        if not isinstance(entries, dict):
-            raise ValueError("'entries' is not an object")
-        return {str(k): Config.from_dict(v) for k, v in entries.items()}
-    except (ValueError, KeyError, TypeError) as e:
-        if warn:
-            warnings.warn(f"fused_resblock: ignoring autotune cache {path}: {e}")
-        return {}
+    return read_entries(path, FORMAT, VERSION, Config.from_dict, warn=warn, what=WHAT)
 
 
 def save_cache_file(path: Path, entries: Dict[str, Config]) -> None:
     """Write ``entries`` atomically: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION,
-            "entries": {k: asdict(v) for k, v in sorted(entries.items())}}
-    fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_entries(path, FORMAT, VERSION, {k: asdict(v) for k, v in entries.items()})
 
 
 # --------------------------------------------------------------------------- the tuner
@@ -288,12 +251,7 @@ class Autotuner:
 
     def _save(self, fkey: str, cfg: Config) -> None:
         """Merge into what is on disk now (other processes may have added entries)."""
-        try:
-            entries = load_cache_file(self.path, warn=False)
-            entries[fkey] = cfg
-            save_cache_file(self.path, entries)
-        except OSError as e:
-            warnings.warn(f"fused_resblock: cannot write autotune cache {self.path} ({e})")
+        merge_entry(self.path, FORMAT, VERSION, fkey, asdict(cfg), Config.from_dict, what=WHAT)
 
 
 def _tuning_allowed(key: ShapeKey) -> Optional[bool]:

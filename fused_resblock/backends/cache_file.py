@@ -1,0 +1,84 @@
+"""The JSON files that remember measurements between processes (tile configs, backend choices).
+
+Each file is ``{"format": ..., "version": ..., "entries": {key: value}}`` in
+one directory: ``$FUSED_RESBLOCK_CACHE_DIR``, else
+``${XDG_CACHE_HOME:-~/.cache}/fused_resblock``. Writes are atomic (temporary
+file + ``os.replace``); a missing file reads as empty, an unreadable or
+foreign one as empty with one warning (and is rewritten on the next save).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+
+def cache_dir() -> Path:
+    """The directory of every cache file (see the module docstring)."""
+    root = os.environ.get("FUSED_RESBLOCK_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "fused_resblock"
+
+
+def read_entries(path: Path, fmt: str, version: int, parse: Callable[[Any], Any],
+                 warn: bool = True, what: str = "cache") -> Dict[str, Any]:
+    """{key: parse(value)} from the file; {} when it is missing, and (with a warning naming ``what``)
+    when unusable."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        if warn:
+            warnings.warn(f"fused_resblock: cannot read {what} {path} ({e}); ignoring it")
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != fmt or data.get("version") != version:
+            raise ValueError(f"not a {fmt} v{version} file")
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError("'entries' is not an object")
+        return {str(k): parse(v) for k, v in entries.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        if warn:
+            warnings.warn(f"fused_resblock: ignoring {what} {path}: {e}")
+        return {}
+
+
+def write_entries(path: Path, fmt: str, version: int, entries: Dict[str, Any]) -> None:
+    """Write ``entries`` (JSON values) atomically: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": fmt, "version": version, "entries": dict(sorted(entries.items()))}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def merge_entry(path: Path, fmt: str, version: int, key: str, value: Any,
+                validate: Callable[[Any], Any], what: str = "cache") -> None:
+    """Add one entry to what is on disk now (other processes may have added theirs); warn if unwritable.
+
+    ``validate`` raises on a bad value: a file holding one is replaced, not kept.
+    """
+    try:
+        entries = read_entries(path, fmt, version, lambda v: (validate(v), v)[1], warn=False)
+        entries[key] = value
+        write_entries(path, fmt, version, entries)
+    except OSError as e:
+        warnings.warn(f"fused_resblock: cannot write {what} {path} ({e})")

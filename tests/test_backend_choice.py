@@ -1,0 +1,140 @@
+"""``auto``'s per-shape choice between capable backends (``backends.choice``), on the CPU with fakes.
+
+The real measurement runs on a GPU (tests/test_cuda_ext.py and the benchmarks);
+here the timing is a formula, so the logic — fastest wins, memo, the file a
+fresh process reads, no measurement when disabled or capturing — is checked.
+"""
+import json
+import types
+import warnings
+
+import pytest
+import torch
+
+from fused_resblock import backends
+from fused_resblock.backends import choice
+
+FAST, SLOW = types.SimpleNamespace(NAME="fast"), types.SimpleNamespace(NAME="slow")
+SPEED = {"fast": 1.0, "slow": 3.0}
+KEY = ((8, 64, 56, 56, True), (64, 64, 3, 3, True), (1, 1), (1, 1), (1, 1), 1, True)
+
+
+class FakeTimer:
+    """Times a backend by the SPEED table and records which backends ran."""
+
+    def __init__(self):
+        self.ran = []
+
+    def __call__(self, call):
+        return call()
+
+    def run(self, module):
+        self.ran.append(module.NAME)
+        return SPEED[module.NAME]
+
+
+def never_time(call):
+    raise AssertionError("a remembered choice must not be measured again")
+
+
+def make_chooser(path, benchmark):
+    return choice.BackendChooser(path, benchmark=benchmark, device_name=lambda device: "Fake GPU")
+
+
+@pytest.mark.parametrize("order", [(SLOW, FAST), (FAST, SLOW)], ids=["slow_first", "fast_first"])
+def test_the_faster_backend_wins_and_is_remembered(tmp_path, order):
+    timer = FakeTimer()
+    chooser = make_chooser(tmp_path / "backends.json", timer)
+    assert chooser.choose("conv_bias_act", KEY, order, timer.run, "cuda", allowed=True) is FAST
+    assert sorted(timer.ran) == ["fast", "slow"], "each candidate measured once"
+    assert chooser.choose("conv_bias_act", KEY, order, timer.run, "cuda", allowed=True) is FAST
+    assert len(timer.ran) == 2, "memoised in the process"
+    other_shape = KEY[:-1] + (False,)
+    chooser.choose("conv_bias_act", other_shape, order, timer.run, "cuda", allowed=True)
+    assert len(timer.ran) == 4, "a new shape is measured"
+
+    fresh = make_chooser(tmp_path / "backends.json", never_time)  # another process
+    assert fresh.choose("conv_bias_act", KEY, order, timer.run, "cuda", allowed=True) is FAST
+    data = json.loads((tmp_path / "backends.json").read_text())
+    assert data["format"] == choice.FORMAT and sorted(data["entries"].values()) == ["fast", "fast"]
+
+
+def test_a_failing_candidate_is_skipped(tmp_path):
+    def benchmark(call):
+        return call()
+
+    def run(module):
+        if module is FAST:
+            raise RuntimeError("too much shared memory")
+        return 1.0
+
+    chooser = make_chooser(tmp_path / "backends.json", benchmark)
+    assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True) is SLOW
+
+
+def test_no_measurement_when_disabled_or_capturing(tmp_path, monkeypatch):
+    chooser = make_chooser(tmp_path / "backends.json", never_time)
+    assert chooser.choose("conv_bias_act", KEY, (SLOW, FAST), FakeTimer().run, "cuda", allowed=False) is SLOW
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "0")
+    assert choice.measurement_allowed() is False
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert choice.measurement_allowed() is None
+    capturing = make_chooser(tmp_path / "other.json", never_time)
+    assert capturing.choose("conv_bias_act", KEY, (SLOW, FAST), FakeTimer().run, "cuda") is SLOW
+    assert not (tmp_path / "other.json").exists(), "nothing remembered while capturing"
+
+
+def test_bad_file_is_ignored_with_one_warning(tmp_path):
+    path = tmp_path / "backends.json"
+    path.write_text(json.dumps({"format": choice.FORMAT, "version": 1, "entries": {"k": 3}}))
+    timer = FakeTimer()
+    chooser = make_chooser(path, timer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chooser.choose("conv_bias_act", KEY, (SLOW, FAST), timer.run, "cuda", allowed=True)
+        chooser.choose("conv_bias_act", KEY[:-1] + (False,), (SLOW, FAST), timer.run, "cuda", allowed=True)
+    assert len([w for w in caught if "backend choice cache" in str(w.message)]) == 1
+    assert list(json.loads(path.read_text())["entries"].values()) == ["fast", "fast"], "bad file replaced"
+
+
+def test_cache_file_beside_the_autotune_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    assert choice.cache_path() == tmp_path / "backends.json"
+
+
+# --------------------------------------------------------------------------- select()
+@pytest.fixture
+def two_capable_backends(monkeypatch):
+    """Pretend triton and cuda both support every call; record what the chooser is asked."""
+    monkeypatch.setattr(backends, "_unsupported", lambda name, op, config: None)
+    backends.clear_caches()
+    asked = []
+
+    class Spy:
+        def choose(self, op, shape_key, candidates, run, device):
+            asked.append((op, shape_key, [m.NAME for m in candidates], device))
+            return candidates[-1]
+
+    monkeypatch.setattr(choice, "CHOOSER", Spy())
+    yield asked
+    backends.clear_caches()
+
+
+def test_select_asks_the_chooser_only_with_several_candidates(two_capable_backends):
+    config = {"device": torch.device("cuda", 0), "dtype": torch.float16}
+    chosen = backends.select("conv_bias_act", "auto", config, measure=lambda: (KEY, lambda m: None))
+    assert chosen.NAME == "cuda"
+    assert two_capable_backends == [("conv_bias_act", KEY, list(backends.AUTO_ORDER), torch.device("cuda", 0))]
+    # without arguments to measure: the first of AUTO_ORDER, no chooser
+    assert backends.select("conv_bias_act", "auto", config).NAME == backends.AUTO_ORDER[0]
+    # a forced backend is never measured
+    assert backends.select("conv_bias_act", "triton", config, measure=lambda: 1 / 0).NAME == "triton"
+    assert len(two_capable_backends) == 1
+
+
+def test_select_on_cpu_never_measures(two_capable_backends):
+    config = {"device": torch.device("cpu"), "dtype": torch.float32}
+    assert backends.select("conv_bias_act", "auto", config, measure=lambda: 1 / 0).NAME == "reference"
+    assert two_capable_backends == []
