@@ -7,7 +7,8 @@
 #   env       nvidia-smi, nvcc, compute-sanitizer, python and library versions, backend availability
 #   build     the CUDA extension, when csrc/ has CUDA sources (setup.py build_ext --inplace, then
 #             pip install --no-deps --no-build-isolation -e . if that fails); no downloads
-#   tests     python -m pytest tests -q -rs on the GPU (TRITON_INTERPRET unset)
+#   tests     python -m pytest tests -q -rs on the GPU (TRITON_INTERPRET unset), over TEST_WORKERS
+#             processes when pytest-xdist is installed
 #   memcheck  compute-sanitizer memcheck of small fused blocks on each GPU backend that is available
 #   bench     python -m benchmarks.run: the matrix within a budget, JSON + plot
 #   summary   a short table, printed last
@@ -20,6 +21,7 @@
 # Knobs (environment variables):
 #   PYTHON (default python3)          GPU_CHECK_TOTAL_S (570)       BENCH_BUDGET_S (480)
 #   BUILD_TIMEOUT_S (300)             TEST_TIMEOUT_S (300)          MEMCHECK_TIMEOUT_S (150)
+#   TEST_WORKERS (8; 1 = no xdist)
 #   GPU_CHECK_SKIP  comma list of stages to skip: build,tests,memcheck,bench
 #   BENCH_ARGS      extra arguments for python -m benchmarks.run (e.g. "--only 'model:resnet50:*'")
 # Needs python 3.10+, torch, and no network.
@@ -127,7 +129,13 @@ if skipped tests; then
 else
     limit=$(min "${TEST_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 30 )))
     if [ "$limit" -gt 30 ]; then
-        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider
+        # pytest-xdist (in the GPU image) spreads Triton's compiles and the float64 CPU references
+        # over the cores; every worker shares the one GPU and the run's seed (tests/conftest.py)
+        workers=()
+        if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${TEST_WORKERS:-8}" -gt 1 ]; then
+            workers=(-n "${TEST_WORKERS:-8}")
+        fi
+        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"}
     else
         record tests skipped 0 "no time left"
     fi

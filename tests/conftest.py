@@ -22,7 +22,9 @@ if not torch.cuda.is_available():
 import fused_resblock  # noqa: E402
 from fused_resblock import _warnings, backends  # noqa: E402
 
-RUN_SEED = int(os.environ.get("FUSED_RESBLOCK_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# Exported, so pytest-xdist's workers (started after this file loads) share the run's seed.
+os.environ.setdefault("FUSED_RESBLOCK_TEST_SEED", str(random.SystemRandom().randrange(2**31)))
+RUN_SEED = int(os.environ["FUSED_RESBLOCK_TEST_SEED"])
 
 
 def pytest_report_header(config):
