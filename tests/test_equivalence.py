@@ -236,3 +236,36 @@ def test_detection_backbone_with_frozen_batchnorm():
     out, ref = fused(x), reference(x)
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the rule's kink handling
+class _ShiftRelu(nn.Module):
+    """relu(x - shift) with an in-place ReLU module, as torchvision's blocks end."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(x - self.shift)
+
+
+def test_output_gradient_is_zero_on_the_final_relu_kink():
+    from fused_resblock import testing
+
+    x = torch.tensor([[-1.0, -1e-4, 0.0, 2e-4, 0.5, 3.0]], dtype=torch.float64)
+    _, _, grad = testing._run_first(_ShiftRelu(0.0), x, True, torch.float16)
+    assert testing.KINK_WIDTH[torch.float16] * 3.0 > 2e-4  # max |pre-activation| = 3
+    near = torch.tensor([[False, True, True, True, False, False]])
+    assert torch.all(grad[near] == 0) and torch.all(grad[~near] != 0)
+    _, _, grad32 = testing._run_first(_ShiftRelu(0.0), x, True, torch.float32)
+    assert torch.all(grad32[:, [0, 1, 3, 4, 5]] != 0), "at fp32 the kink is 4 float32 eps wide"
+
+
+def test_no_kink_masking_without_a_final_relu():
+    from fused_resblock import testing
+
+    linear = nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double()
+    _, _, grad = testing._run_first(linear, torch.randn(2, 4, dtype=torch.float64), True, torch.float16)
+    assert torch.all(grad != 0)
