@@ -37,6 +37,10 @@ def fold_uncached(conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
     sd = stat_dtype(dtype)
     scale, shift = norms.running_scale_shift(norm, sd)
     weight = (conv.weight.to(sd) * scale.view(-1, 1, 1, 1)).to(dtype)
+    if weight.device.type != "cpu":
+        # KRSC: both GPU backends read a tap's channels contiguously, and the CUDA
+        # binding would copy any other layout on every call
+        weight = weight.contiguous(memory_format=torch.channels_last)
     bias = shift if conv.bias is None else shift + conv.bias.to(sd) * scale
     return weight, bias
 

@@ -214,6 +214,19 @@ def test_fold_cache_hits_and_invalidates():
         assert fourth is not third and fourth[0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_folded_weights_are_channels_last_off_the_cpu(device):
+    """GPU kernels read KRSC weights; the CUDA binding would copy any other layout per call.
+    (The meta device stands in for a GPU: the layout rule is "not the CPU".)"""
+    from fused_resblock.folding import fold_uncached
+
+    conv, norm = nn.Conv2d(8, 16, 3, bias=False).to(device), nn.BatchNorm2d(16).to(device).eval()
+    weight, bias = fold_uncached(conv, norm, torch.float16)
+    assert weight.dtype == torch.float16 and weight.shape == conv.weight.shape and bias.shape == (16,)
+    on_gpu_layout = weight.is_contiguous(memory_format=torch.channels_last)
+    assert on_gpu_layout == (device != "cpu") and (device != "cpu" or weight.is_contiguous())
+
+
 def test_fold_follows_an_optimizer_step():
     model = frb.convert(randomize_norms(tv.BasicBlock(4, 4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
