@@ -35,7 +35,7 @@ namespace fused_resblock {
 
 // grid: (ceil(m / kBlockM), ceil(out_group_channels / kBlockN), groups)
 template <typename T, class Tile>
-__global__ void __launch_bounds__(Tile::kThreads)
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
     conv_bias_act_kernel(const __grid_constant__ ConvBiasActParams p, const __grid_constant__ ConvGemm g) {
   namespace wmma = nvcuda::wmma;
   using FragmentA = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, T, wmma::row_major>;

@@ -20,8 +20,9 @@ constexpr int kSmemPitch = kBlockK + 8;
 
 constexpr int kFragment = 16;  // WMMA m16n16k16
 
-template <int BlockM, int BlockN, int WarpsM, int WarpsN>
+template <int BlockM, int BlockN, int WarpsM, int WarpsN, int MinBlocksPerSM>
 struct TileShape {
+  static constexpr int kMinBlocksPerSM = MinBlocksPerSM;  // __launch_bounds__: caps registers per thread
   static constexpr int kBlockM = BlockM;
   static constexpr int kBlockN = BlockN;
   static constexpr int kWarpsM = WarpsM;
@@ -51,9 +52,13 @@ struct TileShape {
 
 // 8 warps; per-warp tiles 64x32, 32x32 and 16x16. The narrow shape serves
 // grouped convolutions with few channels per group (ResNeXt: 4 or 8).
-using LargeTile = TileShape<128, 128, 2, 4>;
-using MediumTile = TileShape<128, 64, 4, 2>;
-using NarrowTile = TileShape<128, 16, 8, 1>;
+// Blocks per SM, from ptxas -v for sm_90a (nvcc 13.0): large needs 163-175
+// registers (a cap of 128 for 2 blocks spills 40-184 bytes), medium fits 2 at
+// 114-120, narrow fits 3 at 74-78 without spilling (uncapped, fp16 chose 64
+// registers and spilled 12 bytes).
+using LargeTile = TileShape<128, 128, 2, 4, 1>;
+using MediumTile = TileShape<128, 64, 4, 2, 2>;
+using NarrowTile = TileShape<128, 16, 8, 1, 3>;
 
 // kAuto: narrow tiles for per-group widths up to 16 (ResNeXt), medium up to 64
 // or when large tiles would leave SMs idle (small batches, 7x7 maps), else large.
