@@ -326,7 +326,7 @@ def test_conv_bias_act_backward_option_a_residual():
 @pytest.mark.usefixtures("poison_gradients")
 def test_conv_bias_act_backward_tilings(monkeypatch):
     """Many small tiles and wgrad's split-K (the GPU tilings) under the interpreter."""
-    monkeypatch.setattr(conv_bwd, "_tiles", lambda m, n, k, dtype, dev: (16, 16, 16, 1, 1))
+    monkeypatch.setattr(conv_bwd, "_config_for", lambda key, launch: SMALL_TILES)
     for case_id in ("3x3_s2_cin24", "1x1_projection_s2"):
         run_backward(make_inputs(CASES[case_id], torch.float32, DEVICE, True), [True] * 6, split_k=3)
 

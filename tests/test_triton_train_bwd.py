@@ -21,7 +21,9 @@ from fused_resblock.backends import triton as triton_backend
 from helpers import DEVICE, DTYPES, check_grads, float64_cpu, needs_gpu
 
 pytest.importorskip("triton")
-from fused_resblock.backends.triton import bn_act_bwd, conv_bwd  # noqa: E402
+from fused_resblock.backends.triton import autotune, bn_act_bwd, conv_bwd  # noqa: E402
+
+SMALL_TILES = autotune.Config(16, 16, 16, group_m=1, num_warps=1, num_stages=1)
 
 
 @pytest.fixture(autouse=True)
@@ -255,9 +257,41 @@ def test_conv_stats_backward_split_k(split_k):
 
 def test_conv_stats_backward_many_tiles(monkeypatch):
     """Small tiles: many row blocks and stride phases per dgrad, several K steps and columns in wgrad."""
-    monkeypatch.setattr(conv_bwd, "_tiles", lambda m, n, k, dtype, dev: (16, 16, 16, 1, 1))
+    monkeypatch.setattr(conv_bwd, "_config_for", lambda key, launch: SMALL_TILES)
     for case in (ConvCase(2, 20, 9, 8, 24, stride=2), ConvCase(1, 18, 7, 7, 20, kernel=1, padding=0, groups=2)):
         _run_conv(_conv_inputs(case, torch.float32), [True] * 7, torch.float32)
+
+
+def test_backward_tiles_are_tuned_per_gemm(tmp_path, monkeypatch):
+    """dgrad and wgrad each time their candidate tiles once per shape (fake timing here), then reuse them."""
+    timed = []
+
+    def fake_bench(run):
+        run()  # every candidate really launches (under the interpreter here)
+        timed.append(1)
+        return float(len(timed))  # the first candidate of each GEMM wins
+
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=fake_bench)
+    keys = []
+
+    def choose(key, launch):
+        keys.append(key)
+        return tuner.choose(key, launch, device_name="Fake GPU", tune=True)
+
+    monkeypatch.setattr(conv_bwd, "_config_for", choose)
+    case = ConvCase(2, 8, 7, 7, 12, stride=2)
+    args = _conv_inputs(case, torch.float32)
+    _run_conv(args, [True] * 7, torch.float32)
+    assert [k.fusion for k in keys] == ["dgrad+bn+stats", "wgrad+bn+stats"]
+    assert all(autotune.backward_kind(k) for k in keys)
+    first = len(timed)
+    assert first >= 2
+    _run_conv(args, [True] * 7, torch.float32)
+    assert len(timed) == first, "tuned once per shape"
+    dgrad, wgrad = keys[:2]
+    assert autotune._gemm_sizes(dgrad) == (2 * 4 * 4, 8, 12)   # phase pixels, C_in, C_out
+    assert autotune._gemm_sizes(wgrad) == (12, 9 * 8, 2 * 4 * 4)  # C_out, taps*C_in, output pixels
+    assert all(c.group_m == 1 for c in autotune.candidate_configs(wgrad))
 
 
 def test_conv_stats_backward_deterministic():

@@ -78,7 +78,7 @@ class ShapeKey(NamedTuple):
     channels_last: bool
     input_precision: str
     flat_k: bool
-    fusion: str = ""  # train-mode extras compiled in: "bn" / "bn_relu" prologue, "stats" epilogue
+    fusion: str = ""  # extras compiled in: "bn" / "bn_relu" prologue, "stats" epilogue; "dgrad..."/"wgrad...": backward
 
 
 # The interpreter pays ~ms of Python per program per K step whatever the tile
@@ -106,18 +106,45 @@ def _pow2_at_least(v: int, low: int = 16) -> int:
     return max(low, 1 << max(0, int(v) - 1).bit_length())
 
 
+# The backward GEMMs (conv_bwd): their keys' ``fusion`` starts with one of these.
+BACKWARD_KINDS = ("dgrad", "wgrad")
+
+
+def backward_kind(key: ShapeKey) -> str:
+    """"dgrad" or "wgrad" for a backward GEMM's key, "" for the forward conv."""
+    kind = key.fusion.split("+", 1)[0]
+    return kind if kind in BACKWARD_KINDS else ""
+
+
 def _gemm_sizes(key: ShapeKey) -> Tuple[int, int, int]:
-    """(M, output channels per group, longest contiguous K run a BLOCK_K slice walks): tile bounds."""
+    """(M, N, longest contiguous K run a BLOCK_K slice walks) of the key's GEMM: tile bounds.
+
+    Forward: output pixels x output channels per group x (channels per group, or
+    taps x channels when flat). dgrad: one stride phase's input pixels x input
+    channels per group x output channels per group (one tap at a time). wgrad:
+    output channels per group x taps·input channels per group x output pixels.
+    """
     oh = (key.height + 2 * key.padding[0] - key.dilation[0] * (key.kernel[0] - 1) - 1) // key.stride[0] + 1
     ow = (key.width + 2 * key.padding[1] - key.dilation[1] * (key.kernel[1] - 1) - 1) // key.stride[1] + 1
+    pixels = key.batch * max(oh, 1) * max(ow, 1)
     c_in_g = key.in_channels // key.groups
+    c_out_g = key.out_channels // key.groups
+    kind = backward_kind(key)
+    if kind == "dgrad":
+        phase_pixels = key.batch * -(-key.height // key.stride[0]) * -(-key.width // key.stride[1])
+        return phase_pixels, c_in_g, c_out_g
+    if kind == "wgrad":
+        return c_out_g, key.kernel[0] * key.kernel[1] * c_in_g, pixels
     k_len = key.kernel[0] * key.kernel[1] * c_in_g if key.flat_k else c_in_g
     k_len = max(k_len, key.shortcut_channels)
-    return key.batch * max(oh, 1) * max(ow, 1), key.out_channels // key.groups, k_len
+    return pixels, c_out_g, k_len
 
 
 def _clamp(cfg: Config, key: ShapeKey) -> Config:
-    """Shrink tiles that would be mostly masked off; fp32 tiles are twice the bytes."""
+    """Shrink tiles that would be mostly masked off; fp32 tiles are twice the bytes.
+
+    The backward kernels walk their tiles in row-major order: no group_m.
+    """
     m, n, k = _gemm_sizes(key)
     stages = min(cfg.num_stages, 3) if key.dtype == torch.float32 else cfg.num_stages
     block_k = min(cfg.block_k, 32) if key.dtype == torch.float32 else cfg.block_k
@@ -125,7 +152,7 @@ def _clamp(cfg: Config, key: ShapeKey) -> Config:
         block_m=min(cfg.block_m, _pow2_at_least(m, 32)),
         block_n=min(cfg.block_n, _pow2_at_least(n)),
         block_k=min(block_k, _pow2_at_least(k)),
-        group_m=cfg.group_m, num_warps=cfg.num_warps, num_stages=stages,
+        group_m=1 if backward_kind(key) else cfg.group_m, num_warps=cfg.num_warps, num_stages=stages,
     )
 
 
@@ -150,6 +177,9 @@ def default_config(key: ShapeKey) -> Config:
     if interpreter_requested() or key.device.type != "cuda":
         return interpreter_config(key)
     m, _, _ = _gemm_sizes(key)
+    if backward_kind(key):
+        wide = 64 if key.dtype == torch.float32 else 128
+        return _clamp(Config(128, wide, 64, 1, 4, 3), key)
     return _clamp(Config(128 if m >= 4096 else 64, 128, 32, 8, 4, 3), key)
 
 

@@ -44,6 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import memory_format_of, stat_dtype
+from . import autotune
 from .autotune import interpreter_requested
 from .bn_act_bwd import finalize_channel_grads, mapped_residual_grad, new_output
 
@@ -292,10 +293,6 @@ def _pair(v) -> tuple:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _pow2(v: int, low: int = 16) -> int:
-    return max(low, 1 << max(0, int(v) - 1).bit_length())
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     """TF32 for fp32 operands exactly when PyTorch's conv flag allows it (IEEE under the interpreter)."""
     if dtype != torch.float32:
@@ -305,13 +302,25 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _tiles(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM of m x n over k."""
-    if INTERPRETING or device.type != "cuda":  # few, large programs: the interpreter pays per program
-        return min(_pow2(m), 64), min(_pow2(n), 128), min(_pow2(k), 128), 1, 1
-    bk = 32 if dtype == torch.float32 else 64
-    return (min(128, _pow2(m, 32)), min(128 if dtype != torch.float32 else 64, _pow2(n)),
-            min(bk, _pow2(k)), 4, 3)
+def _tuning_key(kind: str, x: Tensor, weight: Tensor, geometry, src: "_GradSource",
+                prologue: "_Prologue") -> autotune.ShapeKey:
+    """The autotune key of one backward GEMM: the conv's geometry plus what the kernel fuses."""
+    stride, padding, dilation, groups = geometry
+    n, c_in, h, w = x.shape
+    extras = [name for name, on in (("bn", prologue.present), ("mask", src.flags["RELU_MASK"]),
+                                    ("stats", src.flags["HAS_GV"])) if on]
+    return autotune.ShapeKey(
+        device=x.device, dtype=x.dtype, batch=n, in_channels=c_in, height=h, width=w,
+        out_channels=weight.shape[0], kernel=tuple(weight.shape[2:]), stride=stride, padding=padding,
+        dilation=dilation, groups=groups, shortcut_channels=0, shortcut_stride=0,
+        channels_last=x.is_contiguous(memory_format=torch.channels_last),
+        input_precision=_input_precision(x.dtype), flat_k=False, fusion="+".join([kind, *extras]),
+    )
+
+
+def _config_for(key: autotune.ShapeKey, launch) -> autotune.Config:
+    """The tile config for ``key``: timed once per shape on a GPU (``autotune``), else the default."""
+    return autotune.choose_config(key, launch)
 
 
 def _check(grad_y, x, y, weight, groups, oh, ow) -> None:
@@ -362,7 +371,14 @@ class _Prologue:
 
 def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
            prologue: _Prologue, store_gx: bool, part_sums: bool):
-    """One dgrad launch: (gx or None, the per-tile partial sums of the prologue's backward or None)."""
+    """dgrad with its tuned tiles: (gx or None, the prologue backward's per-tile partial sums or None)."""
+    def launch(cfg):
+        return _dgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, store_gx, part_sums)
+    return launch(_config_for(_tuning_key("dgrad", x, weight, geometry, src, prologue), launch))
+
+
+def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
+                  prologue: _Prologue, store_gx: bool, part_sums: bool):
     stride, padding, dilation, groups = geometry
     n, c_in, h, w = x.shape
     c_out, c_in_g = weight.shape[0], weight.shape[1]
@@ -370,15 +386,14 @@ def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
     gx = new_output(x.shape, x.dtype, dev, memory_format_of(x)) if store_gx else None
     phases = stride[0] * stride[1]
     rows = n * (-(-h // stride[0])) * (-(-w // stride[1]))
-    bm, bn, bk, warps, stages = _tiles(rows, c_in_g, c_out // groups, x.dtype, dev)
-    num_pid_m = max(1, -(-rows // bm))
+    num_pid_m = max(1, -(-rows // cfg.block_m))
     part = torch.empty((phases * num_pid_m, 2 * c_in), dtype=torch.float32, device=dev) if part_sums else None
     if x.numel() == 0:
         if part is not None:
             part.zero_()
         return gx, part
     gx_t = gx if gx is not None else x
-    _dgrad_kernel[(num_pid_m * -(-c_in_g // bn), groups, phases)](
+    _dgrad_kernel[(num_pid_m * -(-c_in_g // cfg.block_n), groups, phases)](
         *src.args, weight, x, *prologue.args, gx_t, part if part is not None else x,
         n, h, w, oh, ow, c_in, c_in_g, c_out // groups, num_pid_m,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -386,14 +401,22 @@ def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
         KH=weight.shape[2], KW=weight.shape[3], **src.flags, **prologue.flags,
         STORE_GX=store_gx, PART_SUMS=part_sums,
         INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return gx, part
 
 
 def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
            prologue: _Prologue, need_gw: bool, bias_grad: bool, split_k: Optional[int]):
-    """One wgrad launch (plus a fixed-order sum of the K splits): (gw or None, gb or None)."""
+    """wgrad with its tuned tiles (plus a fixed-order sum of the K splits): (gw or None, gb or None)."""
+    def launch(cfg):
+        return _wgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, need_gw, bias_grad, split_k)
+    return launch(_config_for(_tuning_key("wgrad", x, weight, geometry, src, prologue), launch))
+
+
+def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
+                  prologue: _Prologue, need_gw: bool, bias_grad: bool, split_k: Optional[int]):
     stride, padding, dilation, groups = geometry
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -401,7 +424,7 @@ def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
     dev = x.device
     p_total = n * oh * ow
     k_cols = kh * kw * c_in_g
-    bm, bn, bk, warps, stages = _tiles(c_out_g, k_cols, p_total, x.dtype, dev)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     num_pid_n = -(-k_cols // bn) if need_gw else 1
     tiles = -(-c_out_g // bm) * num_pid_n * groups
     if split_k is None:
@@ -439,7 +462,7 @@ def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
         KW=kw, **src.flags, **prologue.flags,
         STORE_GW=need_gw, BIAS_GRAD=bias_grad,
         INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:  # fixed-order sum of the splits, then the final dtype
         if need_gw:
