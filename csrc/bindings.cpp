@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "conv_bias_act.h"
+#include "conv_gemm.cuh"
 
 namespace fr = fused_resblock;
 
@@ -84,7 +85,7 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
                               const std::optional<at::Tensor>& residual, int64_t residual_stride,
                               int64_t residual_offset, const std::optional<at::Tensor>& shortcut_x,
                               const std::optional<at::Tensor>& shortcut_weight, int64_t shortcut_stride, bool relu,
-                              std::optional<at::Tensor>& out, int64_t tile, Target target,
+                              std::optional<at::Tensor>& out, int64_t tile, int64_t pipeline, Target target,
                               std::vector<at::Tensor>& keep) {
   // ---- devices and dtypes
   TORCH_CHECK(x.defined(), kOp, ": x is undefined");
@@ -175,6 +176,8 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
     out = at::empty({batch, out_channels, out_h, out_w}, x.options().memory_format(memory_format_of(x)));
   }
   TORCH_CHECK(tile >= 0 && tile <= 3, kOp, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
+  TORCH_CHECK(pipeline >= 0 && pipeline <= 2, kOp,
+              ": pipeline must be 0 (auto), 1 (registers) or 2 (cp.async), got ", pipeline);
 
   // ---- the kernel's layouts: NHWC activations, KRSC weights (channels_last)
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -230,6 +233,10 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   p.out_w = int(out_w);
   p.relu = relu;
   p.tile = fr::TileShapeKind(int(tile));
+  p.pipeline = fr::Pipeline(int(pipeline));
+  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), kOp,
+              ": pipeline 2 (cp.async) moves 16-byte chunks only: it needs channels per group and shortcut "
+              "channels that are multiples of 8 and 16-byte-aligned x, weight, shortcut_x and shortcut_weight");
   p.num_sms = 1;
   return p;
 }
@@ -247,7 +254,8 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& residual, int64_t residual_stride, int64_t residual_offset,
                          const std::optional<at::Tensor>& shortcut_x, const std::optional<at::Tensor>& shortcut_weight,
-                         int64_t shortcut_stride, bool relu, std::optional<at::Tensor> out, int64_t tile) {
+                         int64_t shortcut_stride, bool relu, std::optional<at::Tensor> out, int64_t tile,
+                         int64_t pipeline) {
   TORCH_CHECK(x.defined() && x.is_cuda(), kOp, ": expected CUDA tensor for x, got ",
               x.defined() ? x.device().str() : std::string("an undefined tensor"),
               " (the cuda backend runs CUDA tensors only; the reference backend runs CPU ones)");
@@ -259,7 +267,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
   std::vector<at::Tensor> keep;
   fr::ConvBiasActParams p =
       prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
-              shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, Target::kCuda, keep);
+              shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kCuda, keep);
   p.num_sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const cudaError_t error = fr::launch_conv_bias_act(p, c10::cuda::getCurrentCUDAStream(device).stream());
   TORCH_CHECK(error == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(error));
@@ -272,11 +280,11 @@ at::Tensor emulate_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
                                  const std::optional<at::Tensor>& residual, int64_t residual_stride,
                                  int64_t residual_offset, const std::optional<at::Tensor>& shortcut_x,
                                  const std::optional<at::Tensor>& shortcut_weight, int64_t shortcut_stride, bool relu,
-                                 std::optional<at::Tensor> out, int64_t tile) {
+                                 std::optional<at::Tensor> out, int64_t tile, int64_t pipeline) {
   std::vector<at::Tensor> keep;
   fr::ConvBiasActParams p =
       prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
-              shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, Target::kHost, keep);
+              shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kHost, keep);
   p.num_sms = 132;  // an H100's, so kAuto picks what it would there
   fr::emulate_conv_bias_act(p);
   return *out;
@@ -301,7 +309,9 @@ pybind11::dict build_info() {
 #endif
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
-  info["kernels"] = std::string("conv_bias_act: nvcuda::wmma implicit GEMM, fp16/bf16 in, fp32 accumulate");
+  info["kernels"] = std::string(
+      "conv_bias_act: nvcuda::wmma implicit GEMM, fp16/bf16 in, fp32 accumulate; cp.async 3-stage or "
+      "register-staged 2-stage main loop");
   return info;
 }
 
@@ -313,18 +323,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bias_act", &conv_bias_act,
         "act(conv(x, weight) + bias + conv1x1(shortcut_x, shortcut_weight) + mapped residual) on the current "
         "CUDA stream; the contract is reference.conv_bias_act. `out` (optional) receives the result; `tile` "
-        "forces a tile shape (tests).",
+        "forces a tile shape and `pipeline` a main loop (1 registers, 2 cp.async; tests and benchmarks).",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
-        py::arg("out") = py::none(), py::arg("tile") = 0);
+        py::arg("out") = py::none(), py::arg("tile") = 0, py::arg("pipeline") = 0);
   m.def("_emulate_conv_bias_act", &emulate_conv_bias_act,
         "The same op on CPU tensors through a host emulation of the kernel (its gathers, tiles and epilogue); "
         "for tests without a GPU.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
-        py::arg("out") = py::none(), py::arg("tile") = 0);
+        py::arg("out") = py::none(), py::arg("tile") = 0, py::arg("pipeline") = 0);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

@@ -1,4 +1,4 @@
-// Host side of the fused convolution: pick a tile shape, instantiate, launch.
+// Host side of the fused convolution: pick a tile shape and a pipeline, instantiate, launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -14,12 +14,33 @@
 namespace fused_resblock {
 namespace {
 
-template <typename T, class Tile>
-cudaError_t launch_tile(const ConvBiasActParams& p, const ConvGemm& g, cudaStream_t stream) {
+template <typename T, class Tile, Pipeline kPipeline>
+cudaError_t launch_pipeline(const ConvBiasActParams& p, const ConvGemm& g, cudaStream_t stream) {
+  constexpr int kSmemBytes = Tile::smem_bytes(kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2);
+  auto* const kernel = conv_bias_act_kernel<T, Tile, kPipeline>;
+  if constexpr (kSmemBytes > 48 * 1024) {  // opt in to more than the default limit, once per kernel
+    static const cudaError_t opted_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (opted_in != cudaSuccess) return opted_in;
+  }
   const dim3 grid(unsigned(ceil_div(g.m, Tile::kBlockM)), unsigned(ceil_div(g.out_group_channels, Tile::kBlockN)),
                   unsigned(p.groups));
-  conv_bias_act_kernel<T, Tile><<<grid, Tile::kThreads, 0, stream>>>(p, g);
+  kernel<<<grid, Tile::kThreads, kSmemBytes, stream>>>(p, g);
   return cudaGetLastError();
+}
+
+template <typename T, class Tile>
+cudaError_t launch_tile(const ConvBiasActParams& p, const ConvGemm& g, cudaStream_t stream) {
+  switch (choose_pipeline(p, g)) {
+    case Pipeline::kAsyncCopy:
+      if (!async_copy_applies(p, g)) return cudaErrorInvalidValue;  // forced where it cannot run
+      return launch_pipeline<T, Tile, Pipeline::kAsyncCopy>(p, g, stream);
+    case Pipeline::kRegisters:
+      return launch_pipeline<T, Tile, Pipeline::kRegisters>(p, g, stream);
+    case Pipeline::kAuto:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T>
@@ -53,7 +74,7 @@ cudaError_t launch_conv_bias_act(const ConvBiasActParams& p, cudaStream_t stream
 
 cudaError_t probe_conv_bias_act_kernels() {
   cudaFuncAttributes attributes;
-  return cudaFuncGetAttributes(&attributes, conv_bias_act_kernel<__nv_bfloat16, LargeTile>);
+  return cudaFuncGetAttributes(&attributes, conv_bias_act_kernel<__nv_bfloat16, LargeTile, Pipeline::kAsyncCopy>);
 }
 
 #define FUSED_RESBLOCK_STR_(...) #__VA_ARGS__

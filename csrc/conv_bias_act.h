@@ -20,6 +20,12 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // channels of one group). kAuto lets the launcher pick; tests force each.
 enum class TileShapeKind : int { kAuto = 0, kNarrow = 1, kMedium = 2, kLarge = 3 };
 
+// How operand tiles reach shared memory. kRegisters: global -> registers ->
+// shared, two stages (any operands). kAsyncCopy: cp.async straight into shared
+// memory, kAsyncStages deep (16-byte operands only: every K chunk one aligned
+// load). kAuto: kAsyncCopy where it applies. Tests and benchmarks force each.
+enum class Pipeline : int { kAuto = 0, kRegisters = 1, kAsyncCopy = 2 };
+
 // Element strides of a 4-D tensor in logical (N, C, H, W) order.
 struct Strides4 {
   int64_t n, c, h, w;
@@ -61,6 +67,7 @@ struct ConvBiasActParams {
 
   bool relu;
   TileShapeKind tile;
+  Pipeline pipeline;
   int num_sms;  // of the launching device: for kAuto's choice
 };
 

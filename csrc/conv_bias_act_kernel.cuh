@@ -14,16 +14,19 @@
 //
 // One thread block computes a kBlockM x kBlockN tile of one group's output
 // (rows: output pixels, columns: output channels). Its K loop runs over the
-// convolution's KRSC depth, then over the merged shortcut's channels, with a
-// register-staged double buffer: tile k+1's global loads are in flight while
-// the warps multiply tile k from shared memory, and one barrier per K tile
-// separates the buffers.
+// convolution's KRSC depth, then over the merged shortcut's channels, in one
+// of two pipelines (Pipeline in conv_bias_act.h), one barrier per K tile each:
+//   kRegisters: a register-staged double buffer -- tile k+1's global loads are
+//     in flight while the warps multiply tile k from shared memory;
+//   kAsyncCopy: cp.async copies kAsyncStages deep -- tiles k+1 and k+2 land in
+//     shared memory while tile k is multiplied, with no register staging.
 #pragma once
 
 #include <cstdint>
 
 #include <mma.h>
 
+#include "async_copy.cuh"
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
 #include "epilogue.cuh"
@@ -33,18 +36,109 @@
 
 namespace fused_resblock {
 
-// grid: (ceil(m / kBlockM), ceil(out_group_channels / kBlockN), groups)
+// The accumulators of one warp: its kFragmentsM x kFragmentsN 16x16 fp32 fragments.
+template <class Tile>
+using WarpAccumulators =
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFragment, kFragment, kFragment, float>[Tile::kFragmentsM]
+                                                                                            [Tile::kFragmentsN];
+
+// acc += this warp's part of A_tile x B_tile^T over one K tile, on the tensor cores.
 template <typename T, class Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
-    conv_bias_act_kernel(const __grid_constant__ ConvBiasActParams p, const __grid_constant__ ConvGemm g) {
+__device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uint16_t* b_stage, int warp_m,
+                                              int warp_n, WarpAccumulators<Tile>& acc) {
   namespace wmma = nvcuda::wmma;
   using FragmentA = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, T, wmma::row_major>;
   using FragmentB = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, wmma::col_major>;
-  using Accumulator = wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragment, float>;
+  const T* a_tile = reinterpret_cast<const T*>(a_stage);
+  const T* b_tile = reinterpret_cast<const T*>(b_stage);
+#pragma unroll
+  for (int kk = 0; kk < kBlockK; kk += kFragment) {
+    FragmentA a[Tile::kFragmentsM];
+    FragmentB b[Tile::kFragmentsN];
+#pragma unroll
+    for (int i = 0; i < Tile::kFragmentsM; ++i) {
+      const int row = warp_m * Tile::kWarpM + i * kFragment;
+      wmma::load_matrix_sync(a[i], a_tile + row * kSmemPitch + kk, kSmemPitch);
+    }
+#pragma unroll
+    for (int j = 0; j < Tile::kFragmentsN; ++j) {
+      const int col = warp_n * Tile::kWarpN + j * kFragment;
+      wmma::load_matrix_sync(b[j], b_tile + col * kSmemPitch + kk, kSmemPitch);
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::kFragmentsM; ++i) {
+#pragma unroll
+      for (int j = 0; j < Tile::kFragmentsN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+}
 
-  __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
-  uint16_t* const a_tiles = reinterpret_cast<uint16_t*>(smem);  // [2][kBlockM][kSmemPitch]
-  uint16_t* const b_tiles = a_tiles + 2 * Tile::kATileElems;    // [2][kBlockN][kSmemPitch]
+// kRegisters: two shared-memory stages, the next tile staged in registers.
+template <typename T, class Tile>
+__device__ __forceinline__ void mainloop_registers(const ConvBiasActParams& p, const ConvGemm& g,
+                                                   TileLoader<Tile>& loader, uint16_t* a_tiles, uint16_t* b_tiles,
+                                                   int warp_m, int warp_n, WarpAccumulators<Tile>& acc) {
+  if (g.k_tiles > 0) {
+    loader.load(p, g, 0);
+    loader.store(a_tiles, b_tiles);
+  }
+  __syncthreads();
+  for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
+    const int stage = k_tile & 1;
+    const bool has_next = k_tile + 1 < g.k_tiles;
+    if (has_next) loader.load(p, g, k_tile + 1);  // in flight during the MMAs below
+    multiply_tile<T, Tile>(a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems, warp_m, warp_n,
+                           acc);
+    // The other stage was last read in iteration k_tile - 1, which every warp
+    // finished before the barrier that ended it.
+    if (has_next) {
+      loader.store(a_tiles + (stage ^ 1) * Tile::kATileElems, b_tiles + (stage ^ 1) * Tile::kBTileElems);
+    }
+    __syncthreads();  // stage ^ 1 is written; stage is free again
+  }
+}
+
+// kAsyncCopy: kAsyncStages shared-memory stages filled by cp.async.
+template <typename T, class Tile>
+__device__ __forceinline__ void mainloop_async(const ConvBiasActParams& p, const ConvGemm& g,
+                                               const TileLoader<Tile>& loader, uint16_t* a_tiles, uint16_t* b_tiles,
+                                               int warp_m, int warp_n, WarpAccumulators<Tile>& acc) {
+  constexpr int kStages = kAsyncStages;
+  // Prologue: tiles 0 .. kStages-2 in flight, one commit group each (empty past the last tile,
+  // so the group count -- and the wait below -- is the same for every K length).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < g.k_tiles) loader.copy_async(p, g, s, a_tiles + s * Tile::kATileElems, b_tiles + s * Tile::kBTileElems);
+    commit_async_copies();
+  }
+  for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
+    wait_async_copies<kStages - 2>();  // this thread's copies of tile k_tile have landed...
+    __syncthreads();  // ...everyone's have, and every warp is done with tile k_tile - 1's stage
+    const int next = k_tile + kStages - 1;  // goes into tile k_tile - 1's stage, free since the barrier
+    if (next < g.k_tiles) {
+      const int stage = next % kStages;
+      loader.copy_async(p, g, next, a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems);
+    }
+    commit_async_copies();
+    const int stage = k_tile % kStages;
+    multiply_tile<T, Tile>(a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems, warp_m, warp_n,
+                           acc);
+  }
+  wait_async_copies<0>();  // only empty groups remain; none may write shared memory past here
+  __syncthreads();         // every warp is done with the stages before the epilogue reuses them
+}
+
+// grid: (ceil(m / kBlockM), ceil(out_group_channels / kBlockN), groups);
+// dynamic shared memory: Tile::smem_bytes(2) for kRegisters, Tile::smem_bytes(kAsyncStages) for kAsyncCopy.
+template <typename T, class Tile, Pipeline kPipeline>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
+    conv_bias_act_kernel(const __grid_constant__ ConvBiasActParams p, const __grid_constant__ ConvGemm g) {
+  namespace wmma = nvcuda::wmma;
+  static_assert(kPipeline == Pipeline::kRegisters || kPipeline == Pipeline::kAsyncCopy, "a concrete pipeline");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int stages = kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2;
+  uint16_t* const a_tiles = reinterpret_cast<uint16_t*>(smem);             // [stages][kBlockM][kSmemPitch]
+  uint16_t* const b_tiles = a_tiles + stages * Tile::kATileElems;         // [stages][kBlockN][kSmemPitch]
 
   const int warp = int(threadIdx.x) / 32;
   const int lane = int(threadIdx.x) % 32;
@@ -54,7 +148,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
   const int n0 = int(blockIdx.y) * Tile::kBlockN;  // output channel within the group
   const int group = int(blockIdx.z);
 
-  Accumulator acc[Tile::kFragmentsM][Tile::kFragmentsN];
+  WarpAccumulators<Tile> acc;
 #pragma unroll
   for (int i = 0; i < Tile::kFragmentsM; ++i) {
 #pragma unroll
@@ -63,46 +157,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
 
   // ---- main loop: K tiles of the convolution, then of the merged projection
   TileLoader<Tile> loader(p, g, m0, n0, group, int(threadIdx.x));
-  if (g.k_tiles > 0) {
-    loader.load(p, g, 0);
-    loader.store(a_tiles, b_tiles);
-  }
-  __syncthreads();
-
-  for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
-    const int stage = k_tile & 1;
-    const bool has_next = k_tile + 1 < g.k_tiles;
-    if (has_next) loader.load(p, g, k_tile + 1);  // in flight during the MMAs below
-
-    const T* a_tile = reinterpret_cast<const T*>(a_tiles + stage * Tile::kATileElems);
-    const T* b_tile = reinterpret_cast<const T*>(b_tiles + stage * Tile::kBTileElems);
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += kFragment) {
-      FragmentA a[Tile::kFragmentsM];
-      FragmentB b[Tile::kFragmentsN];
-#pragma unroll
-      for (int i = 0; i < Tile::kFragmentsM; ++i) {
-        const int row = warp_m * Tile::kWarpM + i * kFragment;
-        wmma::load_matrix_sync(a[i], a_tile + row * kSmemPitch + kk, kSmemPitch);
-      }
-#pragma unroll
-      for (int j = 0; j < Tile::kFragmentsN; ++j) {
-        const int col = warp_n * Tile::kWarpN + j * kFragment;
-        wmma::load_matrix_sync(b[j], b_tile + col * kSmemPitch + kk, kSmemPitch);
-      }
-#pragma unroll
-      for (int i = 0; i < Tile::kFragmentsM; ++i) {
-#pragma unroll
-        for (int j = 0; j < Tile::kFragmentsN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-      }
-    }
-
-    // The other stage was last read in iteration k_tile - 1, which every warp
-    // finished before the barrier that ended it.
-    if (has_next) {
-      loader.store(a_tiles + (stage ^ 1) * Tile::kATileElems, b_tiles + (stage ^ 1) * Tile::kBTileElems);
-    }
-    __syncthreads();  // stage ^ 1 is written; stage is free again
+  if constexpr (kPipeline == Pipeline::kAsyncCopy) {
+    mainloop_async<T, Tile>(p, g, loader, a_tiles, b_tiles, warp_m, warp_n, acc);
+  } else {
+    mainloop_registers<T, Tile>(p, g, loader, a_tiles, b_tiles, warp_m, warp_n, acc);
   }
 
   // ---- epilogue: each warp stages one 16x16 fragment at a time in its own

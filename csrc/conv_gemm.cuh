@@ -54,4 +54,14 @@ inline ConvGemm make_conv_gemm(const ConvBiasActParams& p) {
   return g;
 }
 
+// kAsyncCopy moves whole 16-byte chunks only: every operand must be vector-loadable.
+inline bool async_copy_applies(const ConvBiasActParams& p, const ConvGemm& g) {
+  return g.vector_conv && (p.shortcut_x == nullptr || g.vector_shortcut);
+}
+
+inline Pipeline choose_pipeline(const ConvBiasActParams& p, const ConvGemm& g) {
+  if (p.pipeline != Pipeline::kAuto) return p.pipeline;
+  return async_copy_applies(p, g) ? Pipeline::kAsyncCopy : Pipeline::kRegisters;
+}
+
 }  // namespace fused_resblock

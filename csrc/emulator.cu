@@ -3,9 +3,11 @@
 //
 // It runs the kernel's own pieces on the CPU, in the kernel's order, block by
 // block: the operand gathers and shared-memory stores of every thread
-// (TileLoader), the two-stage K loop over the convolution and the merged
-// projection, and the epilogue (store_output_chunk) for every 8-channel chunk
-// of the block tile -- the set the kernel's warp/lane split covers exactly.
+// (TileLoader: load/store for the register pipeline, copy_async -- a plain copy
+// on the host -- for the cp.async one), the K loop over the convolution and the
+// merged projection through the pipeline's stages, and the epilogue
+// (store_output_chunk) for every 8-channel chunk of the block tile -- the set
+// the kernel's warp/lane split covers exactly.
 // Only the tensor-core product is replaced: a scalar fp32 product over the
 // same shared-memory tiles. Threads run one after another, so it cannot find
 // a missing barrier; shared memory is poisoned with NaN per block, so a tile
@@ -34,7 +36,7 @@ constexpr uint16_t kNaNBits<__nv_bfloat16> = 0x7fc0;
 
 // acc[r][c] += sum_k A[r][k] * B[c][k] over one K tile, as the warps' MMAs do.
 template <typename T, class Tile>
-void multiply_tile(const uint16_t* a_tile, const uint16_t* b_tile, std::vector<float>& acc) {
+void multiply_tile_on_host(const uint16_t* a_tile, const uint16_t* b_tile, std::vector<float>& acc) {
   std::vector<float> a(Tile::kBlockM * kBlockK), b(Tile::kBlockN * kBlockK);
   for (int r = 0; r < Tile::kBlockM; ++r) {
     for (int k = 0; k < kBlockK; ++k) a[r * kBlockK + k] = Numeric<T>::to_float(a_tile[r * kSmemPitch + k]);
@@ -51,12 +53,15 @@ void multiply_tile(const uint16_t* a_tile, const uint16_t* b_tile, std::vector<f
   }
 }
 
-template <typename T, class Tile>
+template <typename T, class Tile, Pipeline kPipeline>
 void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
-  std::vector<uint16_t> a_tiles(2 * Tile::kATileElems), b_tiles(2 * Tile::kBTileElems);
+  constexpr int kStages = kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2;
+  std::vector<uint16_t> a_tiles(kStages * Tile::kATileElems), b_tiles(kStages * Tile::kBTileElems);
   std::vector<float> acc(Tile::kBlockM * Tile::kBlockN);
   std::vector<TileLoader<Tile>> loaders;
   loaders.reserve(Tile::kThreads);
+  const auto a_stage = [&](int k_tile) { return a_tiles.data() + k_tile % kStages * Tile::kATileElems; };
+  const auto b_stage = [&](int k_tile) { return b_tiles.data() + k_tile % kStages * Tile::kBTileElems; };
 
   for (int group = 0; group < p.groups; ++group) {
     for (int n0 = 0; n0 < g.out_group_channels; n0 += Tile::kBlockN) {
@@ -67,26 +72,18 @@ void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
         loaders.clear();
         for (int thread = 0; thread < Tile::kThreads; ++thread) loaders.emplace_back(p, g, m0, n0, group, thread);
 
-        if (g.k_tiles > 0) {
-          for (auto& loader : loaders) {
-            loader.load(p, g, 0);
-            loader.store(a_tiles.data(), b_tiles.data());
-          }
-        }
         for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
-          const int stage = k_tile & 1;
-          const bool has_next = k_tile + 1 < g.k_tiles;
-          if (has_next) {
-            for (auto& loader : loaders) loader.load(p, g, k_tile + 1);
-          }
-          multiply_tile<T, Tile>(a_tiles.data() + stage * Tile::kATileElems, b_tiles.data() + stage * Tile::kBTileElems,
-                                 acc);
-          if (has_next) {
-            for (auto& loader : loaders) {
-              loader.store(a_tiles.data() + (stage ^ 1) * Tile::kATileElems,
-                           b_tiles.data() + (stage ^ 1) * Tile::kBTileElems);
+          // Each tile reaches its stage the way the pipeline moves it (synchronously here);
+          // the stage rotation is the kernel's, so a tile that lands in the wrong stage shows.
+          for (auto& loader : loaders) {
+            if constexpr (kPipeline == Pipeline::kAsyncCopy) {
+              loader.copy_async(p, g, k_tile, a_stage(k_tile), b_stage(k_tile));
+            } else {
+              loader.load(p, g, k_tile);
+              loader.store(a_stage(k_tile), b_stage(k_tile));
             }
           }
+          multiply_tile_on_host<T, Tile>(a_stage(k_tile), b_stage(k_tile), acc);
         }
 
         for (int r = 0; r < Tile::kBlockM && m0 + r < g.m; ++r) {
@@ -102,15 +99,24 @@ void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
   }
 }
 
+template <typename T, class Tile>
+void emulate_tile(const ConvBiasActParams& p, const ConvGemm& g) {
+  if (choose_pipeline(p, g) == Pipeline::kAsyncCopy) {
+    emulate_blocks<T, Tile, Pipeline::kAsyncCopy>(p, g);
+  } else {
+    emulate_blocks<T, Tile, Pipeline::kRegisters>(p, g);
+  }
+}
+
 template <typename T>
 void emulate_typed(const ConvBiasActParams& p, const ConvGemm& g) {
   switch (choose_tile_shape(p, g)) {
     case TileShapeKind::kNarrow:
-      return emulate_blocks<T, NarrowTile>(p, g);
+      return emulate_tile<T, NarrowTile>(p, g);
     case TileShapeKind::kMedium:
-      return emulate_blocks<T, MediumTile>(p, g);
+      return emulate_tile<T, MediumTile>(p, g);
     case TileShapeKind::kLarge:
-      return emulate_blocks<T, LargeTile>(p, g);
+      return emulate_tile<T, LargeTile>(p, g);
     case TileShapeKind::kAuto:
       return;
   }

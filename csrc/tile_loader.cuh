@@ -14,10 +14,15 @@
 //
 // Two K segments feed the same accumulators: the convolution (K tiles
 // [0, k_tiles_conv)) and, when merged, the 1x1 projection shortcut (the rest).
+//
+// Two ways in: load() + store() stage a tile through registers (any operand,
+// element-wise gathers included); copy_async() issues cp.async copies straight
+// to shared memory (16-byte operands only).
 #pragma once
 
 #include <cstdint>
 
+#include "async_copy.cuh"
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
 #include "numeric.cuh"
@@ -151,6 +156,40 @@ class TileLoader {
       for (int i = 0; i < kBIters; ++i) {
         b_regs_[i] = row_chunk(b_shortcut_[i], b_valid_[i], k, p.shortcut_channels, g.vector_shortcut);
       }
+    }
+  }
+
+  // Global -> shared with cp.async (the kAsyncCopy pipeline): K tile `k_tile` straight
+  // into `a_tile`/`b_tile`. Only for vector-loadable operands (async_copy_applies):
+  // every chunk is one aligned 16-byte load or 16 zero bytes. The caller commits.
+  FR_HOST_DEVICE void copy_async(const ConvBiasActParams& p, const ConvGemm& g, int k_tile, uint16_t* a_tile,
+                                 uint16_t* b_tile) const {
+    const uint16_t* x = static_cast<const uint16_t*>(p.x);
+    const bool conv = k_tile < g.k_tiles_conv;
+    const int k = (conv ? k_tile : k_tile - g.k_tiles_conv) * kBlockK + k_chunk_;
+#pragma unroll
+    for (int i = 0; i < kAIters; ++i) {
+      const int row = row0_ + i * kRowsPerIter;
+      if (row >= Tile::kBlockM) continue;
+      const uint16_t* src = x;  // any valid address for a zero-filled chunk
+      bool valid;
+      if (conv) {
+        const int64_t offset = conv_offset(p, g, a_rows_[i], k);
+        valid = offset >= 0;
+        if (valid) src = x + offset;
+      } else {
+        valid = a_rows_[i].valid && k < p.shortcut_channels;
+        if (valid) src = static_cast<const uint16_t*>(p.shortcut_x) + a_rows_[i].shortcut_offset + k;
+      }
+      copy_chunk_async(a_tile + row * kSmemPitch + k_chunk_, src, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < kBIters; ++i) {
+      const int row = row0_ + i * kRowsPerIter;
+      if (row >= Tile::kBlockN) continue;
+      const uint16_t* row_start = conv ? b_conv_[i] : b_shortcut_[i];
+      const bool valid = b_valid_[i] && k < (conv ? g.k_conv : p.shortcut_channels);
+      copy_chunk_async(b_tile + row * kSmemPitch + k_chunk_, valid ? row_start + k : x, valid);
     }
   }
 

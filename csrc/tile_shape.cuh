@@ -20,6 +20,9 @@ constexpr int kSmemPitch = kBlockK + 8;
 
 constexpr int kFragment = 16;  // WMMA m16n16k16
 
+// Shared-memory stages of the cp.async pipeline: two K tiles in flight while a third is multiplied.
+constexpr int kAsyncStages = 3;
+
 template <int BlockM, int BlockN, int WarpsM, int WarpsN, int MinBlocksPerSM>
 struct TileShape {
   static constexpr int kMinBlocksPerSM = MinBlocksPerSM;  // __launch_bounds__: caps registers per thread
@@ -36,14 +39,17 @@ struct TileShape {
   static_assert(kWarpM % kFragment == 0 && kWarpN % kFragment == 0, "warp tiles are whole fragments");
   static_assert(kBlockK % kFragment == 0, "K tiles are whole fragments");
 
-  // Shared memory: two A and two B tiles for the main loop; afterwards the same
+  // Shared memory: `stages` A and B tiles for the main loop; afterwards the same
   // bytes hold one 16x16 fp32 scratch tile per warp for the epilogue.
   static constexpr int kATileElems = kBlockM * kSmemPitch;
   static constexpr int kBTileElems = kBlockN * kSmemPitch;
-  static constexpr int kMainloopBytes = 2 * (kATileElems + kBTileElems) * int(sizeof(uint16_t));
   static constexpr int kEpilogueBytes = kWarps * kFragment * kFragment * int(sizeof(float));
-  static constexpr int kSmemBytes = kMainloopBytes > kEpilogueBytes ? kMainloopBytes : kEpilogueBytes;
-  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static constexpr int smem_bytes(int stages) {
+    const int mainloop = stages * (kATileElems + kBTileElems) * int(sizeof(uint16_t));
+    return mainloop > kEpilogueBytes ? mainloop : kEpilogueBytes;
+  }
+  static_assert(smem_bytes(2) <= 48 * 1024, "the register pipeline fits the default shared-memory limit");
+  static_assert(smem_bytes(kAsyncStages) <= 227 * 1024, "the cp.async pipeline fits an sm_80/sm_90 block");
   // WMMA pointers must be 32-byte aligned: fragment rows are 16 apart, columns 16 elements apart.
   static_assert((kFragment * kSmemPitch * sizeof(uint16_t)) % 32 == 0, "A/B fragment rows 32-byte aligned");
   static_assert((kATileElems * sizeof(uint16_t)) % 128 == 0 && (kBTileElems * sizeof(uint16_t)) % 128 == 0,

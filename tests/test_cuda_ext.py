@@ -43,6 +43,9 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason=f"needs the extension and a CU
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="nhwc")]
 TILES = {"narrow": 1, "medium": 2, "large": 3}
+# Main loops: auto (cp.async where every operand is 16-byte loadable, else registers), or forced.
+PIPELINES = [pytest.param(0, id="auto"), pytest.param(1, id="registers")]
+CP_ASYNC = 2
 
 
 # --------------------------------------------------------------------------- cases
@@ -185,11 +188,12 @@ def poisoned_output(case: Case, inputs: Inputs) -> torch.Tensor:
         memory_format=memory_format_of(x))
 
 
-def check_case(run, case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int, tile: int = 0):
-    """``run(*args, out=, tile=)`` against the float64 reference, with PyTorch's own error at ``dtype``."""
+def check_case(run, case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int, tile: int = 0,
+               pipeline: int = 0):
+    """``run(*args, out=, tile=, pipeline=)`` against the float64 reference, with PyTorch's own error at ``dtype``."""
     inputs = make_inputs(case, dtype, device, channels_last, seed)
     out = poisoned_output(case, inputs)
-    result = run(*inputs.args(case), out=out, tile=tile)
+    result = run(*inputs.args(case), out=out, tile=tile, pipeline=pipeline)
     assert result.data_ptr() == out.data_ptr()
     ref64 = reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case))
     torch_out = reference.conv_bias_act(*inputs.args(case))
@@ -348,23 +352,50 @@ def test_emulator_output_checks():
 
 
 # --------------------------------------------------------------------------- host emulation of the kernel
-def _emulate(*args, out=None, tile=0):
-    return EXT._emulate_conv_bias_act(*args, out=out, tile=tile)
+def _emulate(*args, out=None, tile=0, pipeline=0):
+    return EXT._emulate_conv_bias_act(*args, out=out, tile=tile, pipeline=pipeline)
 
 
 @needs_ext
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_emulated_kernel_matches_reference(case, dtype, channels_last):
-    check_case(_emulate, case, dtype, "cpu", channels_last, seed=zlib.crc32(case.name.encode()))
+def test_emulated_kernel_matches_reference(case, dtype, channels_last, pipeline):
+    check_case(_emulate, case, dtype, "cpu", channels_last, seed=zlib.crc32(case.name.encode()), pipeline=pipeline)
 
 
 @needs_ext
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
 @pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[11], CASES[13]], ids=str)
-def test_emulated_tile_shapes(case, tile):
-    check_case(_emulate, case, torch.float16, "cpu", True, seed=7, tile=tile)
+def test_emulated_tile_shapes(case, tile, pipeline):
+    check_case(_emulate, case, torch.float16, "cpu", True, seed=7, tile=tile, pipeline=pipeline)
+
+
+ASYNC_CASES = [c for c in CASES if c.in_channels % (8 * c.groups) == 0 and c.shortcut_channels % 8 == 0]
+
+
+def test_cp_async_covers_most_cases():
+    """The auto pipeline takes cp.async for these (16-byte operands); the rest run the register loop."""
+    assert {c.name for c in CASES} - {c.name for c in ASYNC_CASES} == {
+        "7x7_stem_3ch", "groups32x4", "groups32x4_stride2", "channels_20_to_36", "merged_projection_odd"}
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
+def test_emulated_cp_async_forced(case):
+    check_case(_emulate, case, torch.bfloat16, "cpu", True, seed=17, pipeline=CP_ASYNC)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [CASES[4], CASES[9], CASES[13]], ids=str)
+def test_cp_async_refuses_operands_it_cannot_move(case):
+    inputs = make_inputs(case, torch.float16, "cpu", True, seed=18)
+    with pytest.raises(RuntimeError, match="pipeline 2 .cp.async. moves 16-byte chunks only"):
+        EXT._emulate_conv_bias_act(*inputs.args(case), pipeline=CP_ASYNC)
+    with pytest.raises(RuntimeError, match="pipeline must be"):
+        EXT._emulate_conv_bias_act(*inputs.args(case), pipeline=3)
 
 
 @needs_ext
@@ -431,30 +462,39 @@ def test_emulated_output_memory_format():
 
 
 # --------------------------------------------------------------------------- on the GPU
-def _launch(*args, out=None, tile=0):
-    return EXT.conv_bias_act(*args, out=out, tile=tile)
+def _launch(*args, out=None, tile=0, pipeline=0):
+    return EXT.conv_bias_act(*args, out=out, tile=tile, pipeline=pipeline)
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_matches_reference(case, dtype, channels_last):
-    check_case(_launch, case, dtype, "cuda", channels_last, seed=zlib.crc32(case.name.encode()))
+def test_cuda_matches_reference(case, dtype, channels_last, pipeline):
+    check_case(_launch, case, dtype, "cuda", channels_last, seed=zlib.crc32(case.name.encode()), pipeline=pipeline)
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", RESNET_CASES, ids=str)
-def test_cuda_resnet_layers(case, dtype):
-    check_case(_launch, case, dtype, "cuda", True, seed=11)
+def test_cuda_resnet_layers(case, dtype, pipeline):
+    check_case(_launch, case, dtype, "cuda", True, seed=11, pipeline=pipeline)
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
 @pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[11], CASES[12], RESNET_CASES[9]], ids=str)
-def test_cuda_tile_shapes(case, tile):
-    check_case(_launch, case, torch.bfloat16, "cuda", True, seed=5, tile=tile)
+def test_cuda_tile_shapes(case, tile, pipeline):
+    check_case(_launch, case, torch.bfloat16, "cuda", True, seed=5, tile=tile, pipeline=pipeline)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
+def test_cuda_cp_async_forced(case):
+    check_case(_launch, case, torch.float16, "cuda", True, seed=19, pipeline=CP_ASYNC)
 
 
 @needs_gpu
