@@ -626,3 +626,24 @@ def test_auto_measures_triton_against_cuda(tmp_path, monkeypatch):
     entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
     assert len(entries) == 1 and set(entries.values()) <= {"triton", "cuda"}, entries
     backends.clear_caches()
+
+
+def test_pipeline_from_environment(monkeypatch):
+    for name, value in cuda_backend.PIPELINES.items():
+        monkeypatch.setenv(cuda_backend.PIPELINE_ENV, name)
+        assert cuda_backend._pipeline_from_env() == value
+    monkeypatch.setenv(cuda_backend.PIPELINE_ENV, "wgmma")
+    with pytest.raises(ValueError, match="FUSED_RESBLOCK_CUDA_PIPELINE"):
+        cuda_backend._pipeline_from_env()
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["registers", "cp_async"])
+def test_backend_forced_pipeline(name, monkeypatch):
+    """The backend's module-level knob reaches the kernel: both loops give the same answer class."""
+    monkeypatch.setattr(cuda_backend, "PIPELINE", cuda_backend.PIPELINES[name])
+    case = RESNET_CASES[7]
+    inputs = make_inputs(case, torch.bfloat16, "cuda", True, seed=20)
+    assert_rule(f"{name} out", cuda_backend.conv_bias_act(*inputs.args(case)),
+                reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
+                reference.conv_bias_act(*inputs.args(case)))

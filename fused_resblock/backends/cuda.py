@@ -1,8 +1,9 @@
 """The CUDA backend: fused kernels of the compiled extension ``fused_resblock._C``.
 
 Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch on
-the tensor cores per conv, fp16 and bf16, see ``csrc/``). The other ops report
-themselves unsupported, so the op layer falls back for them.
+the tensor cores per conv, fp16 and bf16, a cp.async or register-staged main
+loop, see ``csrc/``). The other ops report themselves unsupported, so the op
+layer falls back for them.
 
 Importing this module never imports the extension. The first ``available()``
 or call loads it: ``fused_resblock._C`` as built by
@@ -37,6 +38,20 @@ OPS = (
 SUPPORTED_OPS = ("conv_bias_act",)
 DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
+# The kernel's main loop (csrc/README.md): auto (cp.async where operands allow), or forced
+# for an A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async.
+PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2}
+PIPELINE_ENV = "FUSED_RESBLOCK_CUDA_PIPELINE"
+
+
+def _pipeline_from_env() -> int:
+    name = os.environ.get(PIPELINE_ENV, "auto").strip().lower()
+    if name not in PIPELINES:
+        raise ValueError(f"{PIPELINE_ENV}={name!r}: expected one of {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+PIPELINE = _pipeline_from_env()
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (nvcc and a CUDA build of torch), " \
              f"or set {JIT_ENV}=1 to build it just in time"
@@ -159,7 +174,7 @@ def conv_bias_act(
     return _require().conv_bias_act(
         x, weight, bias, list(stride), list(padding), list(dilation), groups,
         residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
-        relu, out,
+        relu, out, 0, PIPELINE,
     )
 
 
