@@ -96,7 +96,7 @@ def _conv_bias_act(
             residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu)
 
     def measure():  # built only when auto has several backends to choose from
-        shape_key = (*(_layout(t) for t in (x, weight, bias, residual, shortcut_x)), *args[3:7],
+        shape_key = (str(x.dtype), *(_layout(t) for t in (x, weight, bias, residual, shortcut_x)), *args[3:7],
                      residual_stride, residual_offset, shortcut_stride, relu)
         return shape_key, lambda module: module.conv_bias_act(*args)
 

@@ -138,3 +138,26 @@ def test_select_on_cpu_never_measures(two_capable_backends):
     config = {"device": torch.device("cpu"), "dtype": torch.float32}
     assert backends.select("conv_bias_act", "auto", config, measure=lambda: 1 / 0).NAME == "reference"
     assert two_capable_backends == []
+
+
+def test_the_op_measures_per_dtype_shape_and_layout(monkeypatch):
+    """conv_bias_act's shape key (what auto's choice is remembered by) tells dtypes, shapes and layouts apart."""
+    from fused_resblock import ops
+    from fused_resblock.backends import reference
+
+    keys = []
+
+    def spy_select(op, requested, config, measure=None):
+        if op == "conv_bias_act":
+            shape_key, run = measure()
+            keys.append(shape_key)
+            assert run(reference).shape[1:] == (8, 5, 5)  # run() calls the op on the given backend
+        return reference
+
+    monkeypatch.setattr(backends, "select", spy_select)
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    for dtype in (torch.float32, torch.float64):
+        ops.conv_bias_act(x.to(dtype), w.to(dtype), padding=1, relu=True)
+    ops.conv_bias_act(x.contiguous(memory_format=torch.channels_last), w, padding=1, relu=True)
+    ops.conv_bias_act(x[:1], w, padding=1, relu=True)
+    assert len(set(keys)) == 4, keys

@@ -93,7 +93,7 @@ class BackendChooser:
                allowed: Optional[bool] = None) -> ModuleType:
         """The candidate for (op, shape_key); on a miss times ``run(module)`` for each candidate."""
         by_name = {m.NAME: m for m in candidates}
-        memo_key = (op, shape_key, tuple(by_name))
+        memo_key = (op, shape_key, tuple(by_name), device)
         name = self._memo.get(memo_key)
         if name is not None:
             return by_name[name]
