@@ -18,9 +18,10 @@ template <typename T, class Tile, Pipeline kPipeline>
 cudaError_t launch_pipeline(const ConvBiasActParams& p, const ConvGemm& g, cudaStream_t stream) {
   constexpr int kSmemBytes = Tile::smem_bytes(kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2);
   auto* const kernel = conv_bias_act_kernel<T, Tile, kPipeline>;
-  if constexpr (kSmemBytes > 48 * 1024) {  // opt in to more than the default limit, once per kernel
-    static const cudaError_t opted_in =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if constexpr (kSmemBytes > 48 * 1024) {
+    // Opt in to more than the default limit. The attribute belongs to the device's context,
+    // so it is set on every launch (as CUTLASS does): cheap, and right on every GPU of a process.
+    const cudaError_t opted_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (opted_in != cudaSuccess) return opted_in;
   }
   const dim3 grid(unsigned(ceil_div(g.m, Tile::kBlockM)), unsigned(ceil_div(g.out_group_channels, Tile::kBlockN)),
