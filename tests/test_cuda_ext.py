@@ -564,16 +564,18 @@ def test_cuda_current_stream():
 
 
 @needs_gpu
-def test_cuda_graph_capture():
-    """Capturable: the captured launch replays with new inputs written in place."""
+@pytest.mark.parametrize("tile", [0, TILES["large"]], ids=["auto", "large"])
+def test_cuda_graph_capture(tile):
+    """Capturable: the captured launch replays with new inputs written in place. The large tile's
+    cp.async loop opts in to 60 KB of shared memory on every launch, inside the capture too."""
     case = CASES[12]
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=13)
     out = poisoned_output(case, inputs)
-    EXT.conv_bias_act(*inputs.args(case), out=out)  # warm-up outside the capture
+    EXT.conv_bias_act(*inputs.args(case), out=out, tile=tile)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        EXT.conv_bias_act(*inputs.args(case), out=out)
+        EXT.conv_bias_act(*inputs.args(case), out=out, tile=tile)
     fresh = make_inputs(case, torch.float16, "cuda", True, seed=14)
     for name in ("x", "weight", "shortcut_x", "shortcut_weight"):
         getattr(inputs, name).copy_(getattr(fresh, name))
