@@ -97,6 +97,16 @@ def cmd_doctor(args) -> int:
         print("CUDA extension: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     except (ImportError, AttributeError) as exc:
         print(f"CUDA extension: no build information ({exc})")
+    from .backends import cuda as cuda_backend
+    from .backends.cache_file import cache_dir
+
+    print(f"FUSED_RESBLOCK_AUTOTUNE={os.environ.get('FUSED_RESBLOCK_AUTOTUNE', '')!r} "
+          f"(tile tuning and auto's backend measurement {'off' if os.environ.get('FUSED_RESBLOCK_AUTOTUNE') == '0' else 'on'})")
+    print(f"{cuda_backend.PIPELINE_ENV}={os.environ.get(cuda_backend.PIPELINE_ENV, '')!r} "
+          f"(the CUDA kernel's main loop)")
+    for name in ("autotune.json", "backends.json"):
+        path = cache_dir() / name
+        print(f"cache       {path} ({'present' if path.is_file() else 'not written yet'})")
     return 0
 
 

@@ -14,6 +14,7 @@ def test_doctor_names_every_backend(capsys):
     for name in backends.NAMES:
         assert f"  {name} " in out
     assert "reference  available" in out
+    assert "autotune.json" in out and "backends.json" in out and "FUSED_RESBLOCK_CUDA_PIPELINE" in out
 
 
 def test_verify_one_model_float64(capsys):
