@@ -60,3 +60,29 @@ def check_grads(names, fused, ref_t, ref64, dtype):
             f"{name}: fused {f.dtype} {tuple(f.shape)}, reference {t.dtype} {tuple(t.shape)}")
         assert memory_format_of(f) == memory_format_of(t), f"{name}: memory format {f.stride()} vs {t.stride()}"
         assert_rule(name, f, r, t, dtype)
+
+
+# --------------------------------------------------------------------------- eval-mode module checks
+def check_eval_against_torch(reference_model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
+                             backend: str, device) -> torch.Tensor:
+    """A converted copy of ``reference_model`` forced onto ``backend``, in eval mode without grad, against
+    float64 and against PyTorch at ``dtype``, by the rule. Returns the fused output."""
+    import copy
+
+    import fused_resblock as frb
+    from fused_resblock.testing import check_rule
+
+    reference_model = reference_model.eval()
+    fused = frb.convert(copy.deepcopy(reference_model).to(device, dtype), backend=backend).eval()
+    torch_model = copy.deepcopy(reference_model).to(device, dtype)
+    ref64 = copy.deepcopy(reference_model).double()
+    x_fused = x.to(device, dtype)
+    with torch.no_grad():
+        out = fused(x_fused)
+        report = check_rule("out", out, ref64(x.double()), torch_model(x_fused), dtype)
+    assert report.passed, str(report)
+    if out.dim() == 4:
+        from fused_resblock.backends.reference import memory_format_of
+
+        assert memory_format_of(out) == memory_format_of(x_fused), "the output keeps the input's memory format"
+    return out

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_resblock as frb
 from fused_resblock import models
 from fused_resblock.testing import assert_equivalent, check_rule
-from helpers import randomize_norms
+from helpers import check_eval_against_torch, randomize_norms
 from test_equivalence import BLOCKS, _check_bias_before_batch_norm
 
 triton_backend = pytest.importorskip("fused_resblock.backends.triton")
@@ -32,15 +32,7 @@ def _poison(monkeypatch):
 
 def _eval_check(reference_model, x, dtype):
     """Fused (triton, forced) against float64 and against PyTorch at ``dtype``, by the rule."""
-    reference_model = reference_model.eval()
-    fused = frb.convert(copy.deepcopy(reference_model).to(DEVICE, dtype), backend="triton").eval()
-    torch_model = copy.deepcopy(reference_model).to(DEVICE, dtype)
-    ref64 = copy.deepcopy(reference_model).double()
-    with torch.no_grad():
-        out = fused(x.to(DEVICE, dtype))
-        report = check_rule("out", out, ref64(x.double()), torch_model(x.to(DEVICE, dtype)), dtype)
-    assert report.passed, str(report)
-    return out
+    return check_eval_against_torch(reference_model, x, dtype, "triton", DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
