@@ -225,6 +225,13 @@ def test_build_info_archs():
     assert "sm_90a" in archs, info
 
 
+def test_arch_suffix_from_flags_when_cuobjdump_predates_it():
+    """Before CUDA 13, cuobjdump lists an sm_90a cubin as sm_90 (Triton 3.6 bundles 12.8's)."""
+    assert cuda_backend._restore_suffixes(["sm_80", "sm_90"], ["sm_80", "sm_90a"]) == ["sm_80", "sm_90a"]
+    assert cuda_backend._restore_suffixes(["sm_80", "sm_90"], ["sm_80", "sm_90"]) == ["sm_80", "sm_90"]
+    assert cuda_backend._restore_suffixes(["sm_90"], ["sm_90", "sm_90a"]) == ["sm_90"]  # both built: keep
+
+
 def test_build_info_without_extension(monkeypatch):
     """A machine without the extension: import works, the reasons say why, calls raise clearly."""
     monkeypatch.delenv(cuda_backend.JIT_ENV, raising=False)

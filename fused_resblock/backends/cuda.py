@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -192,16 +192,24 @@ def _cuobjdump() -> Optional[str]:
     return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
-def _archs_in_binary(path: str) -> list:
-    """The SASS architectures (e.g. sm_80, sm_90a) embedded in ``path``, via cuobjdump; [] if unknown."""
+def _archs_in_binary(path: str) -> Tuple[list, Optional[str]]:
+    """The SASS architectures (e.g. sm_80, sm_90a) embedded in ``path`` and the CUDA release of the
+    cuobjdump that listed them; ([], None) if none is at hand."""
     tool = _cuobjdump()
     if tool is None:
-        return []
+        return [], None
     try:
         listing = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    return sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.", listing)))
+        return [], None
+    release = re.search(r"release (\d+\.\d+)", version)
+    return sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.", listing))), (release[1] if release else None)
+
+
+def _restore_suffixes(archs: list, flag_archs: list) -> list:
+    """cuobjdump before CUDA 13 lists an sm_90a cubin as sm_90: take the suffix from the build's flags."""
+    return sorted(arch + "a" if arch + "a" in flag_archs and arch not in flag_archs else arch for arch in archs)
 
 
 def _archs_from_flags(arch_flags: str) -> list:
@@ -227,10 +235,16 @@ def build_info() -> dict:
                 "cuda_version": None, "path": None}
     info = dict(ext.build_info())
     path = getattr(ext, "__file__", None)
-    archs, source = (_archs_in_binary(path), "cuobjdump") if path else ([], None)
-    if not archs and info.get("arch_flags"):
-        info["arch_flags"] = info["arch_flags"].strip('"')
-        archs, source = _archs_from_flags(info["arch_flags"]), "build flags"
+    info["arch_flags"] = (info.get("arch_flags") or "").strip('"')
+    flag_archs = _archs_from_flags(info["arch_flags"])
+    archs, release = _archs_in_binary(path) if path else ([], None)
+    source = "cuobjdump" if archs else None
+    if archs and release is not None and int(release.split(".")[0]) < 13:
+        restored = _restore_suffixes(archs, flag_archs)
+        if restored != archs:
+            archs, source = restored, f"cuobjdump {release} + build flags (it prints sm_90a as sm_90)"
+    if not archs and flag_archs:
+        archs, source = flag_archs, "build flags"
     if not archs and info.get("cuda_arch_list"):
         archs = [f"sm_{int(a) // 10}" for a in info["cuda_arch_list"].split(",") if a.strip().isdigit()]
         source = "__CUDA_ARCH_LIST__ (cannot tell sm_90 from sm_90a)"
