@@ -17,21 +17,17 @@ does not write fails the rule.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import zlib
-from dataclasses import dataclass, replace
-from typing import Optional
 
 import pytest
 import torch
 
 import fused_resblock
 from fused_resblock.backends import cuda as cuda_backend
-from fused_resblock.backends import reference
 from fused_resblock.backends.reference import memory_format_of
-from fused_resblock.testing import assert_rule
+from conv_cases import ConvBiasActCase, check_conv_bias_act, conv_bias_act_inputs, poisoned_output
 
 EXT, EXT_REASON = cuda_backend._extension()
 GPU_REASON = cuda_backend.available()
@@ -49,38 +45,8 @@ CP_ASYNC = 2
 
 
 # --------------------------------------------------------------------------- cases
-@dataclass(frozen=True)
-class Case:
-    """One conv_bias_act call.
-
-    residual: None, "same" (R shaped like the output) or "option_a" (the CIFAR
-    shortcut: the block input, half the output channels, read at stride 2 into
-    channels [C_out/4, 3 C_out/4)). shortcut_channels > 0 merges a 1x1 projection
-    of an input read at shortcut_stride.
-    """
-
-    name: str
-    batch: int
-    in_channels: int
-    size: int
-    out_channels: int
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-    residual: Optional[str] = None
-    shortcut_channels: int = 0
-    shortcut_stride: int = 1
-    relu: bool = True
-    bias: bool = True
-
-    @property
-    def out_size(self) -> int:
-        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-
-    def __str__(self) -> str:
-        return self.name
+def Case(name: str, *geometry, **options) -> ConvBiasActCase:
+    return ConvBiasActCase(*geometry, name=name, **options)
 
 
 CASES = [
@@ -122,82 +88,22 @@ RESNET_CASES = [
 ]
 
 
-@dataclass
-class Inputs:
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    residual: Optional[torch.Tensor]
-    residual_stride: int
-    residual_offset: int
-    shortcut_x: Optional[torch.Tensor]
-    shortcut_weight: Optional[torch.Tensor]
-
-    def args(self, case: Case) -> tuple:
-        """The positional arguments of ``conv_bias_act`` (reference contract)."""
-        return (
-            self.x, self.weight, self.bias, (case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2,
-            case.groups, self.residual, self.residual_stride, self.residual_offset,
-            self.shortcut_x, self.shortcut_weight, case.shortcut_stride, case.relu,
-        )
-
-    def to(self, device, dtype=None) -> "Inputs":
-        """A copy on ``device``; ``dtype`` (float64 for the oracle) for every tensor, bias included."""
-        def move(t):
-            if t is None:
-                return None
-            return t.to(device=device, dtype=dtype or t.dtype)
-        return Inputs(move(self.x), move(self.weight), move(self.bias), move(self.residual),
-                      self.residual_stride, self.residual_offset, move(self.shortcut_x), move(self.shortcut_weight))
+def make_inputs(case: ConvBiasActCase, dtype: torch.dtype, device, channels_last: bool, seed: int) -> dict:
+    """Reproducible random arguments (keyword names of the reference contract)."""
+    return conv_bias_act_inputs(case, dtype, device, channels_last, generator=torch.Generator().manual_seed(seed))
 
 
-def make_inputs(case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int) -> Inputs:
-    """Fresh random inputs; activations (and weights) channels_last when asked."""
-    gen = torch.Generator().manual_seed(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def tensor(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device).contiguous(memory_format=fmt)
-
-    fan_in = case.in_channels // case.groups * case.kernel * case.kernel
-    x = tensor(case.batch, case.in_channels, case.size, case.size)
-    weight = tensor(case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel,
-                    scale=1 / math.sqrt(fan_in))
-    bias = (torch.randn(case.out_channels, generator=gen) * 0.5).to(device) if case.bias else None
-    out_size = case.out_size
-    residual, residual_stride, residual_offset = None, 1, 0
-    if case.residual == "same":
-        residual = tensor(case.batch, case.out_channels, out_size, out_size)
-    elif case.residual == "option_a":  # odd input sizes too: ceil(size / 2) == out_size
-        size = 2 * out_size - (out_size % 2)
-        residual = tensor(case.batch, case.out_channels // 2, size, size)
-        residual_stride, residual_offset = 2, case.out_channels // 4
-    shortcut_x = shortcut_weight = None
-    if case.shortcut_channels:
-        size = out_size * case.shortcut_stride
-        shortcut_x = tensor(case.batch, case.shortcut_channels, size, size)
-        shortcut_weight = tensor(case.out_channels, case.shortcut_channels, 1, 1,
-                                 scale=1 / math.sqrt(case.shortcut_channels))
-    return Inputs(x, weight, bias, residual, residual_stride, residual_offset, shortcut_x, shortcut_weight)
-
-
-def poisoned_output(case: Case, inputs: Inputs) -> torch.Tensor:
-    x = inputs.x
-    shape = (case.batch, case.out_channels, case.out_size, case.out_size)
-    return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(
-        memory_format=memory_format_of(x))
-
-
-def check_case(run, case: Case, dtype: torch.dtype, device, channels_last: bool, seed: int, tile: int = 0,
-               pipeline: int = 0):
-    """``run(*args, out=, tile=, pipeline=)`` against the float64 reference, with PyTorch's own error at ``dtype``."""
-    inputs = make_inputs(case, dtype, device, channels_last, seed)
-    out = poisoned_output(case, inputs)
-    result = run(*inputs.args(case), out=out, tile=tile, pipeline=pipeline)
+def check_case(run, case: ConvBiasActCase, dtype: torch.dtype, device, channels_last: bool, seed: int,
+               tile: int = 0, pipeline: int = 0, prepare=None):
+    """``run(**args, out=, tile=, pipeline=)`` into a poisoned ``out``, by the rule (``prepare`` may
+    rewrite the arguments first)."""
+    args = make_inputs(case, dtype, device, channels_last, seed)
+    if prepare is not None:
+        args = prepare(args)
+    out = poisoned_output(case, args)
+    result = run(**args, out=out, tile=tile, pipeline=pipeline)
     assert result.data_ptr() == out.data_ptr()
-    ref64 = reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case))
-    torch_out = reference.conv_bias_act(*inputs.args(case))
-    assert_rule(f"{case.name} out", result, ref64, torch_out)
+    check_conv_bias_act(args, result, f"{case.name} out")
 
 
 # --------------------------------------------------------------------------- the build
@@ -301,32 +207,28 @@ def test_binding_rejects_cpu_tensors():
     case = CASES[2]
     inputs = make_inputs(case, torch.float16, "cpu", False, seed=0)
     with pytest.raises(RuntimeError, match="expected CUDA tensor for x"):
-        EXT.conv_bias_act(*inputs.args(case))
+        EXT.conv_bias_act(**inputs)
     with pytest.raises(RuntimeError, match="expected CUDA tensor for x"):
-        cuda_backend.conv_bias_act(*inputs.args(case))
+        cuda_backend.conv_bias_act(**inputs)
 
 
 def _bad_inputs(device):
-    """(name, Case, Inputs changes, expected message) for the binding's input checks."""
+    """(case, base arguments, [(name, argument changes, expected message)]) for the binding's input checks."""
     case = Case("base", 2, 16, 6, 32, residual="same", shortcut_channels=8)
     base = make_inputs(case, torch.float16, device, False, seed=1)
     return case, base, [
-        ("fp32", {"x": base.x.float(), "weight": base.weight.float()}, "expected float16 or bfloat16"),
-        ("weight_dtype", {"weight": base.weight.bfloat16()}, "weight has dtype"),
-        ("channels", {"weight": base.weight[:, :8]}, "expects 8 input channels"),
-        ("weight_rank", {"weight": base.weight[:, :, 0]}, "expected a 4-D tensor for weight"),
-        ("bias_dtype", {"bias": base.bias.half()}, "expected float32 bias"),
-        ("bias_shape", {"bias": base.bias[:16]}, "expected bias of shape"),
-        ("residual_size", {"residual": base.residual[:, :, :5]}, "residual of shape"),
-        ("residual_channels", {"residual": torch.cat([base.residual, base.residual], 1)}, "fall outside"),
+        ("fp32", {"x": base["x"].float(), "weight": base["weight"].float()}, "expected float16 or bfloat16"),
+        ("weight_dtype", {"weight": base["weight"].bfloat16()}, "weight has dtype"),
+        ("channels", {"weight": base["weight"][:, :8]}, "expects 8 input channels"),
+        ("weight_rank", {"weight": base["weight"][:, :, 0]}, "expected a 4-D tensor for weight"),
+        ("bias_dtype", {"bias": base["bias"].half()}, "expected float32 bias"),
+        ("bias_shape", {"bias": base["bias"][:16]}, "expected bias of shape"),
+        ("residual_size", {"residual": base["residual"][:, :, :5]}, "residual of shape"),
+        ("residual_channels", {"residual": torch.cat([base["residual"], base["residual"]], 1)}, "fall outside"),
         ("shortcut_pair", {"shortcut_weight": None}, "go together"),
-        ("shortcut_weight", {"shortcut_weight": base.shortcut_weight[:16]}, "expected shortcut_weight of shape"),
-        ("shortcut_size", {"shortcut_x": base.shortcut_x[:, :, :4]}, "shortcut_x of shape"),
+        ("shortcut_weight", {"shortcut_weight": base["shortcut_weight"][:16]}, "expected shortcut_weight of shape"),
+        ("shortcut_size", {"shortcut_x": base["shortcut_x"][:, :, :4]}, "shortcut_x of shape"),
     ]
-
-
-def _apply(base: Inputs, change: dict) -> Inputs:
-    return replace(base, **change)
 
 
 @needs_ext
@@ -336,7 +238,7 @@ def test_emulator_input_checks(index):
     case, base, bad = _bad_inputs("cpu")
     name, change, expected = bad[index]
     with pytest.raises(RuntimeError, match=expected):
-        EXT._emulate_conv_bias_act(*_apply(base, change).args(case))
+        EXT._emulate_conv_bias_act(**dict(base, **change))
 
 
 @needs_ext
@@ -353,14 +255,14 @@ def test_emulator_output_checks():
     inputs = make_inputs(case, torch.float16, "cpu", False, seed=2)
     wrong_shape = torch.empty(case.batch, case.out_channels, 3, 3, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="expected out of shape"):
-        EXT._emulate_conv_bias_act(*inputs.args(case), out=wrong_shape)
+        EXT._emulate_conv_bias_act(**inputs, out=wrong_shape)
     with pytest.raises(RuntimeError, match="out has dtype"):
-        EXT._emulate_conv_bias_act(*inputs.args(case), out=poisoned_output(case, inputs).bfloat16())
+        EXT._emulate_conv_bias_act(**inputs, out=poisoned_output(case, inputs).bfloat16())
 
 
 # --------------------------------------------------------------------------- host emulation of the kernel
-def _emulate(*args, out=None, tile=0, pipeline=0):
-    return EXT._emulate_conv_bias_act(*args, out=out, tile=tile, pipeline=pipeline)
+def _emulate(**args):
+    return EXT._emulate_conv_bias_act(**args)
 
 
 @needs_ext
@@ -400,16 +302,16 @@ def test_emulated_cp_async_forced(case):
 def test_cp_async_refuses_operands_it_cannot_move(case):
     inputs = make_inputs(case, torch.float16, "cpu", True, seed=18)
     with pytest.raises(RuntimeError, match="pipeline 2 .cp.async. moves 16-byte chunks only"):
-        EXT._emulate_conv_bias_act(*inputs.args(case), pipeline=CP_ASYNC)
+        EXT._emulate_conv_bias_act(**inputs, pipeline=CP_ASYNC)
     with pytest.raises(RuntimeError, match="pipeline must be"):
-        EXT._emulate_conv_bias_act(*inputs.args(case), pipeline=3)
+        EXT._emulate_conv_bias_act(**inputs, pipeline=3)
 
 
 @needs_ext
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[12]], ids=str)
 def test_emulated_unaligned_inputs(case):
     """Inputs 2 bytes off 16-byte alignment take the element-wise gathers."""
-    check_case(lambda *a, **k: _emulate(*_misalign(a), **k), case, torch.float16, "cpu", True, seed=3)
+    check_case(_emulate, case, torch.float16, "cpu", True, seed=3, prepare=_misalign)
 
 
 def _misalign(args):
@@ -423,12 +325,12 @@ def _misalign(args):
         flat.copy_(dense.reshape(-1))
         inverse = [perm.index(i) for i in range(4)]
         return flat.view(dense.shape).permute(*inverse)
-    return tuple(shift(a) for a in args)
+    return {name: shift(value) for name, value in args.items()}
 
 
-def _residual_views(inputs: Inputs, skip: int) -> list:
+def _residual_views(inputs: dict, skip: int) -> list:
     """The residual as channel slices of wider tensors (strided views), both layouts."""
-    r = inputs.residual
+    r = inputs["residual"]
     views = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         wide = torch.randn(r.shape[0], r.shape[1] + skip + 1, *r.shape[2:]).to(r.dtype)
@@ -444,11 +346,10 @@ def check_residual_views(run, device, skip: int):
     for case in (CASES[10], CASES[11]):
         inputs = make_inputs(case, torch.float16, device, True, seed=16)
         for view in _residual_views(inputs, skip):
-            viewed = replace(inputs, residual=view)
+            viewed = dict(inputs, residual=view)
             out = poisoned_output(case, viewed)
-            run(*viewed.args(case), out=out)
-            assert_rule(f"{case.name} out", out, reference.conv_bias_act(*viewed.to("cpu", torch.float64).args(case)),
-                        reference.conv_bias_act(*viewed.args(case)))
+            run(**viewed, out=out)
+            check_conv_bias_act(viewed, out, f"{case.name} out")
 
 
 @needs_ext
@@ -462,15 +363,13 @@ def test_emulated_output_memory_format():
     for channels_last in (False, True):
         case = CASES[2]
         inputs = make_inputs(case, torch.float16, "cpu", channels_last, seed=4)
-        result = EXT._emulate_conv_bias_act(*inputs.args(case))
-        assert memory_format_of(result) == memory_format_of(inputs.x)
-        assert_rule("out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
-                    reference.conv_bias_act(*inputs.args(case)))
+        result = EXT._emulate_conv_bias_act(**inputs)
+        check_conv_bias_act(inputs, result)  # the output's memory format is x's
 
 
 # --------------------------------------------------------------------------- on the GPU
-def _launch(*args, out=None, tile=0, pipeline=0):
-    return EXT.conv_bias_act(*args, out=out, tile=tile, pipeline=pipeline)
+def _launch(**args):
+    return EXT.conv_bias_act(**args)
 
 
 @needs_gpu
@@ -507,7 +406,7 @@ def test_cuda_cp_async_forced(case):
 @needs_gpu
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[12]], ids=str)
 def test_cuda_unaligned_inputs(case):
-    check_case(lambda *a, **k: _launch(*_misalign(a), **k), case, torch.float16, "cuda", True, seed=6)
+    check_case(_launch, case, torch.float16, "cuda", True, seed=6, prepare=_misalign)
 
 
 @needs_gpu
@@ -521,11 +420,10 @@ def test_cuda_mixed_layouts():
     """channels_last x with an NCHW residual and NCHW weights: residual and output go by strides."""
     case = CASES[10]
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=8)
-    inputs = replace(inputs, residual=inputs.residual.contiguous(), weight=inputs.weight.contiguous())
-    result = EXT.conv_bias_act(*inputs.args(case))
+    inputs = dict(inputs, residual=inputs["residual"].contiguous(), weight=inputs["weight"].contiguous())
+    result = EXT.conv_bias_act(**inputs)
     assert memory_format_of(result) == torch.channels_last
-    assert_rule("out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
-                reference.conv_bias_act(*inputs.args(case)))
+    check_conv_bias_act(inputs, result)
 
 
 @needs_gpu
@@ -533,9 +431,9 @@ def test_cuda_mixed_layouts():
 def test_cuda_output_memory_format(channels_last):
     case = CASES[2]
     inputs = make_inputs(case, torch.float16, "cuda", channels_last, seed=9)
-    result = cuda_backend.conv_bias_act(*inputs.args(case))
+    result = cuda_backend.conv_bias_act(**inputs)
     assert result.is_cuda and result.dtype == torch.float16
-    assert memory_format_of(result) == memory_format_of(inputs.x)
+    assert memory_format_of(result) == memory_format_of(inputs["x"])
 
 
 @needs_gpu
@@ -544,7 +442,7 @@ def test_cuda_input_checks(index):
     case, base, bad = _bad_inputs("cuda")
     name, change, expected = bad[index]
     with pytest.raises(RuntimeError, match=expected):
-        EXT.conv_bias_act(*_apply(base, change).args(case))
+        EXT.conv_bias_act(**dict(base, **change))
 
 
 @needs_gpu
@@ -552,7 +450,7 @@ def test_cuda_rejects_mixed_devices():
     case = CASES[2]
     inputs = make_inputs(case, torch.float16, "cuda", False, seed=10)
     with pytest.raises(RuntimeError, match="expected CUDA tensor for weight"):
-        EXT.conv_bias_act(*replace(inputs, weight=inputs.weight.cpu()).args(case))
+        EXT.conv_bias_act(**dict(inputs, weight=inputs["weight"].cpu()))
 
 
 @needs_gpu
@@ -560,12 +458,12 @@ def test_cuda_current_stream():
     """The launch goes on the caller's current stream."""
     case = RESNET_CASES[2]
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=12)
-    expected = EXT.conv_bias_act(*inputs.args(case))
+    expected = EXT.conv_bias_act(**inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         out = poisoned_output(case, inputs)
-        result = EXT.conv_bias_act(*inputs.args(case), out=out)
+        result = EXT.conv_bias_act(**inputs, out=out)
     stream.synchronize()
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
@@ -578,20 +476,18 @@ def test_cuda_graph_capture(tile):
     case = CASES[12]
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=13)
     out = poisoned_output(case, inputs)
-    EXT.conv_bias_act(*inputs.args(case), out=out, tile=tile)  # warm-up outside the capture
+    EXT.conv_bias_act(**inputs, out=out, tile=tile)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        EXT.conv_bias_act(*inputs.args(case), out=out, tile=tile)
+        EXT.conv_bias_act(**inputs, out=out, tile=tile)
     fresh = make_inputs(case, torch.float16, "cuda", True, seed=14)
-    for name in ("x", "weight", "shortcut_x", "shortcut_weight"):
-        getattr(inputs, name).copy_(getattr(fresh, name))
-    inputs.bias.copy_(fresh.bias)
+    for name in ("x", "weight", "bias", "shortcut_x", "shortcut_weight"):
+        inputs[name].copy_(fresh[name])
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert_rule("graph out", out, reference.conv_bias_act(*fresh.to("cpu", torch.float64).args(case)),
-                reference.conv_bias_act(*fresh.args(case)))
+    check_conv_bias_act(fresh, out, "graph out")
 
 
 @needs_gpu
@@ -601,11 +497,10 @@ def test_op_layer_forced_to_cuda(dtype):
     case = CASES[11]
     inputs = make_inputs(case, dtype, "cuda", True, seed=15)
     result = fused_resblock.ops.conv_bias_act(
-        inputs.x, inputs.weight, inputs.bias, stride=case.stride, padding=case.padding,
-        residual=inputs.residual, residual_stride=inputs.residual_stride,
-        residual_offset=inputs.residual_offset, relu=case.relu, backend="cuda")
-    assert_rule("op out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
-                reference.conv_bias_act(*inputs.args(case)))
+        inputs["x"], inputs["weight"], inputs["bias"], stride=case.stride, padding=case.padding,
+        residual=inputs["residual"], residual_stride=inputs["residual_stride"],
+        residual_offset=inputs["residual_offset"], relu=case.relu, backend="cuda")
+    check_conv_bias_act(inputs, result, "op out")
 
 
 @needs_gpu
@@ -627,11 +522,10 @@ def test_auto_measures_triton_against_cuda(tmp_path, monkeypatch):
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=16)
     for _ in range(2):  # measured on the first call, remembered for the second
         result = fused_resblock.ops.conv_bias_act(
-            inputs.x, inputs.weight, inputs.bias, stride=case.stride, padding=case.padding,
-            residual=inputs.residual, residual_stride=inputs.residual_stride,
-            residual_offset=inputs.residual_offset, relu=case.relu, backend="auto")
-        assert_rule("auto out", result, reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
-                    reference.conv_bias_act(*inputs.args(case)))
+            inputs["x"], inputs["weight"], inputs["bias"], stride=case.stride, padding=case.padding,
+            residual=inputs["residual"], residual_stride=inputs["residual_stride"],
+            residual_offset=inputs["residual_offset"], relu=case.relu, backend="auto")
+        check_conv_bias_act(inputs, result, "auto out")
     entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
     assert len(entries) == 1 and set(entries.values()) <= {"triton", "cuda"}, entries
     backends.clear_caches()
@@ -653,6 +547,4 @@ def test_backend_forced_pipeline(name, monkeypatch):
     monkeypatch.setattr(cuda_backend, "PIPELINE", cuda_backend.PIPELINES[name])
     case = RESNET_CASES[7]
     inputs = make_inputs(case, torch.bfloat16, "cuda", True, seed=20)
-    assert_rule(f"{name} out", cuda_backend.conv_bias_act(*inputs.args(case)),
-                reference.conv_bias_act(*inputs.to("cpu", torch.float64).args(case)),
-                reference.conv_bias_act(*inputs.args(case)))
+    check_conv_bias_act(inputs, cuda_backend.conv_bias_act(**inputs), f"{name} out")

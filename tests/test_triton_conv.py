@@ -18,7 +18,6 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
@@ -32,6 +31,7 @@ from fused_resblock.testing import assert_rule  # noqa: E402
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
 
+from conv_cases import ConvBiasActCase as Case, check_conv_bias_act, conv_bias_act_inputs  # noqa: E402
 from helpers import DEVICE, DTYPES, check_grads, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 REPO = Path(__file__).resolve().parents[1]
@@ -49,30 +49,6 @@ def poison_outputs(monkeypatch):
 # --------------------------------------------------------------------------- cases
 # Many tiles on every axis of the tiny shapes (the default config takes few, large ones).
 SMALL_TILES = autotune.Config(16, 16, 16, group_m=3, num_warps=1, num_stages=1)
-
-@dataclass(frozen=True)
-class Case:
-    """One conv_bias_act call; residual: None, "same" (R = a tensor shaped like out) or "option_a"."""
-
-    batch: int
-    in_channels: int
-    size: int
-    out_channels: int
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-    residual: Optional[str] = None
-    shortcut_channels: int = 0  # merged 1x1 projection, read at shortcut_stride
-    shortcut_stride: int = 1
-    shortcut_size: Optional[int] = None  # its input's spatial size; default out_size * shortcut_stride
-    relu: bool = True
-    bias: bool = True
-
-    @property
-    def out_size(self) -> int:
-        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
 
 
 CASES = {
@@ -97,49 +73,9 @@ CASES = {
 
 
 def make_inputs(case: Case, dtype, device, channels_last: bool, residual_channels_last: Optional[bool] = None):
-    """Fresh random arguments for ``conv_bias_act`` (bias random, never zero)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    res_fmt = fmt if residual_channels_last is None else (
-        torch.channels_last if residual_channels_last else torch.contiguous_format)
-    c_in_g = case.in_channels // case.groups
-    fan_in = c_in_g * case.kernel ** 2 + case.shortcut_channels
-
-    def rand(*shape, memory_format=torch.contiguous_format, scale=1.0):
-        t = torch.randn(*shape, dtype=torch.float32, device=device) * scale
-        return t.to(dtype).contiguous(memory_format=memory_format)
-
-    x = rand(case.batch, case.in_channels, case.size, case.size, memory_format=fmt)
-    weight = rand(case.out_channels, c_in_g, case.kernel, case.kernel, scale=fan_in ** -0.5)
-    bias = torch.randn(case.out_channels, device=device) if case.bias else None
-    residual, residual_stride, residual_offset = None, 1, 0
-    o = case.out_size
-    if case.residual == "same":
-        residual = rand(case.batch, case.out_channels, o, o, memory_format=res_fmt)
-    elif case.residual == "option_a":
-        # CIFAR option A reads the block input itself: stride 2, planes//4 zero channels each side.
-        assert case.in_channels == case.out_channels // 2
-        residual, residual_stride, residual_offset = x, case.stride, case.out_channels // 4
-    shortcut_x = shortcut_weight = None
-    if case.shortcut_channels:
-        big = case.shortcut_size or case.out_size * case.shortcut_stride
-        shortcut_x = rand(case.batch, case.shortcut_channels, big, big, memory_format=fmt)
-        shortcut_weight = rand(case.out_channels, case.shortcut_channels, 1, 1, scale=fan_in ** -0.5)
-    return dict(
-        x=x, weight=weight, bias=bias, stride=(case.stride,) * 2, padding=(case.padding,) * 2,
-        dilation=(case.dilation,) * 2, groups=case.groups,
-        residual=residual, residual_stride=residual_stride, residual_offset=residual_offset,
-        shortcut_x=shortcut_x, shortcut_weight=shortcut_weight, shortcut_stride=case.shortcut_stride,
-        relu=case.relu,
-    )
-
-
-def check_against_reference(args: dict, out: torch.Tensor, name: str = "out") -> None:
-    """The rule against float64 and torch at the same dtype, plus dtype and memory format."""
-    ref64 = reference.conv_bias_act(**float64_cpu(args))
-    torch_out = reference.conv_bias_act(**args)
-    assert out.dtype == args["x"].dtype
-    assert reference.memory_format_of(out) == reference.memory_format_of(args["x"]), "output memory format"
-    assert_rule(name, out, ref64, torch_out, dtype=args["x"].dtype)
+    """Fresh random arguments for ``conv_bias_act``; weights stay NCHW (the kernel reads them by strides)."""
+    return conv_bias_act_inputs(case, dtype, device, channels_last, weight_channels_last=False,
+                                residual_channels_last=residual_channels_last)
 
 
 # --------------------------------------------------------------------------- the op
@@ -148,14 +84,14 @@ def check_against_reference(args: dict, out: torch.Tensor, name: str = "out") ->
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_conv_bias_act_matches_reference(case_id, dtype, channels_last):
     args = make_inputs(CASES[case_id], dtype, DEVICE, channels_last)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 @pytest.mark.parametrize("x_channels_last", [False, True], ids=["x_nchw", "x_channels_last"])
 def test_residual_in_the_other_layout(x_channels_last):
     args = make_inputs(CASES["3x3_dil2"], torch.float16, DEVICE, x_channels_last,
                        residual_channels_last=not x_channels_last)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 @pytest.mark.parametrize("channels_last_inside", [False, True], ids=["strided", "converted"])
@@ -163,7 +99,7 @@ def test_nchw_with_and_without_channels_last_inside(channels_last_inside, monkey
     """NCHW operands are either read through their strides or first copied to channels_last."""
     monkeypatch.setattr(conv_fwd, "CHANNELS_LAST_INSIDE", channels_last_inside)
     args = make_inputs(CASES["3x3_groups4_projection_res"], torch.float16, DEVICE, channels_last=False)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 def test_non_contiguous_input_view():
@@ -172,7 +108,7 @@ def test_non_contiguous_input_view():
     wide = torch.randn(2, 20, 9, 11, device=DEVICE)
     args["x"] = wide[:, 4:16, :, 1:10]
     assert not args["x"].is_contiguous()
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 @pytest.mark.parametrize("flat_k", [False, True], ids=["per_tap", "flat"])
@@ -181,7 +117,7 @@ def test_both_k_walks(case_id, flat_k):
     """Small tiles: several channel blocks per tap, several taps per flat slice."""
     args = make_inputs(CASES[case_id], torch.float32, DEVICE, channels_last=True)
     out = conv_fwd.conv_bias_act_forward(**args, flat_k=flat_k, config=SMALL_TILES)
-    check_against_reference(args, out)
+    check_conv_bias_act(args, out)
 
 
 @pytest.mark.parametrize("config", [
@@ -193,7 +129,7 @@ def test_tile_configs(config):
     """Many small tiles, a partial band of grouped tile order, and tiles larger than the problem."""
     args = make_inputs(Case(3, 24, 9, 40, residual="same", shortcut_channels=0), torch.float16, DEVICE, False)
     out = conv_fwd.conv_bias_act_forward(**args, config=config)
-    check_against_reference(args, out)
+    check_conv_bias_act(args, out)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_out", "channels_last_out"])
@@ -221,7 +157,7 @@ def test_poisoning_catches_an_unwritten_output(monkeypatch):
     out = conv_fwd.conv_bias_act_forward(**args, config=SMALL_TILES)
     assert torch.isnan(out).all()
     with pytest.raises(AssertionError):
-        check_against_reference(args, out)
+        check_conv_bias_act(args, out)
 
 
 def test_bf16_interpreter_upcast():
@@ -317,7 +253,7 @@ def test_conv_bias_act_backward_needs(needs):
 
 @pytest.mark.usefixtures("poison_gradients")
 def test_conv_bias_act_backward_option_a_residual():
-    """The CIFAR option-A residual is x itself, subsampled and channel-shifted: its gradient is scattered back."""
+    """The CIFAR option-A residual (the block input, subsampled and channel-shifted): its gradient is scattered back."""
     fused = run_backward(make_inputs(CASES["3x3_s2_option_a"], torch.float32, DEVICE, False), [True] * 6)
     grad_residual = fused[3]
     assert torch.all(grad_residual[:, :, 1::2] == 0) and torch.all(grad_residual[:, :, :, 1::2] == 0)
@@ -364,7 +300,7 @@ RESNET50_SHAPES = {
 @pytest.mark.parametrize("shape_id", list(RESNET50_SHAPES))
 def test_resnet50_layer_shapes_on_gpu(shape_id, dtype):
     args = make_inputs(RESNET50_SHAPES[shape_id], dtype, DEVICE, channels_last=True)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 @needs_gpu
@@ -381,7 +317,7 @@ def test_conv_bias_act_backward_resnet50_shapes_on_gpu(shape_id, dtype):
 def test_fp32_follows_cudnn_tf32_flag(allow_tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
     args = make_inputs(RESNET50_SHAPES["layer3_conv2"], torch.float32, DEVICE, channels_last=True)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
 
 
 @needs_gpu
@@ -395,7 +331,7 @@ def test_cuda_graph_capture_and_replay():
         args[t].copy_(torch.randn_like(args[t]))
     graph.replay()
     torch.cuda.synchronize()
-    check_against_reference(args, out)
+    check_conv_bias_act(args, out)
 
 
 @needs_gpu
@@ -404,7 +340,7 @@ def test_gpu_tuning_writes_the_cache(tmp_path, monkeypatch):
     tuner = autotune.Autotuner(tmp_path / "autotune.json")
     monkeypatch.setattr(autotune, "TUNER", tuner)
     args = make_inputs(RESNET50_SHAPES["layer3_conv2"], torch.float16, DEVICE, channels_last=True)
-    check_against_reference(args, triton_backend.conv_bias_act(**args))
+    check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
     assert len(autotune.load_cache_file(tmp_path / "autotune.json")) == 1
 
 

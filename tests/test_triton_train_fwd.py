@@ -15,7 +15,6 @@ import copy
 import torch
 
 
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -31,6 +30,7 @@ from fused_resblock.backends.triton import autotune, bn_act, conv_fwd  # noqa: E
 from fused_resblock.testing import assert_rule, check_rule  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 
+from conv_cases import ConvGeometry as Conv  # noqa: E402
 from helpers import DEVICE, DTYPES, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
@@ -61,20 +61,6 @@ def bn_vectors(c: int, affine=True, weight_only=False):
 
 
 # --------------------------------------------------------------------------- conv_stats
-@dataclass(frozen=True)
-class Conv:
-    batch: int
-    in_channels: int
-    size: int
-    out_channels: int
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-    bias: bool = True
-
-
 CONVS = {
     "1x1_s1": Conv(3, 12, 7, 20, kernel=1, padding=0),
     "1x1_s2_nobias": Conv(1, 20, 13, 12, kernel=1, stride=2, padding=0, bias=False),

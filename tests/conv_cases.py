@@ -1,0 +1,125 @@
+"""Convolution test cases and their random inputs, shared by every backend's tests.
+
+``ConvGeometry`` is one convolution's shape; ``ConvBiasActCase`` adds what the
+eval-mode op fuses (residual, merged projection, ReLU). ``conv_bias_act_inputs``
+draws fresh random arguments for ``conv_bias_act`` under the reference
+backend's names, and ``check_conv_bias_act`` judges an output by the numerical
+rule against float64 and against PyTorch at the same dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from fused_resblock.backends import reference
+from fused_resblock.testing import assert_rule
+from helpers import float64_cpu
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    batch: int
+    in_channels: int
+    size: int  # square input maps
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = True
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class ConvBiasActCase(ConvGeometry):
+    """One conv_bias_act call.
+
+    residual: None, "same" (R shaped like the output) or "option_a" (the CIFAR
+    shortcut: a block input with half the output channels, read at stride 2 into
+    channels [C_out/4, 3 C_out/4)). shortcut_channels > 0 merges a 1x1
+    projection of an input read at shortcut_stride (its size: shortcut_size, by
+    default out_size * shortcut_stride).
+    """
+
+    residual: Optional[str] = None
+    shortcut_channels: int = 0
+    shortcut_stride: int = 1
+    shortcut_size: Optional[int] = None
+    relu: bool = True
+    name: str = field(default="", kw_only=True)
+
+    def __str__(self) -> str:
+        return self.name or repr(self)
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def conv_bias_act_inputs(case: ConvBiasActCase, dtype: torch.dtype, device, channels_last: bool, *,
+                         weight_channels_last: Optional[bool] = None,
+                         residual_channels_last: Optional[bool] = None,
+                         generator: Optional[torch.Generator] = None) -> dict:
+    """Fresh random keyword arguments for ``conv_bias_act`` (bias random, never zero).
+
+    Activations are channels_last when asked; weights and the residual follow
+    them unless told otherwise. Drawn on the CPU (from ``generator`` when given,
+    for a reproducible case), then moved to ``device``.
+    """
+    weight_fmt = _layout(channels_last if weight_channels_last is None else weight_channels_last)
+    residual_fmt = _layout(channels_last if residual_channels_last is None else residual_channels_last)
+
+    def rand(*shape, memory_format=_layout(channels_last), scale=1.0):
+        t = torch.randn(*shape, generator=generator) * scale
+        return t.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+    c_in_g = case.in_channels // case.groups
+    fan_in = c_in_g * case.kernel ** 2 + case.shortcut_channels
+    o = case.out_size
+    x = rand(case.batch, case.in_channels, case.size, case.size)
+    weight = rand(case.out_channels, c_in_g, case.kernel, case.kernel, memory_format=weight_fmt,
+                  scale=fan_in ** -0.5)
+    bias = torch.randn(case.out_channels, generator=generator).to(device) if case.bias else None
+    residual, residual_stride, residual_offset = None, 1, 0
+    if case.residual == "same":
+        residual = rand(case.batch, case.out_channels, o, o, memory_format=residual_fmt)
+    elif case.residual == "option_a":  # odd block inputs too: ceil(size / 2) == out_size
+        size = 2 * o - (o % 2)
+        residual = rand(case.batch, case.out_channels // 2, size, size, memory_format=residual_fmt)
+        residual_stride, residual_offset = 2, case.out_channels // 4
+    shortcut_x = shortcut_weight = None
+    if case.shortcut_channels:
+        size = case.shortcut_size or o * case.shortcut_stride
+        shortcut_x = rand(case.batch, case.shortcut_channels, size, size)
+        shortcut_weight = rand(case.out_channels, case.shortcut_channels, 1, 1, memory_format=weight_fmt,
+                               scale=fan_in ** -0.5)
+    return dict(
+        x=x, weight=weight, bias=bias, stride=(case.stride,) * 2, padding=(case.padding,) * 2,
+        dilation=(case.dilation,) * 2, groups=case.groups,
+        residual=residual, residual_stride=residual_stride, residual_offset=residual_offset,
+        shortcut_x=shortcut_x, shortcut_weight=shortcut_weight, shortcut_stride=case.shortcut_stride,
+        relu=case.relu,
+    )
+
+
+def poisoned_output(case: ConvBiasActCase, args: dict) -> torch.Tensor:
+    """NaN everywhere, shaped, typed and laid out as the op's output: an unwritten element fails the rule."""
+    x = args["x"]
+    shape = (case.batch, case.out_channels, case.out_size, case.out_size)
+    return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(
+        memory_format=reference.memory_format_of(x))
+
+
+def check_conv_bias_act(args: dict, out: torch.Tensor, name: str = "out") -> None:
+    """The rule against float64 and PyTorch at the same dtype, plus the output's dtype and memory format."""
+    ref64 = reference.conv_bias_act(**float64_cpu(args))
+    torch_out = reference.conv_bias_act(**args)
+    assert out.dtype == args["x"].dtype
+    assert reference.memory_format_of(out) == reference.memory_format_of(args["x"]), "output memory format"
+    assert_rule(name, out, ref64, torch_out, dtype=args["x"].dtype)
