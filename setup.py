@@ -39,6 +39,17 @@ def _cuda_skip_reason():
     return None
 
 
+def _cutlass_headers():
+    """fused_resblock/backends/cutlass_headers.py, loaded by path: the package is not importable yet."""
+    import importlib.util
+
+    path = os.path.join(HERE, "fused_resblock", "backends", "cutlass_headers.py")
+    spec = importlib.util.spec_from_file_location("_fused_resblock_cutlass_headers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions():
     reason = _cuda_skip_reason()
     if reason is not None:
@@ -49,14 +60,13 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCH_LIST)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     include_dirs = [os.path.join(HERE, "csrc")]
-    try:  # CUTLASS headers from the nvidia-cutlass wheel, when a kernel wants them
-        import cutlass_library
-
-        cutlass_include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-        if os.path.isdir(cutlass_include):
-            include_dirs.append(cutlass_include)
-    except ImportError:
-        pass
+    cutlass = _cutlass_headers()
+    cutlass_dirs = cutlass.include_dirs()
+    nvcc_defines = [cutlass.DEFINE] if cutlass_dirs else []
+    if not cutlass_dirs:
+        print("fused_resblock: no CUTLASS headers (pip install nvidia-cutlass): building without the sm_90 "
+              "TMA + wgmma kernel", file=sys.stderr)
+    include_dirs += cutlass_dirs
     extension = CUDAExtension(
         "fused_resblock._C",
         sources,
@@ -64,7 +74,7 @@ def _extensions():
         # no -std for the host compiler: torch adds the C++ standard it needs (C++20 for torch >= 2.10)
         extra_compile_args={
             "cxx": ["-O3", f"-DFUSED_RESBLOCK_CUDA_ARCHS={ARCH_LIST.replace(';', ',')}"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *nvcc_defines],
         },
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

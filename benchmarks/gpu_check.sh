@@ -6,7 +6,8 @@
 # Stages, in order; none aborts the script, each one's status goes into the summary:
 #   env       nvidia-smi, nvcc, compute-sanitizer, python and library versions, backend availability
 #   build     the CUDA extension, when csrc/ has CUDA sources (setup.py build_ext --inplace, then
-#             pip install --no-deps --no-build-isolation -e . if that fails); no downloads
+#             pip install --no-deps --no-build-isolation -e . if that fails); no downloads: CUTLASS's
+#             headers come from .wheels/nvidia_cutlass-*.whl when the image lacks them (carry .wheels)
 #   tests     python -m pytest tests -q -rs on the GPU (TRITON_INTERPRET unset), over TEST_WORKERS
 #             processes when pytest-xdist is installed
 #   memcheck  compute-sanitizer memcheck of small fused blocks on each GPU backend that is available
@@ -111,6 +112,13 @@ elif ! ls csrc/*.cu >/dev/null 2>&1; then
     record build skipped 0 "no CUDA sources in csrc/"
 else
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    # CUTLASS's headers (the sm_90 TMA + wgmma kernel): the GPU image has no network, so the
+    # nvidia-cutlass wheel travels with the working tree (run's carry: [".wheels"]).
+    if ! "$PY" -c "import cutlass_library" 2>/dev/null && ls .wheels/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install --no-deps --no-index .wheels/nvidia_cutlass-*.whl >"$OUT/build.log" 2>&1 \
+            && record cutlass ok "$(elapsed)" "nvidia-cutlass installed from .wheels/" \
+            || record cutlass failed "$(elapsed)" "pip install .wheels/nvidia_cutlass-*.whl (see build.log)"
+    fi
     limit=$(min "${BUILD_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 60 )))
     if [ "$limit" -le 30 ]; then
         record build skipped 0 "no time left"

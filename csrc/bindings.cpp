@@ -176,8 +176,8 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
     out = at::empty({batch, out_channels, out_h, out_w}, x.options().memory_format(memory_format_of(x)));
   }
   TORCH_CHECK(tile >= 0 && tile <= 3, kOp, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
-  TORCH_CHECK(pipeline >= 0 && pipeline <= 2, kOp,
-              ": pipeline must be 0 (auto), 1 (registers) or 2 (cp.async), got ", pipeline);
+  TORCH_CHECK(pipeline >= 0 && pipeline <= 3, kOp,
+              ": pipeline must be 0 (auto), 1 (registers), 2 (cp.async) or 3 (TMA + wgmma), got ", pipeline);
 
   // ---- the kernel's layouts: NHWC activations, KRSC weights (channels_last)
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -238,7 +238,16 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
               ": pipeline 2 (cp.async) moves 16-byte chunks only: it needs channels per group and shortcut "
               "channels that are multiples of 8 and 16-byte-aligned x, weight, shortcut_x and shortcut_weight");
   p.num_sms = 1;
+  p.compute_capability = 0;  // the caller's: the device's, or the emulated one
   return p;
+}
+
+// A forced kTmaWgmma that cannot run is the caller's error, said in words.
+void check_forced_tma_wgmma(const fr::ConvBiasActParams& p) {
+  if (p.pipeline != fr::Pipeline::kTmaWgmma) return;
+  const char* refusal = fr::tma_wgmma_refusal(p);
+  TORCH_CHECK(refusal == nullptr, kOp, ": pipeline 3 (CUTLASS's TMA + wgmma kernel) cannot run this call: ", refusal,
+              " (pipeline 0 picks a kernel that can)");
 }
 
 // A device attribute: a cheap driver query (no synchronisation, fine during graph capture).
@@ -269,6 +278,8 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
               shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kCuda, keep);
   p.num_sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  p.compute_capability = major * 10 + device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+  check_forced_tma_wgmma(p);
   const cudaError_t error = fr::launch_conv_bias_act(p, c10::cuda::getCurrentCUDAStream(device).stream());
   TORCH_CHECK(error == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(error));
   return *out;
@@ -286,8 +297,30 @@ at::Tensor emulate_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
       prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
               shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kHost, keep);
   p.num_sms = 132;  // an H100's, so kAuto picks what it would there
-  fr::emulate_conv_bias_act(p);
+  p.compute_capability = 90;
+  check_forced_tma_wgmma(p);
+  TORCH_CHECK(p.pipeline != fr::Pipeline::kTmaWgmma, kOp,
+              " (host emulator): pipeline 3 (CUTLASS's TMA + wgmma kernel) has no host emulation; a GPU tests it");
+  fr::emulate_conv_bias_act(p);  // kAuto emulates the WMMA kernel's choice, also where a GPU would take kTmaWgmma
   return *out;
+}
+
+// Why the kTmaWgmma kernel would not run this call on a GPU of `compute_capability`, or "" when it would.
+// CPU tensors, like the emulator: the choice is host code, so CI tests it.
+std::string tma_wgmma_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                              const std::vector<int64_t>& dilation, int64_t groups,
+                              const std::optional<at::Tensor>& residual, int64_t residual_stride,
+                              int64_t residual_offset, const std::optional<at::Tensor>& shortcut_x,
+                              const std::optional<at::Tensor>& shortcut_weight, int64_t shortcut_stride, bool relu,
+                              std::optional<at::Tensor> out, int64_t compute_capability) {
+  std::vector<at::Tensor> keep;
+  fr::ConvBiasActParams p =
+      prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
+              shortcut_x, shortcut_weight, shortcut_stride, relu, out, 0, 0, Target::kHost, keep);
+  p.compute_capability = int(compute_capability);
+  const char* refusal = fr::tma_wgmma_refusal(p);
+  return refusal == nullptr ? std::string() : std::string(refusal);
 }
 
 std::string kernel_image_error(int64_t device_index) {
@@ -311,7 +344,13 @@ pybind11::dict build_info() {
                           std::to_string(TORCH_VERSION_PATCH);
   info["kernels"] = std::string(
       "conv_bias_act: nvcuda::wmma implicit GEMM, fp16/bf16 in, fp32 accumulate; cp.async 3-stage or "
-      "register-staged 2-stage main loop");
+      "register-staged 2-stage main loop; on sm_90, CUTLASS's TMA + wgmma implicit GEMM where it applies");
+  const std::string cutlass = fr::tma_wgmma_version();
+  if (cutlass.empty()) {
+    info["tma_wgmma"] = pybind11::none();
+  } else {
+    info["tma_wgmma"] = cutlass;
+  }
   return info;
 }
 
@@ -323,7 +362,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bias_act", &conv_bias_act,
         "act(conv(x, weight) + bias + conv1x1(shortcut_x, shortcut_weight) + mapped residual) on the current "
         "CUDA stream; the contract is reference.conv_bias_act. `out` (optional) receives the result; `tile` "
-        "forces a tile shape and `pipeline` a main loop (1 registers, 2 cp.async; tests and benchmarks).",
+        "forces a tile shape and `pipeline` a kernel (1 WMMA registers, 2 WMMA cp.async, 3 TMA + wgmma; tests and "
+        "benchmarks).",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
@@ -335,6 +375,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
         py::arg("out") = py::none(), py::arg("tile") = 0, py::arg("pipeline") = 0);
+  m.def("_tma_wgmma_refusal", &tma_wgmma_refusal,
+        "Why pipeline 3 (CUTLASS's TMA + wgmma kernel) would not run this call on a GPU of the given compute "
+        "capability, or '' when it would. CPU tensors; for tests.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
+        py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
+        py::arg("out") = py::none(), py::arg("compute_capability") = 90);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

@@ -39,6 +39,7 @@ cudaError_t launch_tile(const ConvBiasActParams& p, const ConvGemm& g, cudaStrea
     case Pipeline::kRegisters:
       return launch_pipeline<T, Tile, Pipeline::kRegisters>(p, g, stream);
     case Pipeline::kAuto:
+    case Pipeline::kTmaWgmma:  // launch_conv_bias_act's, not this kernel's
       break;
   }
   return cudaErrorInvalidValue;
@@ -64,6 +65,11 @@ cudaError_t launch_typed(const ConvBiasActParams& p, const ConvGemm& g, cudaStre
 cudaError_t launch_conv_bias_act(const ConvBiasActParams& p, cudaStream_t stream) {
   const ConvGemm g = make_conv_gemm(p);
   if (g.m == 0 || p.out_channels == 0) return cudaSuccess;  // nothing to write
+  if (p.pipeline == Pipeline::kTmaWgmma) return launch_conv_bias_act_tma_wgmma(p, stream);
+  if (p.pipeline == Pipeline::kAuto && tma_wgmma_refusal(p) == nullptr) {
+    const cudaError_t error = launch_conv_bias_act_tma_wgmma(p, stream);
+    if (error != cudaErrorNotSupported) return error;  // else CUTLASS's own checks refused: the WMMA kernel runs it
+  }
   switch (p.dtype) {
     case DType::kFloat16:
       return launch_typed<__half>(p, g, stream);

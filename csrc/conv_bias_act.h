@@ -20,11 +20,14 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // channels of one group). kAuto lets the launcher pick; tests force each.
 enum class TileShapeKind : int { kAuto = 0, kNarrow = 1, kMedium = 2, kLarge = 3 };
 
-// How operand tiles reach shared memory. kRegisters: global -> registers ->
-// shared, two stages (any operands). kAsyncCopy: cp.async straight into shared
-// memory, kAsyncStages deep (16-byte operands only: every K chunk one aligned
-// load). kAuto: kAsyncCopy where it applies. Tests and benchmarks force each.
-enum class Pipeline : int { kAuto = 0, kRegisters = 1, kAsyncCopy = 2 };
+// Which kernel and main loop. The WMMA kernel's (any configuration): kRegisters,
+// global -> registers -> shared, two stages (any operands); kAsyncCopy, cp.async
+// straight into shared memory, kAsyncStages deep (16-byte operands only: every
+// K chunk one aligned load). kTmaWgmma: CUTLASS's sm90 implicit GEMM (TMA +
+// wgmma), for what tma_wgmma_refusal() accepts. kAuto: kTmaWgmma where it
+// applies, else kAsyncCopy where that applies, else kRegisters. Tests and
+// benchmarks force each.
+enum class Pipeline : int { kAuto = 0, kRegisters = 1, kAsyncCopy = 2, kTmaWgmma = 3 };
 
 // Element strides of a 4-D tensor in logical (N, C, H, W) order.
 struct Strides4 {
@@ -68,12 +71,23 @@ struct ConvBiasActParams {
   bool relu;
   TileShapeKind tile;
   Pipeline pipeline;
-  int num_sms;  // of the launching device: for kAuto's choice
+  int num_sms;             // of the launching device: for kAuto's choice
+  int compute_capability;  // of the launching device, major * 10 + minor (90: Hopper)
 };
 
 // Enqueues the fused convolution on `stream`. No host synchronisation and no
 // allocation, so it can be captured in a CUDA graph. Returns the launch error.
 cudaError_t launch_conv_bias_act(const ConvBiasActParams& params, cudaStream_t stream);
+
+// nullptr when the kTmaWgmma kernel (conv_bias_act_sm90.cu) can run `params`,
+// else why not, in words (also when the build had no CUTLASS headers).
+const char* tma_wgmma_refusal(const ConvBiasActParams& params);
+
+// Launches the kTmaWgmma kernel; cudaErrorNotSupported where it cannot run.
+cudaError_t launch_conv_bias_act_tma_wgmma(const ConvBiasActParams& params, cudaStream_t stream);
+
+// "CUTLASS x.y.z" when the kTmaWgmma kernel was built, else "".
+const char* tma_wgmma_version();
 
 // Runs the kernel's schedule on the host instead (every pointer in `params` is
 // CPU memory): its operand gathers, shared-memory tiles and epilogue, with a

@@ -103,7 +103,7 @@ def cmd_doctor(args) -> int:
     print(f"FUSED_RESBLOCK_AUTOTUNE={os.environ.get('FUSED_RESBLOCK_AUTOTUNE', '')!r} "
           f"(tile tuning and auto's backend measurement {'off' if os.environ.get('FUSED_RESBLOCK_AUTOTUNE') == '0' else 'on'})")
     print(f"{cuda_backend.PIPELINE_ENV}={os.environ.get(cuda_backend.PIPELINE_ENV, '')!r} "
-          f"(the CUDA kernel's main loop)")
+          f"(the CUDA kernel and its main loop)")
     for name in ("autotune.json", "backends.json"):
         path = cache_dir() / name
         print(f"cache       {path} ({'present' if path.is_file() else 'not written yet'})")

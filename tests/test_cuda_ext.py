@@ -42,6 +42,9 @@ TILES = {"narrow": 1, "medium": 2, "large": 3}
 # Main loops: auto (cp.async where every operand is 16-byte loadable, else registers), or forced.
 PIPELINES = [pytest.param(0, id="auto"), pytest.param(1, id="registers")]
 CP_ASYNC = 2
+TMA_WGMMA = 3
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (the TMA + wgmma kernel)")
 
 
 # --------------------------------------------------------------------------- cases
@@ -112,6 +115,7 @@ def test_extension_built():
         import fused_resblock._C  # noqa: F401  (raises, with the real import error, if missing)
 
         assert EXT is not None, EXT_REASON
+        assert (EXT.build_info()["tma_wgmma"] or "").startswith("CUTLASS "), "built without CUTLASS's headers"
     elif EXT is None:
         pytest.skip(cuda_backend.build_info()["reason"])
     info = cuda_backend.build_info()
@@ -304,7 +308,88 @@ def test_cp_async_refuses_operands_it_cannot_move(case):
     with pytest.raises(RuntimeError, match="pipeline 2 .cp.async. moves 16-byte chunks only"):
         EXT._emulate_conv_bias_act(**inputs, pipeline=CP_ASYNC)
     with pytest.raises(RuntimeError, match="pipeline must be"):
-        EXT._emulate_conv_bias_act(**inputs, pipeline=3)
+        EXT._emulate_conv_bias_act(**inputs, pipeline=4)
+
+
+# --------------------------------------------------------------------------- which kernel: TMA + wgmma on sm_90
+def _cutlass_built() -> bool:
+    return EXT is not None and EXT.build_info()["tma_wgmma"] is not None
+
+
+def _refusal(case, channels_last=True, compute_capability=90, **change) -> str:
+    args = dict(make_inputs(case, torch.float16, "cpu", channels_last, seed=21), **change)
+    return EXT._tma_wgmma_refusal(**args, compute_capability=compute_capability)
+
+
+# What the CUTLASS kernel runs on Hopper (auto picks it there); the GPU tests force it on these.
+TMA_CASES = [c for c in CASES + RESNET_CASES if c.name in {
+    "1x1", "1x1_stride2", "3x3", "3x3_stride2_13x13", "3x3_dilation2", "residual", "13x13_batch1",
+    "layer1_conv1", "layer1_conv2", "layer1.1_conv3_residual", "layer2.0_conv2_stride2", "layer3_conv2",
+    "layer3_conv3_residual"}]
+
+
+@needs_ext
+def test_tma_wgmma_takes_the_hot_path():
+    """Exactly these cases (1x1/3x3, groups 1, bias + ReLU, identity residual or none) go to the CUTLASS kernel."""
+    if not _cutlass_built():
+        pytest.skip("built without CUTLASS headers")
+    accepted = {c.name for c in CASES + RESNET_CASES if _refusal(c) == ""}
+    assert accepted == {c.name for c in TMA_CASES}
+
+
+@needs_ext
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("hopper", {}, ""),
+    ("ampere", {"compute_capability": 80}, "needs an sm_90 GPU"),
+    ("blackwell", {"compute_capability": 100}, "needs an sm_90 GPU"),
+    ("nchw", {"channels_last": False}, "output must be dense channels_last"),
+    ("groups", {"case": "groups32x8"}, "grouped convolutions"),
+    ("projection", {"case": "merged_projection"}, "merged projection"),
+    ("option_a", {"case": "option_a_residual"}, "residual must be a dense channels_last"),
+    ("no_relu", {"case": "no_bias_no_relu"}, "ends in a ReLU"),
+    ("no_bias", {"bias": None}, "needs a bias"),
+    ("channels", {"case": "channels_20_to_36"}, "multiples of 8"),
+    ("nchw_residual", {"case": "residual", "residual_layout": torch.contiguous_format},
+     "residual must be a dense channels_last"),
+])
+def test_tma_wgmma_refusals(name, kwargs, expected):
+    """The choice is host code: tested here in words, on CPU tensors."""
+    if not _cutlass_built():
+        assert "without CUTLASS" in _refusal(CASES[2])
+        pytest.skip("built without CUTLASS headers")
+    by_name = {c.name: c for c in CASES}
+    case = by_name[kwargs.pop("case", "3x3")]
+    layout = kwargs.pop("residual_layout", None)
+    change = {}
+    if "bias" in kwargs:
+        change["bias"] = kwargs.pop("bias")
+    if layout is not None:
+        residual = make_inputs(case, torch.float16, "cpu", True, seed=21)["residual"]
+        change["residual"] = residual.contiguous(memory_format=layout)
+    refusal = _refusal(case, **kwargs, **change)
+    assert (refusal == "") if expected == "" else (expected in refusal), refusal
+
+
+@needs_ext
+def test_tma_wgmma_refuses_unaligned_operands():
+    if not _cutlass_built():
+        pytest.skip("built without CUTLASS headers")
+    args = make_inputs(CASES[2], torch.float16, "cpu", True, seed=22)
+    assert "16-byte aligned" in EXT._tma_wgmma_refusal(**_misalign(args), compute_capability=90)
+    offset_bias = torch.randn(args["bias"].numel() + 1)[1:]  # 4 bytes past an aligned start
+    assert "16-byte aligned" in EXT._tma_wgmma_refusal(**dict(args, bias=offset_bias), compute_capability=90)
+
+
+@needs_ext
+def test_emulator_has_no_tma_wgmma():
+    """Forced where it applies: no host emulation; forced where it does not: the reason, in words."""
+    inputs = make_inputs(CASES[2], torch.float16, "cpu", True, seed=23)
+    expected = "no host emulation" if _cutlass_built() else "built without CUTLASS"
+    with pytest.raises(RuntimeError, match=expected):
+        EXT._emulate_conv_bias_act(**inputs, pipeline=TMA_WGMMA)
+    inputs = make_inputs(CASES[11], torch.float16, "cpu", True, seed=24)
+    with pytest.raises(RuntimeError, match="cannot run this call: .*(residual must be|without CUTLASS)"):
+        EXT._emulate_conv_bias_act(**inputs, pipeline=TMA_WGMMA)
 
 
 @needs_ext
@@ -401,6 +486,40 @@ def test_cuda_tile_shapes(case, tile, pipeline):
 @pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
 def test_cuda_cp_async_forced(case):
     check_case(_launch, case, torch.float16, "cuda", True, seed=19, pipeline=CP_ASYNC)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_cuda_tma_wgmma_forced(case, dtype):
+    check_case(_launch, case, dtype, "cuda", True, seed=25, pipeline=TMA_WGMMA)
+
+
+@needs_hopper
+def test_cuda_tma_wgmma_forced_where_it_cannot_run():
+    inputs = make_inputs(CASES[6], torch.float16, "cuda", True, seed=26)
+    with pytest.raises(RuntimeError, match="cannot run this call: grouped"):
+        EXT.conv_bias_act(**inputs, pipeline=TMA_WGMMA)
+
+
+@needs_hopper
+def test_cuda_tma_wgmma_graph_capture():
+    """The CUTLASS launch (TMA descriptors built on the host, passed by value) replays in a graph."""
+    case = next(c for c in TMA_CASES if c.name == "residual")
+    inputs = make_inputs(case, torch.bfloat16, "cuda", True, seed=27)
+    out = poisoned_output(case, inputs)
+    EXT.conv_bias_act(**inputs, out=out, pipeline=TMA_WGMMA)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        EXT.conv_bias_act(**inputs, out=out, pipeline=TMA_WGMMA)
+    fresh = make_inputs(case, torch.bfloat16, "cuda", True, seed=28)
+    for name in ("x", "weight", "bias", "residual"):
+        inputs[name].copy_(fresh[name])
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_conv_bias_act(fresh, out, "graph out")
 
 
 @needs_gpu

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import conv_geometry_reason
+from . import conv_geometry_reason, cutlass_headers
 
 NAME = "cuda"
 
@@ -38,9 +38,11 @@ OPS = (
 SUPPORTED_OPS = ("conv_bias_act",)
 DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
-# The kernel's main loop (csrc/README.md): auto (cp.async where operands allow), or forced
-# for an A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async.
-PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2}
+# The kernel and its main loop (csrc/README.md): auto (on sm_90 CUTLASS's TMA + wgmma kernel where it
+# applies, else WMMA with cp.async where operands allow, else WMMA register-staged), or forced for an
+# A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async|tma_wgmma (a forced kernel
+# that cannot run a call raises).
+PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2, "tma_wgmma": 3}
 PIPELINE_ENV = "FUSED_RESBLOCK_CUDA_PIPELINE"
 
 
@@ -69,12 +71,14 @@ def _jit_build() -> ModuleType:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if arch_list:  # recorded for build_info, as a token list free of shell metacharacters
         cxx_flags.append("-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(re.split(r"[;\s]+", arch_list)))
+    cutlass_dirs = cutlass_headers.include_dirs()
     return load(
         name="fused_resblock_cuda_jit",
         sources=sources,
-        extra_include_paths=[str(CSRC)],
+        extra_include_paths=[str(CSRC), *cutlass_dirs],
         extra_cflags=cxx_flags,
-        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"],
+        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"]
+        + ([cutlass_headers.DEFINE] if cutlass_dirs else []),
         verbose=os.environ.get("FUSED_RESBLOCK_JIT_VERBOSE", "0") == "1",
     )
 
