@@ -11,7 +11,7 @@ through the fold (fine-tuning with frozen BN) it is recomputed, differentiably.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import norms
 from .backends.reference import stat_dtype

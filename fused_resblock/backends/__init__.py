@@ -21,7 +21,7 @@ import os
 from types import ModuleType
 from typing import Callable, Optional, Tuple
 
-from .._warnings import FusedResblockFallbackWarning, warn_once
+from .._warnings import warn_once
 
 NAMES = ("reference", "triton", "cuda")
 # Triton first where nothing is measured: its kernels are the same code the CPU
