@@ -62,7 +62,7 @@ def _extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     cutlass = _cutlass_headers()
     cutlass_dirs = cutlass.include_dirs()
-    nvcc_defines = [cutlass.DEFINE] if cutlass_dirs else []
+    nvcc_defines = list(cutlass.DEFINES) if cutlass_dirs else []
     if not cutlass_dirs:
         print("fused_resblock: no CUTLASS headers (pip install nvidia-cutlass): building without the sm_90 "
               "TMA + wgmma kernel", file=sys.stderr)

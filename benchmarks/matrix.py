@@ -98,7 +98,7 @@ _DTYPE = {"bf16": 0, "fp32": 2, "fp16": 3}
 _FORMAT = {"channels_last": 0, "nchw": 2}
 _BATCH = {256: 0, 1: 0, 64: 2, 8: 2}
 _IMPL = {"ours:auto": 0, "eager": 0, "eager-folded": 1, "compile-default": 1, "ours:auto+cudagraph": 1,
-         "ours:triton": 2, "ours:cuda": 2, "compile-reduce-overhead": 3, "eager-amp": 3,
+         "ours:triton": 2, "ours:cuda": 2, "ours:cuda[wmma]": 3, "compile-reduce-overhead": 3, "eager-amp": 3,
          "ours:reference": 4, "compile-max-autotune": 4}
 
 

@@ -110,6 +110,25 @@ class Ours(Impl):
         return workloads.fuse(module, self.backend)
 
 
+class OursCudaKernel(Ours):
+    """Ours on the cuda backend with one of its kernels forced (``cuda.PIPELINES``): a kernel's A/B in one run."""
+
+    modes = ("infer",)
+
+    def __init__(self, pipeline: str) -> None:
+        super().__init__("cuda")
+        self.pipeline = pipeline
+        self.name = f"{OURS_PREFIX}cuda[{pipeline}]"
+
+    def applies(self, case):
+        return super().applies(case) and case.reduced_precision  # the cuda backend's dtypes
+
+    def context(self, case):
+        from fused_resblock.backends import cuda
+
+        return cuda.forced_pipeline(self.pipeline)
+
+
 class OursCudaGraph(Ours):
     """Ours (auto) captured once in a CUDA graph and replayed: the small-batch, launch-bound path."""
 
@@ -238,7 +257,7 @@ class Compiled(Impl):
 def all_impls() -> list:
     """Every implementation, ours first, in the order rows are reported."""
     return [
-        Ours("auto"), *(Ours(name) for name in backends.NAMES), OursCudaGraph(),
+        Ours("auto"), *(Ours(name) for name in backends.NAMES), OursCudaKernel("wmma"), OursCudaGraph(),
         Eager(), EagerAmp(), EagerFolded(),
         Compiled("default"),
         Compiled("max-autotune", modes=("infer",)),

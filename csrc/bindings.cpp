@@ -176,8 +176,9 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
     out = at::empty({batch, out_channels, out_h, out_w}, x.options().memory_format(memory_format_of(x)));
   }
   TORCH_CHECK(tile >= 0 && tile <= 3, kOp, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
-  TORCH_CHECK(pipeline >= 0 && pipeline <= 3, kOp,
-              ": pipeline must be 0 (auto), 1 (registers), 2 (cp.async) or 3 (TMA + wgmma), got ", pipeline);
+  TORCH_CHECK(pipeline >= 0 && pipeline <= 4, kOp,
+              ": pipeline must be 0 (auto), 1 (registers), 2 (cp.async), 3 (TMA + wgmma) or 4 (WMMA, its own main "
+              "loop), got ", pipeline);
 
   // ---- the kernel's layouts: NHWC activations, KRSC weights (channels_last)
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -362,8 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bias_act", &conv_bias_act,
         "act(conv(x, weight) + bias + conv1x1(shortcut_x, shortcut_weight) + mapped residual) on the current "
         "CUDA stream; the contract is reference.conv_bias_act. `out` (optional) receives the result; `tile` "
-        "forces a tile shape and `pipeline` a kernel (1 WMMA registers, 2 WMMA cp.async, 3 TMA + wgmma; tests and "
-        "benchmarks).",
+        "forces a tile shape and `pipeline` a kernel (1 WMMA registers, 2 WMMA cp.async, 3 TMA + wgmma, 4 WMMA with "
+        "its own choice of main loop; tests and benchmarks).",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),

@@ -39,6 +39,7 @@ cudaError_t launch_tile(const ConvBiasActParams& p, const ConvGemm& g, cudaStrea
     case Pipeline::kRegisters:
       return launch_pipeline<T, Tile, Pipeline::kRegisters>(p, g, stream);
     case Pipeline::kAuto:
+    case Pipeline::kWmma:      // resolved by choose_pipeline
     case Pipeline::kTmaWgmma:  // launch_conv_bias_act's, not this kernel's
       break;
   }

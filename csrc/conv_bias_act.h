@@ -25,9 +25,10 @@ enum class TileShapeKind : int { kAuto = 0, kNarrow = 1, kMedium = 2, kLarge = 3
 // straight into shared memory, kAsyncStages deep (16-byte operands only: every
 // K chunk one aligned load). kTmaWgmma: CUTLASS's sm90 implicit GEMM (TMA +
 // wgmma), for what tma_wgmma_refusal() accepts. kAuto: kTmaWgmma where it
-// applies, else kAsyncCopy where that applies, else kRegisters. Tests and
-// benchmarks force each.
-enum class Pipeline : int { kAuto = 0, kRegisters = 1, kAsyncCopy = 2, kTmaWgmma = 3 };
+// applies, else kAsyncCopy where that applies, else kRegisters. kWmma: kAuto
+// without kTmaWgmma (what auto runs on GPUs before sm_90: the benchmarks' A/B).
+// Tests and benchmarks force each.
+enum class Pipeline : int { kAuto = 0, kRegisters = 1, kAsyncCopy = 2, kTmaWgmma = 3, kWmma = 4 };
 
 // Element strides of a 4-D tensor in logical (N, C, H, W) order.
 struct Strides4 {

@@ -137,6 +137,8 @@ cudaError_t run(const ConvBiasActParams& p, cudaStream_t stream) {
       {static_cast<const Element*>(p.x), static_cast<const Element*>(p.weight)},
       {{}, static_cast<const Element*>(source), stride_c, static_cast<Element*>(p.out), stride_d}};
   args.hw_info.sm_count = p.num_sms;
+  const cudaError_t no_device = cudaGetDevice(&args.hw_info.device_id);  // x's device: the binding's guard set it
+  if (no_device != cudaSuccess) return no_device;
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.f;
   fusion.beta = p.residual != nullptr ? 1.f : 0.f;

@@ -60,7 +60,7 @@ inline bool async_copy_applies(const ConvBiasActParams& p, const ConvGemm& g) {
 }
 
 inline Pipeline choose_pipeline(const ConvBiasActParams& p, const ConvGemm& g) {
-  if (p.pipeline != Pipeline::kAuto) return p.pipeline;
+  if (p.pipeline != Pipeline::kAuto && p.pipeline != Pipeline::kWmma) return p.pipeline;
   return async_copy_applies(p, g) ? Pipeline::kAsyncCopy : Pipeline::kRegisters;
 }
 

@@ -43,6 +43,7 @@ TILES = {"narrow": 1, "medium": 2, "large": 3}
 PIPELINES = [pytest.param(0, id="auto"), pytest.param(1, id="registers")]
 CP_ASYNC = 2
 TMA_WGMMA = 3
+WMMA = 4  # auto without the TMA + wgmma kernel
 ON_HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (the TMA + wgmma kernel)")
 
@@ -308,7 +309,14 @@ def test_cp_async_refuses_operands_it_cannot_move(case):
     with pytest.raises(RuntimeError, match="pipeline 2 .cp.async. moves 16-byte chunks only"):
         EXT._emulate_conv_bias_act(**inputs, pipeline=CP_ASYNC)
     with pytest.raises(RuntimeError, match="pipeline must be"):
-        EXT._emulate_conv_bias_act(**inputs, pipeline=4)
+        EXT._emulate_conv_bias_act(**inputs, pipeline=5)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=str)
+def test_emulated_wmma_pipeline_picks_its_main_loop(case):
+    """pipeline 4 runs where cp.async cannot (CASES[4]) as well as where it can."""
+    check_case(_emulate, case, torch.float16, "cpu", True, seed=27, pipeline=WMMA)
 
 
 # --------------------------------------------------------------------------- which kernel: TMA + wgmma on sm_90
@@ -488,6 +496,14 @@ def test_cuda_cp_async_forced(case):
     check_case(_launch, case, torch.float16, "cuda", True, seed=19, pipeline=CP_ASYNC)
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_cuda_wmma_pipeline_on_the_tma_cases(case, dtype):
+    """The benchmarks' A/B partner of the TMA + wgmma kernel, on the cases that kernel takes on sm_90."""
+    check_case(_launch, case, dtype, "cuda", True, seed=28, pipeline=WMMA)
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
@@ -657,6 +673,17 @@ def test_pipeline_from_environment(monkeypatch):
     monkeypatch.setenv(cuda_backend.PIPELINE_ENV, "wgmma")
     with pytest.raises(ValueError, match="FUSED_RESBLOCK_CUDA_PIPELINE"):
         cuda_backend._pipeline_from_env()
+
+
+def test_forced_pipeline_is_scoped():
+    before = cuda_backend.PIPELINE
+    with cuda_backend.forced_pipeline("wmma"):
+        assert cuda_backend.PIPELINE == WMMA
+        with pytest.raises(ValueError, match="expected one of auto, registers"):
+            with cuda_backend.forced_pipeline("wgmma"):
+                pass
+        assert cuda_backend.PIPELINE == WMMA
+    assert cuda_backend.PIPELINE == before
 
 
 @needs_gpu

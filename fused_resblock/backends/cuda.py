@@ -13,6 +13,7 @@ or call loads it: ``fused_resblock._C`` as built by
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -40,20 +41,36 @@ DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
 # The kernel and its main loop (csrc/README.md): auto (on sm_90 CUTLASS's TMA + wgmma kernel where it
 # applies, else WMMA with cp.async where operands allow, else WMMA register-staged), or forced for an
-# A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async|tma_wgmma (a forced kernel
-# that cannot run a call raises).
-PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2, "tma_wgmma": 3}
+# A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async|tma_wgmma|wmma (a forced kernel
+# that cannot run a call raises; "wmma" is auto without CUTLASS's kernel, as before sm_90).
+PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2, "tma_wgmma": 3, "wmma": 4}
 PIPELINE_ENV = "FUSED_RESBLOCK_CUDA_PIPELINE"
 
 
-def _pipeline_from_env() -> int:
-    name = os.environ.get(PIPELINE_ENV, "auto").strip().lower()
+def _pipeline_number(name: str, source: str) -> int:
+    name = name.strip().lower()
     if name not in PIPELINES:
-        raise ValueError(f"{PIPELINE_ENV}={name!r}: expected one of {', '.join(PIPELINES)}")
+        raise ValueError(f"{source}={name!r}: expected one of {', '.join(PIPELINES)}")
     return PIPELINES[name]
 
 
+def _pipeline_from_env() -> int:
+    return _pipeline_number(os.environ.get(PIPELINE_ENV, "auto"), PIPELINE_ENV)
+
+
 PIPELINE = _pipeline_from_env()
+
+
+@contextlib.contextmanager
+def forced_pipeline(name: str):
+    """Inside the block this backend's convs run kernel ``name`` (a PIPELINES key), as the
+    environment variable does for a whole process: the benchmarks' A/B in one run. Not thread-safe."""
+    global PIPELINE
+    previous, PIPELINE = PIPELINE, _pipeline_number(name, "pipeline")
+    try:
+        yield
+    finally:
+        PIPELINE = previous
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (nvcc and a CUDA build of torch), " \
              f"or set {JIT_ENV}=1 to build it just in time"
@@ -78,7 +95,7 @@ def _jit_build() -> ModuleType:
         extra_include_paths=[str(CSRC), *cutlass_dirs],
         extra_cflags=cxx_flags,
         extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"]
-        + ([cutlass_headers.DEFINE] if cutlass_dirs else []),
+        + (list(cutlass_headers.DEFINES) if cutlass_dirs else []),
         verbose=os.environ.get("FUSED_RESBLOCK_JIT_VERBOSE", "0") == "1",
     )
 

@@ -10,8 +10,10 @@ import importlib.util
 import os
 from typing import List
 
-# The nvcc define that turns the CUTLASS kernel on (with include_dirs() on the include path).
-DEFINE = "-DFUSED_RESBLOCK_WITH_CUTLASS=1"
+# nvcc defines for a build with CUTLASS (include_dirs() on the include path): the first turns
+# the kernel on; NDEBUG drops CUTLASS's device asserts, whose calls inside the mainloop make
+# ptxas serialize the wgmma pipeline (warning C7510; our own .cu files have no assert()).
+DEFINES = ("-DFUSED_RESBLOCK_WITH_CUTLASS=1", "-DNDEBUG")
 
 
 def include_dirs() -> List[str]:

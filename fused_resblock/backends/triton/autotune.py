@@ -176,6 +176,11 @@ def default_config(key: ShapeKey) -> Config:
     """A reasonable config without timing (capture, tuning off, interpreter)."""
     if interpreter_requested() or key.device.type != "cuda":
         return interpreter_config(key)
+    return gpu_default_config(key)
+
+
+def gpu_default_config(key: ShapeKey) -> Config:
+    """The GPU's untimed config: what runs while capturing or with tuning off."""
     m, _, _ = _gemm_sizes(key)
     if backward_kind(key):
         wide = 64 if key.dtype == torch.float32 else 128
