@@ -25,7 +25,6 @@ memory; the JSON lists every compiled specialization.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -33,16 +32,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
-import fused_resblock as frb  # noqa: E402
-from fused_resblock import models  # noqa: E402
-from fused_resblock.backends import triton as triton_backend  # noqa: E402
-from fused_resblock.backends.triton import autotune, bn_act, bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
+from fused_resblock import models
+from fused_resblock.backends import triton as triton_backend
+from fused_resblock.backends.triton import autotune, bn_act, bn_act_bwd, conv_bwd, conv_fwd
 
 KERNEL_MODULES = (conv_fwd, conv_bwd, bn_act, bn_act_bwd)
 
