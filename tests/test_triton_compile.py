@@ -1,9 +1,9 @@
-"""The Triton kernels compile for Hopper and Ampere without a GPU (see triton_compile_only.py).
+"""The Triton kernels compile for Hopper, Ampere and Ada without a GPU (see triton_compile_only.py).
 
 The interpreter tests check what the kernels compute; this checks that the
 compiler accepts every kernel flag set whole models launch, in fp16, bf16 and
 fp32 (TF32 and IEEE), and that the untimed tile configs fit in the target's
-shared memory. Both targets compile at once, one process each.
+shared memory. The targets compile at once, one process each.
 """
 import json
 import os
@@ -18,12 +18,13 @@ from helpers import ON_GPU
 pytest.importorskip("triton")
 from triton_compile_only import DTYPES, problems  # noqa: E402
 SCRIPT = Path(__file__).with_name("triton_compile_only.py")
-# sm_80 compiles three dtypes (TF32 vs IEEE fp32 is the same code but for the dot's precision).
-TARGETS = {90: ",".join(DTYPES), 80: "fp16,bf16,fp32-tf32"}
+# sm_80 compiles three dtypes (TF32 vs IEEE fp32 is the same code but for the dot's precision);
+# sm_89 (99 KB of shared memory per block, like sm_86 and sm_120) one, for the tile sizes.
+TARGETS = {90: ",".join(DTYPES), 80: "fp16,bf16,fp32-tf32", 89: "fp16"}
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel test compiles its kernels for real")
-def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
+def test_every_kernel_compiles_for_sm90_sm80_and_sm89(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = {}
     for arch, dtypes in TARGETS.items():

@@ -456,6 +456,18 @@ def test_candidates_are_clamped_to_the_problem():
         assert len(configs) == len(set(configs))
 
 
+def test_untimed_backward_config_fits_the_gpus_shared_memory():
+    """128x128x64 backward tiles need ~141 KB: on 99 KB GPUs (sm_86/89/120) BLOCK_K halves.
+
+    tests/test_triton_compile.py compiles these for sm_89 and checks the bytes."""
+    dgrad = replace_key(fusion="dgrad", in_channels=256, out_channels=256, height=28, width=28, batch=8)
+    assert autotune.gpu_default_config(dgrad, shared_bytes=227 * 1024).block_k == 64
+    assert autotune.gpu_default_config(dgrad, shared_bytes=99 * 1024).block_k == 32
+    forward = replace_key(in_channels=256, out_channels=256, height=28, width=28, batch=8)
+    assert autotune.gpu_default_config(forward, shared_bytes=99 * 1024) == \
+        autotune.gpu_default_config(forward, shared_bytes=227 * 1024)
+
+
 def test_no_tuning_under_the_interpreter():
     if not INTERPRETING:
         pytest.skip("interpreter only")

@@ -45,7 +45,7 @@ from fused_resblock.backends.triton import autotune, bn_act, bn_act_bwd, conv_bw
 KERNEL_MODULES = (conv_fwd, conv_bwd, bn_act, bn_act_bwd)
 
 # Shared memory a block may opt into (CUDA programming guide, compute capabilities table).
-MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 
 # (model, input shape): every conv kind a ResNet has — the 7x7 stem (3 channels, flat K),
 # 3x3/1x1 at stride 1 and 2, merged 1x1 projections, ResNeXt's groups, the option-A shortcut.
@@ -159,7 +159,7 @@ def _install(recorder: Recorder, candidates: bool) -> None:
     triton_backend.interpreter_requested = lambda: True
 
     def choose_config(key, launch):
-        chosen = autotune.gpu_default_config(key)
+        chosen = autotune.gpu_default_config(key, shared_bytes=MAX_SHARED_BYTES[recorder.arch])
         if candidates:
             recorder.timing_candidate = True
             try:
@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("triton_compile_only: unset TRITON_INTERPRET (it makes Triton interpret instead of compile)")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 80, 90, ...")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_BYTES),
+                        help="compute capability x10")
     parser.add_argument("--candidates", action="store_true", help="also every config the tuner would time")
     parser.add_argument("--all-specializations", action="store_true",
                         help="compile every launch's specialization, not one per kernel flag set")

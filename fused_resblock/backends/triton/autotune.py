@@ -179,12 +179,29 @@ def default_config(key: ShapeKey) -> Config:
     return gpu_default_config(key)
 
 
-def gpu_default_config(key: ShapeKey) -> Config:
-    """The GPU's untimed config: what runs while capturing or with tuning off."""
+# The backward's 128x128x64 3-stage tiles need up to ~141 KB of shared memory (tests/
+# triton_compile_only.py measures it): A100/H100 have 163/227 KB per block, GPUs of
+# compute capability 8.6/8.9/12.x 99 KB, where the untimed config halves BLOCK_K.
+_BACKWARD_WIDE_K_SHARED_BYTES = 160 * 1024
+
+
+def _shared_bytes_per_block(device: torch.device) -> int:
+    """Shared memory one block can opt into on ``device`` (48 KB if torch does not say)."""
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024))
+
+
+def gpu_default_config(key: ShapeKey, shared_bytes: Optional[int] = None) -> Config:
+    """The GPU's untimed config: what runs while capturing or with tuning off.
+
+    ``shared_bytes``: the GPU's shared memory per block (default: ``key.device``'s).
+    """
     m, _, _ = _gemm_sizes(key)
     if backward_kind(key):
+        if shared_bytes is None:
+            shared_bytes = _shared_bytes_per_block(key.device)
         wide = 64 if key.dtype == torch.float32 else 128
-        return _clamp(Config(128, wide, 64, 1, 4, 3), key)
+        block_k = 64 if shared_bytes >= _BACKWARD_WIDE_K_SHARED_BYTES else 32
+        return _clamp(Config(128, wide, block_k, 1, 4, 3), key)
     return _clamp(Config(128 if m >= 4096 else 64, 128, 32, 8, 4, 3), key)
 
 
