@@ -75,7 +75,8 @@ def collect(device: torch.device) -> dict:
         "git_dirty": dirty,
         "backends": backends.availability(),
         "env_vars": {name: os.environ.get(name) for name in (
-            "FUSED_RESBLOCK_BACKEND", "FUSED_RESBLOCK_CUDA_PIPELINE", "FUSED_RESBLOCK_AUTOTUNE", "TRITON_INTERPRET")},
+            "FUSED_RESBLOCK_BACKEND", "FUSED_RESBLOCK_CUDA_PIPELINE", "FUSED_RESBLOCK_AUTOTUNE", "FUSED_RESBLOCK_COMPILE_THREADS",
+            "TRITON_INTERPRET")},
     }
 
 

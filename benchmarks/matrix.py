@@ -113,7 +113,7 @@ def rank(case: Case) -> int:
 # --------------------------------------------------------------------------- estimated costs (H100, rough)
 _BASE_S = {"model": 4.0, "block": 2.0, "layer": 2.0}  # build + warm-up + timing
 _FIRST_CALL_S = {  # compile / autotune / capture, by implementation family and kind (model, block, layer)
-    "ours": (15.0, 5.0, 3.0),
+    "ours": (45.0, 10.0, 5.0),  # tuning compiles ~9 candidates per conv shape, in parallel (NOTES v0.4)
     "compile-default": (60.0, 20.0, 15.0),
     "compile-reduce-overhead": (70.0, 25.0, 20.0),
     "compile-max-autotune": (300.0, 90.0, 60.0),

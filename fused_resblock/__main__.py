@@ -104,6 +104,9 @@ def cmd_doctor(args) -> int:
           f"(tile tuning and auto's backend measurement {'off' if os.environ.get('FUSED_RESBLOCK_AUTOTUNE') == '0' else 'on'})")
     print(f"{cuda_backend.PIPELINE_ENV}={os.environ.get(cuda_backend.PIPELINE_ENV, '')!r} "
           f"(the CUDA kernel and its main loop)")
+    threads = os.environ.get("FUSED_RESBLOCK_COMPILE_THREADS", "")
+    print(f"FUSED_RESBLOCK_COMPILE_THREADS={threads!r} (threads compiling a shape's candidate tiles; "
+          f"default the CPU count up to 16)")
     for name in ("autotune.json", "backends.json"):
         path = cache_dir() / name
         print(f"cache       {path} ({'present' if path.is_file() else 'not written yet'})")

@@ -64,3 +64,20 @@ def test_compile_problems_are_named():
     assert found[2] == "bf16: never compiled: _conv_bias_act_kernel"
     # a candidate the tuner would time may not fit: it is skipped there, not a problem
     assert problems([_record(), _record(shared_bytes=240_000, candidate=True)], 90, ["fp16"], kernels) == []
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the tuner compiles for real whenever it tunes")
+def test_tuner_candidates_compile_in_parallel_threads(tmp_path):
+    """The tuner's precompile (threads, launches turned into compiles) through real Triton compiles."""
+    out = tmp_path / "candidates.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), FUSED_RESBLOCK_COMPILE_THREADS="2")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--arch", "90", "--candidates", "--dtypes", "bf16",
+         "--models", "cifar_resnet20", "--modes", "eval", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    candidates = [r for r in result["records"] if r["candidate"]]
+    assert result["problems"] == [] and len(candidates) >= 10
+    assert all(r["error"] is None and r["shared_bytes"] > 0 for r in candidates)

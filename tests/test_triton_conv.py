@@ -15,6 +15,7 @@ import torch
 
 
 import json  # noqa: E402
+import threading  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -454,6 +455,53 @@ def test_candidates_are_clamped_to_the_problem():
     for key in (KEY, grouped):
         configs = autotune.candidate_configs(key)
         assert len(configs) == len(set(configs))
+
+
+def test_tuner_compiles_candidates_in_threads_before_timing_them(tmp_path):
+    calls = []  # (config, thread name, compile only?) per launch
+
+    def launch(cfg):
+        calls.append((cfg, threading.current_thread().name, getattr(autotune._compiling, "only", False)))
+        if cfg.block_m == 32:
+            raise RuntimeError("does not compile")  # dropped by the timing, not by the compile threads
+
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=lambda run: run() or 1.0, threads=3)
+    tuner.choose(KEY, launch, device_name="Fake GPU", tune=True)
+    candidates = autotune.candidate_configs(KEY)
+    compiled = [c for c in calls if c[2]]
+    timed = [c for c in calls if not c[2]]
+    assert sorted(map(repr, (c[0] for c in compiled))) == sorted(map(repr, candidates))
+    assert all(name.startswith("fused_resblock-compile") for _, name, _ in compiled)
+    assert calls[:len(compiled)] == compiled, "every compile before the first timing"
+    assert [c[0] for c in timed] == candidates and all(c[1] == threading.current_thread().name for c in timed)
+    assert not getattr(autotune._compiling, "only", False)
+
+
+def test_launch_kernel_compiles_only_inside_precompile():
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(("launch", grid, args, kwargs))
+
+        def warmup(self, *args, grid, **kwargs):
+            seen.append(("compile", grid, args, kwargs))
+
+    autotune.launch_kernel(Kernel(), (4, 1), 1, 2, BLOCK=3)
+    autotune.precompile(KEY, lambda cfg: autotune.launch_kernel(Kernel(), (cfg.block_m,), 5), [
+        autotune.Config(64, 64, 32), autotune.Config(128, 64, 32)], threads=2)
+    assert seen[0] == ("launch", (4, 1), (1, 2), {"BLOCK": 3})
+    assert sorted(seen[1:]) == [("compile", (64,), (5,), {}), ("compile", (128,), (5,), {})]
+
+
+def test_compile_threads_from_environment(monkeypatch):
+    monkeypatch.setenv(autotune.COMPILE_THREADS_ENV, "3")
+    assert autotune.compile_threads() == 3
+    monkeypatch.setenv(autotune.COMPILE_THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="FUSED_RESBLOCK_COMPILE_THREADS"):
+        autotune.compile_threads()
+    monkeypatch.delenv(autotune.COMPILE_THREADS_ENV)
+    assert 1 <= autotune.compile_threads() <= 16
 
 
 def test_untimed_backward_config_fits_the_gpus_shared_memory():

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -105,21 +106,24 @@ class Recorder:
     specialization (each int argument equal to 1 or divisible by 16): a
     ResNet-50 train step alone is ~150 compiles per dtype. By default one
     compile per (kernel, constexprs other than tile sizes) per dtype stands for
-    the rest; ``all_specializations`` compiles every launch's own.
+    the rest (with ``candidates``, per tile config too); ``all_specializations``
+    compiles every launch's own. Launches may come from the tuner's compile threads.
     """
 
-    def __init__(self, arch: int, all_specializations: bool):
+    def __init__(self, arch: int, all_specializations: bool, candidates: bool = False):
         self.arch = arch
         self.all_specializations = all_specializations
+        self.candidates = candidates
         self.label = ""
         self.timing_candidate = False  # set while the tuner's other candidates compile
         self.records: list = []
         self._seen: set = set()
+        self._lock = threading.Lock()
 
     def _key(self, fn, args, constexprs: dict) -> tuple:
         dtype_name = self.label.split("/")[0]
         if not self.all_specializations:
-            flags = {k: v for k, v in constexprs.items() if k not in TILE_CONSTEXPRS}
+            flags = {k: v for k, v in constexprs.items() if self.candidates or k not in TILE_CONSTEXPRS}
             return dtype_name, fn.__name__, repr(sorted(flags.items()))
         ints = tuple(a for a in args if isinstance(a, int) and not isinstance(a, bool))
         tensors = tuple((t.data_ptr() % 16 == 0, t.stride()) for t in args if isinstance(t, torch.Tensor))
@@ -128,9 +132,10 @@ class Recorder:
     def run(self, original, fn, args, grid, kwargs):
         constexprs = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))}
         key = self._key(fn, args, constexprs)
-        if key in self._seen:
-            return None  # the host code ignores what a launch returns
-        self._seen.add(key)
+        with self._lock:
+            if key in self._seen:
+                return None  # the host code ignores what a launch returns
+            self._seen.add(key)
         start = time.perf_counter()
         try:
             kernel = original(fn, *args, grid=grid, warmup=True, **kwargs)
@@ -160,12 +165,11 @@ def _install(recorder: Recorder, candidates: bool) -> None:
 
     def choose_config(key, launch):
         chosen = autotune.gpu_default_config(key, shared_bytes=MAX_SHARED_BYTES[recorder.arch])
-        if candidates:
+        if candidates:  # compiled as the tuner does before timing them: in parallel threads
             recorder.timing_candidate = True
             try:
-                for cfg in autotune.candidate_configs(key):
-                    if cfg != chosen:
-                        launch(cfg)
+                others = [cfg for cfg in autotune.candidate_configs(key) if cfg != chosen]
+                autotune.precompile(key, launch, others, autotune.compile_threads())
             finally:
                 recorder.timing_candidate = False
         return chosen  # the host code launches it
@@ -198,7 +202,7 @@ def _run(name: str, shape: tuple, mode: str, dtype: torch.dtype, channels_last: 
 
 def compile_all(arch: int, candidates: bool, all_specializations: bool, dtypes,
                 workloads=WORKLOADS, modes=MODES) -> list:
-    recorder = Recorder(arch, all_specializations)
+    recorder = Recorder(arch, all_specializations, candidates)
     _install(recorder, candidates)
     for dtype_name in dtypes:
         dtype, tf32 = DTYPES[dtype_name]
@@ -245,18 +249,24 @@ def main(argv=None) -> int:
     parser.add_argument("--all-specializations", action="store_true",
                         help="compile every launch's specialization, not one per kernel flag set")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {','.join(DTYPES)}")
+    parser.add_argument("--models", default=",".join(name for name, _ in WORKLOADS),
+                        help="comma-separated subset of the workloads' models")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--json", type=Path, help="write every compiled specialization here")
     args = parser.parse_args(argv)
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    unknown = set(dtypes) - set(DTYPES)
-    if unknown:
-        parser.error(f"unknown dtypes {sorted(unknown)}")
+    dtypes, models, modes = ([v for v in text.split(",") if v] for text in (args.dtypes, args.models, args.modes))
+    for what, chosen, known in (("dtypes", dtypes, DTYPES), ("models", models, dict(WORKLOADS)), ("modes", modes, MODES)):
+        if not chosen or set(chosen) - set(known):
+            parser.error(f"{what}: expected a subset of {','.join(known)}")
+    workloads = [(name, shape) for name, shape in WORKLOADS if name in models]
     start = time.perf_counter()
-    records = compile_all(args.arch, args.candidates, args.all_specializations, dtypes)
-    found = problems(records, args.arch, dtypes)
+    records = compile_all(args.arch, args.candidates, args.all_specializations, dtypes, workloads, modes)
+    every_mode = set(modes) == set(MODES)  # a subset of modes launches a subset of the kernels
+    found = problems(records, args.arch, dtypes, kernels=None if every_mode else ())
     summary = {
         "arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
-        "candidates": args.candidates, "all_specializations": args.all_specializations, "dtypes": dtypes, "compiled": sum(1 for r in records if not r["error"]),
+        "candidates": args.candidates, "all_specializations": args.all_specializations, "dtypes": dtypes,
+        "models": models, "modes": modes, "compiled": sum(1 for r in records if not r["error"]),
         "seconds": round(time.perf_counter() - start, 1), "problems": found, "records": records,
     }
     if args.json:

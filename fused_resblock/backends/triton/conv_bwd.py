@@ -393,7 +393,8 @@ def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
             part.zero_()
         return gx, part
     gx_t = gx if gx is not None else x
-    _dgrad_kernel[(num_pid_m * -(-c_in_g // cfg.block_n), groups, phases)](
+    autotune.launch_kernel(
+        _dgrad_kernel, (num_pid_m * -(-c_in_g // cfg.block_n), groups, phases),
         *src.args, weight, x, *prologue.args, gx_t, part if part is not None else x,
         n, h, w, oh, ow, c_in, c_in_g, c_out // groups, num_pid_m,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -453,7 +454,8 @@ def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
                 t.zero_()
         return gw, gb
     gw_strides = ((0, *gw_t.stride()) if direct else gw_t.stride()) if need_gw else (0,) * 5
-    _wgrad_kernel[(-(-c_out_g // bm) * num_pid_n, groups, split_k)](
+    autotune.launch_kernel(
+        _wgrad_kernel, (-(-c_out_g // bm) * num_pid_n, groups, split_k),
         *src.args, x, *prologue.args, gw_t, gb_t,
         p_total, oh * ow, ow, h, w, c_in_g, c_out_g, k_cols, k_per_split, num_pid_n,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],

@@ -447,7 +447,8 @@ def _conv_forward(
             part = torch.empty((3, num_pid_m, c_out), dtype=torch.float32, device=x.device)
             partials = (part[0], part[1], part[2], cfg.block_m)
         dummy = out  # any pointer: the code that would read it is compiled out
-        _conv_bias_act_kernel[grid](
+        autotune.launch_kernel(
+            _conv_bias_act_kernel, grid,
             x, weight, bias if bias is not None else x, res, scx, scw, out,
             *(t if t is not None else dummy for t in (in_mean, in_invstd, in_weight, in_bias)),
             *(partials[:3] if stats else (dummy,) * 3),
