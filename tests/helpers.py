@@ -21,6 +21,14 @@ def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def freeze_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """BN parameters frozen (no gradient): an eval-mode forward then folds them (fine-tuning convs)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.requires_grad_(False)
+    return model
+
+
 # --------------------------------------------------------------------------- Triton test settings
 # conftest.py sets TRITON_INTERPRET=1 without a GPU before any kernel module is imported.
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_resblock as frb
 from fused_resblock import models
 from fused_resblock.testing import assert_equivalent, check_rule
-from helpers import check_eval_against_torch, randomize_norms
+from helpers import check_eval_against_torch, freeze_norms, randomize_norms
 from test_equivalence import BLOCKS, _check_bias_before_batch_norm
 
 triton_backend = pytest.importorskip("fused_resblock.backends.triton")
@@ -142,18 +142,11 @@ def test_small_whole_model_train_on_triton(name, shape):
 
 
 # --------------------------------------------------------------------------- eval-mode backward
-def _freeze_norms(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.requires_grad_(False)
-    return model
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["basic", "bottleneck-down", "bottleneck-groups", "cifar-A", "cifar-B", "plain"])
 def test_frozen_norm_eval_backward_on_triton(name, dtype, recwarn):
     """Fine-tuning convs through frozen, folded BN: forward and backward on triton kernels, no fallback."""
-    reference = _freeze_norms(randomize_norms(BLOCKS[name]())).to(DEVICE, dtype)
+    reference = freeze_norms(randomize_norms(BLOCKS[name]())).to(DEVICE, dtype)
     fused = frb.convert(copy.deepcopy(reference), backend="triton")
     x = torch.randn(2, reference.conv1.in_channels, 7, 7, device=DEVICE, dtype=dtype)
     assert_equivalent(fused, reference, x, train=False)

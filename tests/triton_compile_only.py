@@ -40,6 +40,7 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from fused_resblock import models
+from helpers import freeze_norms  # tests/, beside this script
 from fused_resblock.backends import triton as triton_backend
 from fused_resblock.backends.triton import autotune, bn_act, bn_act_bwd, conv_bwd, conv_fwd
 
@@ -177,13 +178,6 @@ def _install(recorder: Recorder, candidates: bool) -> None:
     autotune.choose_config = choose_config
 
 
-def _frozen_norms(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.requires_grad_(False)
-    return model
-
-
 def _run(name: str, shape: tuple, mode: str, dtype: torch.dtype, channels_last: bool) -> None:
     model = getattr(models, name)(num_classes=10, backend="triton").to(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -194,7 +188,7 @@ def _run(name: str, shape: tuple, mode: str, dtype: torch.dtype, channels_last: 
             model.eval()(x)
         return
     if mode == "eval-backward":
-        model = _frozen_norms(model).eval()
+        model = freeze_norms(model).eval()
     else:
         model.train()
     model(x.requires_grad_()).float().sum().backward()

@@ -71,6 +71,8 @@ def forced_pipeline(name: str):
         yield
     finally:
         PIPELINE = previous
+
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (nvcc and a CUDA build of torch), " \
              f"or set {JIT_ENV}=1 to build it just in time"
