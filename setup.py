@@ -39,12 +39,12 @@ def _cuda_skip_reason():
     return None
 
 
-def _cutlass_headers():
-    """fused_resblock/backends/cutlass_headers.py, loaded by path: the package is not importable yet."""
+def _build_helper(name):
+    """A torch-free module of fused_resblock/backends/, loaded by path: the package is not importable yet."""
     import importlib.util
 
-    path = os.path.join(HERE, "fused_resblock", "backends", "cutlass_headers.py")
-    spec = importlib.util.spec_from_file_location("_fused_resblock_cutlass_headers", path)
+    path = os.path.join(HERE, "fused_resblock", "backends", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_fused_resblock_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -60,7 +60,7 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCH_LIST)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     include_dirs = [os.path.join(HERE, "csrc")]
-    cutlass = _cutlass_headers()
+    cutlass = _build_helper("cutlass_headers")
     cutlass_dirs = cutlass.include_dirs()
     nvcc_defines = list(cutlass.DEFINES) if cutlass_dirs else []
     if not cutlass_dirs:
@@ -73,7 +73,8 @@ def _extensions():
         include_dirs=include_dirs,
         # no -std for the host compiler: torch adds the C++ standard it needs (C++20 for torch >= 2.10)
         extra_compile_args={
-            "cxx": ["-O3", f"-DFUSED_RESBLOCK_CUDA_ARCHS={ARCH_LIST.replace(';', ',')}"],
+            "cxx": ["-O3", f"-DFUSED_RESBLOCK_CUDA_ARCHS={ARCH_LIST.replace(';', ',')}",
+                    *_build_helper("extension_sources").define(os.path.join(HERE, "csrc"))],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *nvcc_defines],
         },
     )

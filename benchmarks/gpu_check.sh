@@ -5,11 +5,13 @@
 #
 # Stages, in order; none aborts the script, each one's status goes into the summary:
 #   env       nvidia-smi, nvcc, compute-sanitizer, python and library versions, backend availability
-#   build     the CUDA extension, when csrc/ has CUDA sources (setup.py build_ext --inplace, then
-#             pip install --no-deps --no-build-isolation -e . if that fails); no downloads: CUTLASS's
-#             headers come from .wheels/nvidia_cutlass-*.whl when the image lacks them (carry .wheels)
-#   tests     python -m pytest tests -q -rs on the GPU (TRITON_INTERPRET unset), over TEST_WORKERS
-#             processes when pytest-xdist is installed
+#   build     the CUDA extension, when csrc/ has CUDA sources: nothing when the one present was built
+#             from these sources for this torch (benchmarks/prebuild_for_gpu.sh builds it on the CPU
+#             machine, the call carries it), else setup.py build_ext --inplace, then pip install
+#             --no-deps --no-build-isolation -e . if that fails; no downloads: CUTLASS's headers come
+#             from .wheels/nvidia_cutlass-*.whl when the image lacks them (carry .wheels)
+#   tests     python -m pytest on the GPU (TRITON_INTERPRET unset), the GPU kernels' test files first,
+#             over TEST_WORKERS processes when pytest-xdist is installed, --durations 30
 #   memcheck  compute-sanitizer memcheck of small fused blocks on each GPU backend that is available
 #   bench     python -m benchmarks.run: the matrix within a budget, JSON + plot
 #   summary   a short table, printed last
@@ -18,13 +20,16 @@
 #   env.txt build.log pytest.log memcheck.log bench.log bench.json bench.png summary.txt
 #
 # Time: the whole script keeps within GPU_CHECK_TOTAL_S (default 570 s, under a 10-minute device call);
-# the benchmark gets BENCH_BUDGET_S (default 480) or what is left after the stages before it.
+# the benchmark gets BENCH_BUDGET_S (default 480) or what is left after the stages before it: with a
+# carried build, 10 + 200 (tests) + 2 x 60 (memcheck) leave it ~190 s. A session's 15 device-minutes
+# hold the machine's start, this call and a warm follow-up of ~150 s (benchmarks/NOTES.md, Running).
 # Knobs (environment variables):
 #   PYTHON (default python3)          GPU_CHECK_TOTAL_S (570)       BENCH_BUDGET_S (480)
-#   BUILD_TIMEOUT_S (300)             TEST_TIMEOUT_S (300)          MEMCHECK_TIMEOUT_S (150)
-#   TEST_WORKERS (8; 1 = no xdist)
+#   BUILD_TIMEOUT_S (240)             TEST_TIMEOUT_S (200)          MEMCHECK_TIMEOUT_S (60 per backend)
+#   TEST_WORKERS (8; 1 = no xdist)    TEST_CASE_TIMEOUT_S (120, with pytest-timeout)
 #   GPU_CHECK_SKIP  comma list of stages to skip: build,tests,memcheck,bench
 #   BENCH_ARGS      extra arguments for python -m benchmarks.run (e.g. "--only 'model:resnet50:*'")
+#   TEST_ARGS       extra arguments for pytest (e.g. "-k 'cuda and bf16'")
 # Needs python 3.10+, torch, and no network.
 set -u
 
@@ -119,11 +124,27 @@ else
             && record cutlass ok "$(elapsed)" "nvidia-cutlass installed from .wheels/" \
             || record cutlass failed "$(elapsed)" "pip install .wheels/nvidia_cutlass-*.whl (see build.log)"
     fi
-    limit=$(min "${BUILD_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 60 )))
-    if [ "$limit" -le 30 ]; then
+    # An extension already built from these very sources for this torch (built ahead on another
+    # machine and carried, or by an earlier call on this one) saves minutes of the device's time.
+    t0=$(date +%s)
+    current=$("$PY" -W ignore - <<'EOF' 2>&1
+import torch
+from fused_resblock.backends import cuda
+info = cuda.build_info()
+problem = info["reason"] or info["stale"] or (torch.cuda.is_available() and cuda.available())
+print(f"not usable as built: {problem}" if problem else
+      f"already built from these sources: {info['path']} (digest {info['sources_digest']}, "
+      f"torch {info['torch_version']}, {' '.join(info['archs'])})")
+EOF
+    )
+    echo "$current" >>"$OUT/build.log"
+    limit=$(min "${BUILD_TIMEOUT_S:-240}" $(( $(remaining) - MIN_BENCH_S - 60 )))
+    if [[ "$current" == "already built"* ]]; then
+        record build ok $(( $(date +%s) - t0 )) "$(echo "$current" | tail -n 1 | cut -c1-150)"
+    elif [ "$limit" -le 30 ]; then
         record build skipped 0 "no time left"
     elif ! run_stage build "$limit" "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
-        limit=$(min "${BUILD_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 60 )))
+        limit=$(min "${BUILD_TIMEOUT_S:-240}" $(( $(remaining) - MIN_BENCH_S - 60 )))
         if [ "$limit" -gt 30 ]; then
             run_stage build-pip "$limit" "$OUT/build.log" "$PY" -m pip install --no-deps --no-build-isolation \
                 --no-index -e .
@@ -132,18 +153,33 @@ else
 fi
 
 # ---------------------------------------------------------------------------- tests
+GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_blocks.py tests/test_triton_conv.py
+                tests/test_triton_blocks.py tests/test_triton_train_fwd.py tests/test_triton_train_bwd.py
+                tests/test_equivalence.py tests/test_ops.py tests/test_backend_choice.py)
 if skipped tests; then
     record tests skipped 0 "GPU_CHECK_SKIP"
 else
-    limit=$(min "${TEST_TIMEOUT_S:-300}" $(( $(remaining) - MIN_BENCH_S - 30 )))
+    limit=$(min "${TEST_TIMEOUT_S:-200}" $(( $(remaining) - MIN_BENCH_S - 30 )))
     if [ "$limit" -gt 30 ]; then
         # pytest-xdist (in the GPU image) spreads Triton's compiles and the float64 CPU references
         # over the cores; every worker shares the one GPU and the run's seed (tests/conftest.py)
+        # (each worker's float64 references on its share of the cores, not all of them: 8 workers
+        # with 16 threads each would thrash); the GPU kernels' files first, so that a stage cut short
+        # by its limit has checked them (xdist hands tests out in collection order; pytest drops the
+        # duplicates of "tests"); per-test durations in the log for the next session's plan
         workers=()
-        if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "${TEST_WORKERS:-8}" -gt 1 ]; then
-            workers=(-n "${TEST_WORKERS:-8}")
+        n_workers=${TEST_WORKERS:-8}
+        if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "$n_workers" -gt 1 ]; then
+            workers=(-n "$n_workers")
+            export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / n_workers > 0 ? $(nproc) / n_workers : 1 ))}
         fi
-        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"}
+        if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
+            workers+=(--timeout "${TEST_CASE_TIMEOUT_S:-120}")  # one hung test must not take the stage
+        fi
+        # shellcheck disable=SC2086  # TEST_ARGS is split on purpose
+        eval "set -- ${TEST_ARGS:-}"
+        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest "${GPU_TEST_FILES[@]}" tests -q -rs \
+            -p no:cacheprovider --durations 30 ${workers[@]+"${workers[@]}"} "$@"
     else
         record tests skipped 0 "no time left"
     fi
@@ -163,7 +199,7 @@ elif [ -z "$gpu_backends" ]; then
     record memcheck skipped 0 "no GPU backend available"
 else
     for backend in $gpu_backends; do
-        limit=$(min "${MEMCHECK_TIMEOUT_S:-150}" $(( $(remaining) - MIN_BENCH_S )))
+        limit=$(min "${MEMCHECK_TIMEOUT_S:-60}" $(( $(remaining) - MIN_BENCH_S )))
         if [ "$limit" -lt 30 ]; then
             record "memcheck-$backend" skipped 0 "no time left"
             continue

@@ -102,8 +102,14 @@ _IMPL = {"ours:auto": 0, "eager": 0, "eager-folded": 1, "compile-default": 1, "o
          "ours:reference": 4, "compile-max-autotune": 4}
 
 
+def _target_rank(case: Case) -> int:
+    if case.kind == "layer":
+        return _TARGET["resnet50"]  # the layers are ResNet-50's: the per-layer comparison of the headline model
+    return _TARGET.get(case.target, 1)
+
+
 def rank(case: Case) -> int:
-    score = _KIND[case.kind] + _TARGET.get(case.target, 1) + _DTYPE[case.dtype] + _FORMAT[case.memory_format]
+    score = _KIND[case.kind] + _target_rank(case) + _DTYPE[case.dtype] + _FORMAT[case.memory_format]
     score += _BATCH.get(case.batch, 1) + _IMPL.get(case.impl, 2) + (1 if case.mode == "train" else 0)
     if case.impl == "compile-default" and (case.mode == "train" or case.batch <= peers.SMALL_BATCH):
         score += 2  # a second full compile of the same model tells less than the first
@@ -188,14 +194,34 @@ def plan(preset: Preset, device: torch.device, only=(), budget_s: Optional[float
     ranked = sorted(runnable, key=rank)  # stable: ties keep the preset's order
     chosen = []
     estimator = Estimator(device)
-    for case in ranked:
+
+    def take(case: Case) -> None:
         cost = estimator.cost_s(case)
         if budget_s is not None and result.estimated_s + cost > budget_s:
             result.spare.append(case)
-            continue
+            return
         estimator.commit(case)
         chosen.append(case)
         result.estimated_s += cost
+
+    # A peer is a comparison: in a group where one of ours can run, it waits until one of ours is
+    # taken (a cheap eager row must not fill the budget beside no row of ours).
+    with_ours = {c.group for c in runnable if c.is_ours}
+    ours_taken: set = set()
+    waiting: dict = {}  # group -> its peers, in rank order
+    for case in ranked:
+        if not case.is_ours and case.group in with_ours and case.group not in ours_taken:
+            waiting.setdefault(case.group, []).append(case)
+            continue
+        taken_before = len(chosen)
+        take(case)
+        if case.is_ours and len(chosen) > taken_before and case.group not in ours_taken:
+            ours_taken.add(case.group)
+            for peer in waiting.pop(case.group, []):
+                take(peer)
+    for peers_left in waiting.values():
+        result.spare.extend(peers_left)
+    result.spare.sort(key=rank)
     # run group by group (ours next to its peers), groups in the order of their best-ranked case
     first_seen = {}
     for position, case in enumerate(chosen):

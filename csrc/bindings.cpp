@@ -341,6 +341,11 @@ pybind11::dict build_info() {
 #else
   info["arch_flags"] = pybind11::none();
 #endif
+#ifdef FUSED_RESBLOCK_SOURCES_DIGEST  // csrc/'s digest at build time (fused_resblock/backends/extension_sources.py)
+  info["sources_digest"] = std::string(FR_STRINGIFY(FUSED_RESBLOCK_SOURCES_DIGEST));
+#else
+  info["sources_digest"] = pybind11::none();
+#endif
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
   info["kernels"] = std::string(

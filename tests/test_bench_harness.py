@@ -209,6 +209,19 @@ def test_the_budget_trims_the_full_matrix_without_losing_cases():
         assert where == list(range(where[0], where[-1] + 1)), group
 
 
+@pytest.mark.parametrize("budget_s", [60, 220, 480])
+def test_no_peer_is_planned_without_one_of_ours_beside_it(budget_s):
+    """A peer row is a comparison: the budget never buys eager's time without ours in the same group."""
+    plan = matrix.plan(matrix.FULL, torch.device("cuda"), budget_s=budget_s)
+    ours_groups = {c.group for c in plan.run if c.is_ours}
+    lonely = [c.id for c in plan.run if not c.is_ours and c.group not in ours_groups]
+    assert lonely == []
+    assert [matrix.rank(c) for c in plan.spare] == sorted(matrix.rank(c) for c in plan.spare)
+    # without any of ours in the selection, the peers are planned as they are
+    only_peers = matrix.plan(matrix.FULL, torch.device("cuda"), only=["model:resnet50:*:eager"], budget_s=budget_s)
+    assert only_peers.run and not any(c.is_ours for c in only_peers.run)
+
+
 def test_cases_over_the_budget_are_recorded_not_dropped():
     plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
     rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=1e-9, inject=[], log=lambda *a, **k: None)

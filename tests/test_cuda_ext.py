@@ -18,6 +18,7 @@ does not write fails the rule.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zlib
 
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 import fused_resblock
-from fused_resblock.backends import cuda as cuda_backend
+from fused_resblock.backends import cuda as cuda_backend, extension_sources
 from fused_resblock.backends.reference import memory_format_of
 from conv_cases import ConvBiasActCase, check_conv_bias_act, conv_bias_act_inputs, poisoned_output
 
@@ -123,6 +124,53 @@ def test_extension_built():
     assert info["built"] and info["reason"] is None
     assert info["path"] and os.path.exists(info["path"])
     assert info["cuda_version"] and info["cuda_version"].split(".")[0].isdigit()
+    assert info["sources_digest"] == extension_sources.digest(str(cuda_backend.CSRC)), "built from other sources"
+    assert info["stale"] is None
+
+
+def test_sources_digest_follows_the_sources(tmp_path):
+    assert extension_sources.digest(str(tmp_path)) is None  # nothing to digest: no flag either
+    assert extension_sources.define(str(tmp_path)) == []
+    (tmp_path / "kernel.cu").write_text("__global__ void k() {}\n")
+    (tmp_path / "notes.md").write_text("not a source")
+    first = extension_sources.digest(str(tmp_path))
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert extension_sources.define(str(tmp_path)) == [f"-DFUSED_RESBLOCK_SOURCES_DIGEST={first}"]
+    (tmp_path / "notes.md").write_text("edited, still not a source")
+    assert extension_sources.digest(str(tmp_path)) == first
+    (tmp_path / "kernel.cu").write_text("__global__ void k() { }\n")
+    second = extension_sources.digest(str(tmp_path))
+    assert second != first
+    (tmp_path / "kernel.cu").rename(tmp_path / "other.cu")  # same content, another name
+    assert extension_sources.digest(str(tmp_path)) not in (first, second)
+
+
+def test_a_stale_extension_says_so(monkeypatch, tmp_path):
+    """A binary built from other sources than the checkout's csrc/ is reported and warned about once."""
+    (tmp_path / "kernel.cu").write_text("__global__ void k() {}\n")
+    monkeypatch.setattr(cuda_backend, "CSRC", tmp_path)
+    here = extension_sources.digest(str(tmp_path))
+
+    class FakeExtension:
+        def __init__(self, digest):
+            self.digest = digest
+
+        def build_info(self):
+            return {"sources_digest": self.digest}
+
+    assert cuda_backend._staleness(FakeExtension(here)) is None
+    for built in ("0123456789abcdef", None):
+        reason = cuda_backend._staleness(FakeExtension(built))
+        assert reason.startswith("fused_resblock._C was built from other sources") and here in reason, reason
+        assert (built or "not recorded") in reason
+    other_torch = FakeExtension(here)
+    other_torch.build_info = lambda: {"sources_digest": here, "torch_version": "1.0.0"}
+    reason = cuda_backend._staleness(other_torch)
+    assert reason == f"fused_resblock._C was built for torch 1.0.0, this is torch {torch.__version__.split('+')[0]}"
+    with pytest.warns(UserWarning, match="rebuild"):
+        cuda_backend._warn_if_stale(FakeExtension("0123456789abcdef"))
+    monkeypatch.setattr(cuda_backend, "CSRC", tmp_path / "absent")  # an installed package: nothing to compare
+    assert cuda_backend._staleness(FakeExtension("0123456789abcdef")) is None
 
 
 @needs_ext

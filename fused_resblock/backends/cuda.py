@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Optional, Tuple
@@ -27,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import conv_geometry_reason, cutlass_headers
+from . import conv_geometry_reason, cutlass_headers, extension_sources
 
 NAME = "cuda"
 
@@ -90,6 +91,7 @@ def _jit_build() -> ModuleType:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if arch_list:  # recorded for build_info, as a token list free of shell metacharacters
         cxx_flags.append("-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(re.split(r"[;\s]+", arch_list)))
+    cxx_flags += extension_sources.define(str(CSRC))
     cutlass_dirs = cutlass_headers.include_dirs()
     return load(
         name="fused_resblock_cuda_jit",
@@ -108,6 +110,7 @@ def _extension() -> tuple[Optional[ModuleType], Optional[str]]:
     try:
         from .. import _C
 
+        _warn_if_stale(_C)
         return _C, None
     except Exception as exc:  # ImportError, or OSError/undefined symbols from a stale build
         import_error = f"{type(exc).__name__}: {exc}"
@@ -117,6 +120,30 @@ def _extension() -> tuple[Optional[ModuleType], Optional[str]]:
         return _jit_build(), None
     except Exception as exc:
         return None, f"extension not built: the just-in-time build failed ({type(exc).__name__}: {exc})"
+
+
+def _staleness(ext: ModuleType) -> Optional[str]:
+    """Why ``ext`` does not match this checkout and this torch: built from other sources than the
+    csrc/ beside the package (not checked without one: an installed package), or for another torch.
+    None when it matches."""
+    info = ext.build_info()
+    reasons = []
+    here = extension_sources.digest(str(CSRC))
+    built = info.get("sources_digest")
+    if here is not None and built != here:
+        reasons.append(f"was built from other sources than {CSRC} (digest {built or 'not recorded'}, "
+                       f"the sources' {here})")
+    torch_release = torch.__version__.split("+")[0]
+    if info.get("torch_version", torch_release) != torch_release:
+        reasons.append(f"was built for torch {info['torch_version']}, this is torch {torch_release}")
+    return "fused_resblock._C " + " and ".join(reasons) if reasons else None
+
+
+def _warn_if_stale(ext: ModuleType) -> None:
+    reason = _staleness(ext)
+    if reason is not None:
+        warnings.warn(f"{reason}: its kernels may not be the ones in the checkout; rebuild: {BUILD_HINT}",
+                      stacklevel=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +282,7 @@ def build_info() -> dict:
     ext, reason = _extension()
     if ext is None:
         return {"built": False, "reason": reason, "archs": [], "archs_source": None,
-                "cuda_version": None, "path": None}
+                "cuda_version": None, "path": None, "stale": None}
     info = dict(ext.build_info())
     path = getattr(ext, "__file__", None)
     info["arch_flags"] = (info.get("arch_flags") or "").strip('"')
@@ -271,5 +298,5 @@ def build_info() -> dict:
     if not archs and info.get("cuda_arch_list"):
         archs = [f"sm_{int(a) // 10}" for a in info["cuda_arch_list"].split(",") if a.strip().isdigit()]
         source = "__CUDA_ARCH_LIST__ (cannot tell sm_90 from sm_90a)"
-    info.update(built=True, reason=None, archs=archs, archs_source=source, path=path)
+    info.update(built=True, reason=None, archs=archs, archs_source=source, path=path, stale=_staleness(ext))
     return info

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build the CUDA extension here, on the CPU machine, for the GPU image's stack (python 3.12,
+# torch 2.11.0+cu130), so that the GPU's few device-minutes are not spent compiling it.
+#
+#   bash benchmarks/prebuild_for_gpu.sh          # ~5 min the first time (a 3 GB venv), ~2 min after
+#
+# Leaves fused_resblock/_C.cpython-312-x86_64-linux-gnu.so beside the sources (git-ignored) and
+# CUTLASS's wheel in .wheels/. The device call carries both:
+#   carry: [".wheels", "fused_resblock/_C.cpython-312-x86_64-linux-gnu.so"]
+# gpu_check.sh's build stage then uses the binary when it was built from the same csrc/ (its
+# recorded digest, fused_resblock/backends/extension_sources.py) for the same torch, and builds
+# there otherwise (an edit after this script, another torch, a library the image lacks).
+# Knobs: PY312 (a python 3.12), VENV (default /tmp/fused_resblock_gpu_stack), CUDA_HOME.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+# The GPU image's versions (device KINDS.md; recorded again in each run's env.txt).
+TORCH=torch==2.11.0
+TORCHVISION=torchvision==0.26.0
+TRITON=triton==3.6.0
+CUTLASS=nvidia-cutlass==4.2.0.0
+
+PY312=${PY312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -n 1 || true)}
+[ -n "$PY312" ] && [ -x "$PY312" ] || { echo "no python 3.12 found: set PY312" >&2; exit 2; }
+VENV=${VENV:-/tmp/fused_resblock_gpu_stack}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY312" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q "$TORCH" "$TORCHVISION" "$TRITON" ninja setuptools wheel
+mkdir -p .wheels
+ls .wheels/nvidia_cutlass-*.whl >/dev/null 2>&1 || "$VENV/bin/python" -m pip download -q --no-deps "$CUTLASS" -d .wheels
+"$VENV/bin/python" -m pip install -q --no-deps .wheels/nvidia_cutlass-*.whl
+
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" setup.py -q build_ext --inplace
+"$VENV/bin/python" -W ignore - <<'EOF'
+from fused_resblock.backends import cuda
+info = cuda.build_info()
+assert info["built"] and info["stale"] is None, info
+print(f"built {info['path']}: digest {info['sources_digest']}, torch {info['torch_version']}, "
+      f"{' '.join(info['archs'])}, {info['tma_wgmma']}")
+EOF
