@@ -129,6 +129,9 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
     dead: Optional[str] = None
     interrupted: Optional[str] = None
     queue = [(case, False) for case in plan.run] + [(case, True) for case in plan.spare]
+    # as in the plan: a spare peer runs only beside one of ours (when its group has any)
+    with_ours = {case.group for case, _ in queue if case.is_ours}
+    ours_ran: set = set()
     for index, (case, spare) in enumerate(queue, 1):
         elapsed = time.perf_counter() - started
         if interrupted is not None:
@@ -138,7 +141,11 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
         elif budget_s is not None and elapsed + estimator.cost_s(case) > budget_s:
             row = execute.skipped_row(case, f"over budget: {elapsed:.0f} s of --budget-s {budget_s:g} spent, "
                                             f"~{estimator.cost_s(case):.0f} s needed")
+        elif spare and not case.is_ours and case.group in with_ours and case.group not in ours_ran:
+            row = execute.skipped_row(case, "over budget: none of ours ran in its group, so no comparison")
         else:
+            if case.is_ours:
+                ours_ran.add(case.group)
             estimator.commit(case)
             injected = any(fnmatch.fnmatchcase(case.id, p) for p in inject)
             try:

@@ -222,6 +222,26 @@ def test_no_peer_is_planned_without_one_of_ours_beside_it(budget_s):
     assert only_peers.run and not any(c.is_ours for c in only_peers.run)
 
 
+def test_a_spare_peer_runs_only_beside_one_of_ours(monkeypatch):
+    """At run time too: a spare eager row whose group's ours did not run is skipped, not measured."""
+    ran = []
+
+    def fake_run(case, *args, **kwargs):
+        ran.append(case.id)
+        return execute.skipped_row(case, "stand-in for a measurement")  # any row; only the order matters
+    monkeypatch.setattr(execute, "run_case", fake_run)
+    lonely = Case("model", "resnet50", "infer", "bf16", "channels_last", 64, "eager")
+    ours = Case("model", "resnet50", "infer", "bf16", "channels_last", 256, "ours:auto")
+    beside = Case("model", "resnet50", "infer", "bf16", "channels_last", 256, "eager")
+    ours_b64 = Case("model", "resnet50", "infer", "bf16", "channels_last", 64, "ours:auto")
+    peer_only = Case("model", "resnet18", "infer", "bf16", "channels_last", 8, "eager")  # no ours in its group
+    # lonely's group has one of ours, queued after it: the queue's order decides, as in a real run
+    plan = matrix.Plan(run=[], spare=[ours, beside, lonely, peer_only, ours_b64])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=lambda *a, **k: None)
+    assert ran == [ours.id, beside.id, peer_only.id, ours_b64.id]
+    assert "none of ours ran" in next(r for r in rows if r["id"] == lonely.id)["reason"]
+
+
 def test_cases_over_the_budget_are_recorded_not_dropped():
     plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
     rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=1e-9, inject=[], log=lambda *a, **k: None)
