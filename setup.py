@@ -17,7 +17,6 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ARCH_LIST = os.environ.get("FUSED_RESBLOCK_CUDA_ARCH", "8.0;9.0a")
 
 
 def _cuda_skip_reason():
@@ -57,7 +56,13 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCH_LIST)
+    sources_helper = _build_helper("extension_sources")
+    # the list the build really uses (a TORCH_CUDA_ARCH_LIST already set wins), recorded for build_info
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST",
+                                      os.environ.get("FUSED_RESBLOCK_CUDA_ARCH", sources_helper.DEFAULT_ARCH_LIST))
+    if "9.0a" not in arch_list:
+        print(f"fused_resblock: TORCH_CUDA_ARCH_LIST={arch_list!r} has no 9.0a: the extension runs CUTLASS's "
+              "Hopper kernel only with it (Hopper GPUs then run the WMMA kernel)", file=sys.stderr)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     include_dirs = [os.path.join(HERE, "csrc")]
     cutlass = _build_helper("cutlass_headers")
@@ -73,8 +78,8 @@ def _extensions():
         include_dirs=include_dirs,
         # no -std for the host compiler: torch adds the C++ standard it needs (C++20 for torch >= 2.10)
         extra_compile_args={
-            "cxx": ["-O3", f"-DFUSED_RESBLOCK_CUDA_ARCHS={ARCH_LIST.replace(';', ',')}",
-                    *_build_helper("extension_sources").define(os.path.join(HERE, "csrc"))],
+            "cxx": ["-O3", "-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(arch_list.replace(";", " ").split()),
+                    *sources_helper.define(os.path.join(HERE, "csrc"))],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *nvcc_defines],
         },
     )

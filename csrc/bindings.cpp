@@ -17,7 +17,9 @@
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <atomic>
 #include <climits>
 #include <optional>
 #include <string>
@@ -117,9 +119,12 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t out_w = (in_w + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
   const int64_t rows = batch * out_h * out_w;
   TORCH_CHECK(rows <= INT_MAX - 4096, kOp, ": batch * out_h * out_w = ", rows, " exceeds the kernel's 32-bit range");
-  checked_int(kernel_h * kernel_w * (in_channels / groups), "kernel_h * kernel_w * in_channels / groups");
-  TORCH_CHECK(out_channels / groups <= (1 << 20), kOp, ": ", out_channels / groups,
-              " output channels per group exceed the grid's limit");
+  const int64_t depth = kernel_h * kernel_w * (in_channels / groups);
+  TORCH_CHECK(depth <= INT_MAX - 4096, kOp, ": kernel_h * kernel_w * in_channels / groups = ", depth,
+              " exceeds the kernel's 32-bit range");
+  // grid.y counts column tiles of at least 16 channels, and CUDA caps it at 65535
+  TORCH_CHECK(out_channels / groups <= 65535 * 16, kOp, ": ", out_channels / groups,
+              " output channels per group exceed the grid's limit (", 65535 * 16, ")");
 
   // ---- bias
   if (bias) {
@@ -186,6 +191,17 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   keep.push_back(x_nhwc);
   keep.push_back(weight_krsc);
 
+  // The kernels read their inputs while other blocks write `out`: it must share no memory with them
+  // (the residual may be `out` itself: each element is read before the same element is written).
+  at::assert_no_overlap(*out, x_nhwc);
+  at::assert_no_overlap(*out, weight_krsc);
+  if (bias) at::assert_no_overlap(*out, *bias);
+  if (residual) at::assert_no_partial_overlap(*out, *residual);
+  if (shortcut_x) {
+    at::assert_no_overlap(*out, *shortcut_x);
+    at::assert_no_overlap(*out, *shortcut_weight);
+  }
+
   fr::ConvBiasActParams p{};
   p.dtype = x.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
   p.x = x_nhwc.data_ptr();
@@ -240,6 +256,7 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
               "channels that are multiples of 8 and 16-byte-aligned x, weight, shortcut_x and shortcut_weight");
   p.num_sms = 1;
   p.compute_capability = 0;  // the caller's: the device's, or the emulated one
+  p.sm90a_image = false;
   return p;
 }
 
@@ -249,6 +266,19 @@ void check_forced_tma_wgmma(const fr::ConvBiasActParams& p) {
   const char* refusal = fr::tma_wgmma_refusal(p);
   TORCH_CHECK(refusal == nullptr, kOp, ": pipeline 3 (CUTLASS's TMA + wgmma kernel) cannot run this call: ", refusal,
               " (pipeline 0 picks a kernel that can)");
+}
+
+// Whether `device` runs this build's sm_90a image (CUTLASS's kernel needs it), asked once per device.
+bool sm90a_image_on(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  if (device < 0 || device >= kMaxDevices) return fr::sm90a_image_loaded();
+  int answer = known[device].load(std::memory_order_relaxed);
+  if (answer == 0) {
+    answer = fr::sm90a_image_loaded() ? 1 : 2;  // the caller's guard made `device` current
+    known[device].store(answer, std::memory_order_relaxed);
+  }
+  return answer == 1;
 }
 
 // A device attribute: a cheap driver query (no synchronisation, fine during graph capture).
@@ -280,8 +310,12 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
               shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kCuda, keep);
   p.num_sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   p.compute_capability = major * 10 + device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+  p.sm90a_image = p.compute_capability == 90 && sm90a_image_on(device);
   check_forced_tma_wgmma(p);
   const cudaError_t error = fr::launch_conv_bias_act(p, c10::cuda::getCurrentCUDAStream(device).stream());
+  TORCH_CHECK(!(error == cudaErrorNotSupported && p.pipeline == fr::Pipeline::kTmaWgmma), kOp,
+              ": pipeline 3 (CUTLASS's TMA + wgmma kernel) cannot run this call: CUTLASS's can_implement refused it "
+              "(TMA im2col's limits on padding, dilation and filter extent; pipeline 0 picks a kernel that can)");
   TORCH_CHECK(error == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(error));
   return *out;
 }
@@ -299,6 +333,7 @@ at::Tensor emulate_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
               shortcut_x, shortcut_weight, shortcut_stride, relu, out, tile, pipeline, Target::kHost, keep);
   p.num_sms = 132;  // an H100's, so kAuto picks what it would there
   p.compute_capability = 90;
+  p.sm90a_image = true;
   check_forced_tma_wgmma(p);
   TORCH_CHECK(p.pipeline != fr::Pipeline::kTmaWgmma, kOp,
               " (host emulator): pipeline 3 (CUTLASS's TMA + wgmma kernel) has no host emulation; a GPU tests it");
@@ -306,7 +341,8 @@ at::Tensor emulate_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
   return *out;
 }
 
-// Why the kTmaWgmma kernel would not run this call on a GPU of `compute_capability`, or "" when it would.
+// Why the kTmaWgmma kernel would not run this call on a GPU of `compute_capability` (running this build's
+// sm_90a image or not), or "" when it would.
 // CPU tensors, like the emulator: the choice is host code, so CI tests it.
 std::string tma_wgmma_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
@@ -314,12 +350,13 @@ std::string tma_wgmma_refusal(const at::Tensor& x, const at::Tensor& weight, con
                               const std::optional<at::Tensor>& residual, int64_t residual_stride,
                               int64_t residual_offset, const std::optional<at::Tensor>& shortcut_x,
                               const std::optional<at::Tensor>& shortcut_weight, int64_t shortcut_stride, bool relu,
-                              std::optional<at::Tensor> out, int64_t compute_capability) {
+                              std::optional<at::Tensor> out, int64_t compute_capability, bool sm90a_image) {
   std::vector<at::Tensor> keep;
   fr::ConvBiasActParams p =
       prepare(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
               shortcut_x, shortcut_weight, shortcut_stride, relu, out, 0, 0, Target::kHost, keep);
   p.compute_capability = int(compute_capability);
+  p.sm90a_image = sm90a_image;
   const char* refusal = fr::tma_wgmma_refusal(p);
   return refusal == nullptr ? std::string() : std::string(refusal);
 }
@@ -383,11 +420,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none(), py::arg("tile") = 0, py::arg("pipeline") = 0);
   m.def("_tma_wgmma_refusal", &tma_wgmma_refusal,
         "Why pipeline 3 (CUTLASS's TMA + wgmma kernel) would not run this call on a GPU of the given compute "
-        "capability, or '' when it would. CPU tensors; for tests.",
+        "capability (running an sm_90a image or not), or '' when it would. CPU tensors; for tests.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
-        py::arg("out") = py::none(), py::arg("compute_capability") = 90);
+        py::arg("out") = py::none(), py::arg("compute_capability") = 90, py::arg("sm90a_image") = true);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

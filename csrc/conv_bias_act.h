@@ -74,6 +74,7 @@ struct ConvBiasActParams {
   Pipeline pipeline;
   int num_sms;             // of the launching device: for kAuto's choice
   int compute_capability;  // of the launching device, major * 10 + minor (90: Hopper)
+  bool sm90a_image;        // the launching device loads this build's sm_90a image (sm90a_image_loaded())
 };
 
 // Enqueues the fused convolution on `stream`. No host synchronisation and no
@@ -84,8 +85,14 @@ cudaError_t launch_conv_bias_act(const ConvBiasActParams& params, cudaStream_t s
 // else why not, in words (also when the build had no CUTLASS headers).
 const char* tma_wgmma_refusal(const ConvBiasActParams& params);
 
-// Launches the kTmaWgmma kernel; cudaErrorNotSupported where it cannot run.
+// Launches the kTmaWgmma kernel; cudaErrorNotSupported where it cannot run (tma_wgmma_refusal,
+// or CUTLASS's own can_implement: its TMA im2col limits), else the launch's error.
 cudaError_t launch_conv_bias_act_tma_wgmma(const ConvBiasActParams& params, cudaStream_t stream);
+
+// Whether the current device runs this build's sm_90a image (wgmma needs the "a" target: compiled
+// for plain sm_90, CUTLASS's kernel body is a printf that writes nothing). A host-side attribute
+// query, no launch and no synchronisation: fine during graph capture.
+bool sm90a_image_loaded();
 
 // "CUTLASS x.y.z" when the kTmaWgmma kernel was built, else "".
 const char* tma_wgmma_version();

@@ -3,12 +3,14 @@
 //
 //   out = relu(conv(x, W) + bias + residual)        (residual optional)
 //
-// as CUTLASS's LinCombPerColBiasEltAct: D = ReLU(1 * acc + beta * C + bias[col]),
-// columns being output channels, C the residual (beta 1) or, without one, the
-// output itself read never (beta 0: CUTLASS skips the source load).
+// as CUTLASS's LinCombPerColBiasEltAct: D = ReLU(acc + C + bias[col]), columns
+// being output channels and C the residual. Without a residual the epilogue has
+// no source at all (ElementC void): with a source and beta 0, CUTLASS skips the
+// load but still multiplies 0 by the never-written source registers, and 0 * NaN
+// is NaN.
 //
-// It covers the convolutions of a ResNet's hot path -- 1x1 and 3x3, any stride,
-// padding and dilation, groups 1, folded-BN bias, identity residual, ReLU -- on
+// It covers the convolutions of a ResNet's hot path -- 1x1 and 3x3, strides up to
+// 8 (TMA im2col's limit), padding and dilation within CUTLASS's can_implement, groups 1, folded-BN bias, identity residual, ReLU -- on
 // dense channels_last tensors. Everything else (grouped convolutions, the merged
 // projection, the CIFAR option-A residual, no ReLU, NCHW outputs, unaligned
 // channels) runs the WMMA kernel (conv_bias_act_kernel.cuh), which does it all.
@@ -17,6 +19,7 @@
 //
 // Not emulated on the host: CI compiles it; a GPU session tests it.
 #include <cstdint>
+#include <type_traits>
 
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
@@ -47,7 +50,30 @@ bool dense_nhwc(const Strides4& s, int channels, int h, int w) {
   return s.c == 1 && s.w == channels && s.h == int64_t(w) * channels && s.n == int64_t(h) * w * channels;
 }
 
+// Never launched: only the sm_90a image gives it static shared memory, so its attributes say
+// which image the runtime loaded for the current device.
+constexpr int kMarkerInts = 8;
+__global__ void sm90a_image_marker(int* sink) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ int marker[kMarkerInts];
+  marker[threadIdx.x % kMarkerInts] = int(threadIdx.x);
+  __syncthreads();
+  *sink = marker[(threadIdx.x + 1) % kMarkerInts];
+#else
+  (void)sink;
+#endif
+}
+
 }  // namespace
+
+bool sm90a_image_loaded() {
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, sm90a_image_marker) != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device at all: the WMMA probe reports that
+    return false;
+  }
+  return attributes.sharedSizeBytes == kMarkerInts * sizeof(int);
+}
 
 const char* tma_wgmma_refusal(const ConvBiasActParams& p) {
 #if !FUSED_RESBLOCK_WITH_CUTLASS
@@ -55,13 +81,18 @@ const char* tma_wgmma_refusal(const ConvBiasActParams& p) {
   return "the extension was built without CUTLASS headers (pip install nvidia-cutlass, then rebuild)";
 #else
   if (p.compute_capability != 90) return "it needs an sm_90 GPU (Hopper's TMA and wgmma)";
+  if (!p.sm90a_image) {
+    return "the extension has no sm_90a image for this GPU (wgmma needs the 'a' target: build with "
+           "TORCH_CUDA_ARCH_LIST naming 9.0a)";
+  }
   if (p.groups != 1) return "grouped convolutions run the WMMA kernel";
   if (p.shortcut_x != nullptr) return "a merged projection shortcut runs the WMMA kernel";
   if (!p.relu) return "it always ends in a ReLU";
   if (p.bias == nullptr) return "it needs a bias";
-  if (p.in_channels % 8 != 0 || p.out_channels % 8 != 0) {
-    return "channel counts must be multiples of 8 (TMA moves 16-byte rows)";
+  if (p.in_channels < 8 || p.in_channels % 8 != 0 || p.out_channels % 8 != 0) {
+    return "channel counts must be positive multiples of 8 (TMA moves 16-byte rows)";
   }
+  if (p.stride_h > 8 || p.stride_w > 8) return "TMA im2col takes strides of at most 8";
   if (!dense_nhwc(p.out_strides, p.out_channels, p.out_h, p.out_w)) return "the output must be dense channels_last";
   if (p.residual != nullptr &&
       (p.residual_stride != 1 || p.residual_offset != 0 || p.residual_channels != p.out_channels ||
@@ -89,15 +120,16 @@ namespace {
 
 using namespace cute;
 
-// One CUTLASS sm90 conv fprop: Element in and out, fp32 accumulation and epilogue, fp32 bias.
-template <class Element, class TileShape>
+// One CUTLASS sm90 conv fprop: Element in and out, fp32 accumulation and epilogue, fp32 bias, and
+// the residual as the epilogue's source (Source = Element) or no source at all (Source = void).
+template <class Element, class TileShape, class Source>
 struct Sm90ConvBiasReLU {
   using Cluster = Shape<_1, _1, _1>;
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::ReLu, Element, float,
-                                                                     float, Element, float>;
+                                                                     float, Source, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, cutlass::layout::TensorNHWC, 8, Element,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Source, cutlass::layout::TensorNHWC, 8, Element,
       cutlass::layout::TensorNHWC, 8, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, Element,
@@ -119,10 +151,11 @@ Stride output_stride(const ConvBiasActParams& p) {
   return stride;
 }
 
-template <class Element, class Conv>
+template <class Element, class Source, class Conv>
 cudaError_t run(const ConvBiasActParams& p, cudaStream_t stream) {
   using Op = typename Conv::Op;
   using Kernel = typename Conv::Kernel;
+  constexpr bool kResidual = !std::is_void_v<Source>;
   // Symmetric padding, as PyTorch's: CUTLASS derives the same output size from it.
   const typename Conv::Problem problem(cutlass::conv::Mode::kCrossCorrelation,
                                        {p.batch, p.in_h, p.in_w, p.in_channels},
@@ -130,35 +163,50 @@ cudaError_t run(const ConvBiasActParams& p, cudaStream_t stream) {
                                        {p.pad_h, p.pad_w}, {p.stride_h, p.stride_w}, {p.dilation_h, p.dilation_w}, 1);
   const auto stride_c = output_stride<typename Kernel::StrideC>(p);
   const auto stride_d = output_stride<typename Kernel::StrideD>(p);
-  // Without a residual, C points at the output with beta 0: CUTLASS then loads no source.
-  const void* source = p.residual != nullptr ? p.residual : p.out;
+  const Source* source = nullptr;
+  if constexpr (kResidual) source = static_cast<const Source*>(p.residual);
   typename Op::Arguments args{
       problem,
       {static_cast<const Element*>(p.x), static_cast<const Element*>(p.weight)},
-      {{}, static_cast<const Element*>(source), stride_c, static_cast<Element*>(p.out), stride_d}};
+      {{}, source, stride_c, static_cast<Element*>(p.out), stride_d}};
   args.hw_info.sm_count = p.num_sms;
   const cudaError_t no_device = cudaGetDevice(&args.hw_info.device_id);  // x's device: the binding's guard set it
   if (no_device != cudaSuccess) return no_device;
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.f;
-  fusion.beta = p.residual != nullptr ? 1.f : 0.f;
+  fusion.beta = kResidual ? 1.f : 0.f;
   fusion.bias_ptr = p.bias;
 
-  Op op;
-  if (op.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  // CUTLASS's own limits (TMA im2col's padding, dilation and filter extents): auto then runs WMMA.
+  if (Op::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (Op::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // we allocate nothing per call
-  if (op.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  const cutlass::Status status = op.run(stream);
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+  if (Kernel::initialize_workspace(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  // Launched here rather than by Op::run, which clears the launch error and reports every failure as one
+  // status: the caller gets CUDA's own error. Cluster 1x1x1: a plain launch, as Op::run makes it.
+  const typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  constexpr int kSmemBytes = Kernel::SharedStorageSize;
+  auto* const kernel = cutlass::device_kernel<Kernel>;
+  if constexpr (kSmemBytes >= 48 * 1024) {
+    const cudaError_t opted_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (opted_in != cudaSuccess) return opted_in;
+  }
+  kernel<<<Op::get_grid_shape(params), Kernel::get_block_shape(), kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
 }
 
 // 128 output channels a tile where there are that many; 64 for the narrow layers (ResNet's 64-channel stage).
+template <class Element, class Source>
+cudaError_t run_tiled(const ConvBiasActParams& p, cudaStream_t stream) {
+  if (p.out_channels <= 64) {
+    return run<Element, Source, Sm90ConvBiasReLU<Element, Shape<_128, _64, Shape<_64>>, Source>>(p, stream);
+  }
+  return run<Element, Source, Sm90ConvBiasReLU<Element, Shape<_128, _128, Shape<_64>>, Source>>(p, stream);
+}
+
 template <class Element>
 cudaError_t run_typed(const ConvBiasActParams& p, cudaStream_t stream) {
-  if (p.out_channels <= 64) return run<Element, Sm90ConvBiasReLU<Element, Shape<_128, _64, Shape<_64>>>>(p, stream);
-  return run<Element, Sm90ConvBiasReLU<Element, Shape<_128, _128, Shape<_64>>>>(p, stream);
+  if (p.residual != nullptr) return run_tiled<Element, Element>(p, stream);
+  return run_tiled<Element, void>(p, stream);
 }
 
 }  // namespace

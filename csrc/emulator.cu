@@ -9,7 +9,8 @@
 // (store_output_chunk) for every 8-channel chunk of the block tile -- the set
 // the kernel's warp/lane split covers exactly.
 // Only the tensor-core product is replaced: a scalar fp32 product over the
-// same shared-memory tiles. Threads run one after another, so it cannot find
+// same shared-memory tiles (so the WMMA fragments, the stage rotation and the
+// epilogue's warp/lane map are not what runs here: see the K loop below). Threads run one after another, so it cannot find
 // a missing barrier; shared memory is poisoned with NaN per block, so a tile
 // element that no thread stores turns the output NaN.
 #include <algorithm>
@@ -73,8 +74,10 @@ void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
         for (int thread = 0; thread < Tile::kThreads; ++thread) loaders.emplace_back(p, g, m0, n0, group, thread);
 
         for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
-          // Each tile reaches its stage the way the pipeline moves it (synchronously here);
-          // the stage rotation is the kernel's, so a tile that lands in the wrong stage shows.
+          // Each tile reaches a stage the way the pipeline moves it (synchronously here) and is
+          // multiplied at once: the kernel's stage rotation (mainloop_async's next % kStages,
+          // mainloop_registers' stage ^ 1), its WMMA fragments and its epilogue's warp/lane map
+          // are not emulated -- only a GPU run checks those (tests/test_cuda_ext.py).
           for (auto& loader : loaders) {
             if constexpr (kPipeline == Pipeline::kAsyncCopy) {
               loader.copy_async(p, g, k_tile, a_stage(k_tile), b_stage(k_tile));

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.reference import memory_format_of, stat_dtype
+from .backends.reference import memory_format_of, stat_dtype, weight_grad_format
 
 _NS = "fused_resblock"
 
@@ -65,6 +65,11 @@ def _layout(t: Optional[Tensor]):
 def _empty_like_format(shape, like: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
                        memory_format=memory_format_of(like))
+
+
+def _weight_grad_like(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                       memory_format=weight_grad_format(x, weight))
 
 
 def _fill_absent(grads, like: Tensor) -> list:
@@ -134,11 +139,11 @@ def _(grad, out, x, weight, has_bias, stride, padding, dilation, groups, residua
     bias_grad = grad.new_empty((weight.shape[0],), dtype=sd) if has_bias and needs[2] else None
     return _fill_absent([
         _empty_like_format(x.shape, x) if needs[0] else None,
-        torch.empty_like(weight) if needs[1] else None,
+        _weight_grad_like(x, weight) if needs[1] else None,
         bias_grad,
         _empty_like_format(residual.shape, residual) if residual is not None and needs[3] else None,
         _empty_like_format(shortcut_x.shape, shortcut_x) if shortcut_x is not None and needs[4] else None,
-        torch.empty_like(shortcut_weight) if shortcut_x is not None and needs[5] else None,
+        _weight_grad_like(shortcut_x, shortcut_weight) if shortcut_x is not None and needs[5] else None,
     ], grad)
 
 
@@ -216,7 +221,7 @@ def _(grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, stride, padding
     per_in = lambda t, need: x.new_empty((x.shape[1],), dtype=sd) if t is not None and need else None  # noqa: E731
     return _fill_absent([
         _empty_like_format(x.shape, x) if needs[0] else None,
-        torch.empty_like(weight) if needs[1] else None,
+        _weight_grad_like(x, weight) if needs[1] else None,
         x.new_empty((weight.shape[0],), dtype=sd) if has_bias and needs[2] else None,
         per_in(in_mean, needs[3]), per_in(in_invstd, needs[4]), per_in(in_weight, needs[5]), per_in(in_bias, needs[6]),
     ], grad_y)

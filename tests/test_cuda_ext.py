@@ -191,6 +191,30 @@ def test_arch_suffix_from_flags_when_cuobjdump_predates_it():
     assert cuda_backend._restore_suffixes(["sm_90"], ["sm_90", "sm_90a"]) == ["sm_90"]  # both built: keep
 
 
+@pytest.mark.parametrize("preset", [None, "9.0"])
+def test_jit_build_flags(monkeypatch, preset):
+    """The just-in-time build takes setup.py's architectures (sm_90a included) unless TORCH_CUDA_ARCH_LIST
+    is set, records the list and the sources' digest, and leaves the environment as it found it."""
+    import torch.utils.cpp_extension
+
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs, arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        return "built"
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    if preset is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", preset)
+    assert cuda_backend._jit_build() == "built"
+    expected = preset or extension_sources.DEFAULT_ARCH_LIST
+    assert seen["arch_list"] == expected
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == preset
+    assert "-DFUSED_RESBLOCK_CUDA_ARCHS=" + expected.replace(";", ",") in seen["extra_cflags"]
+    assert extension_sources.define(str(cuda_backend.CSRC))[0] in seen["extra_cflags"]
+
+
 def test_build_info_without_extension(monkeypatch):
     """A machine without the extension: import works, the reasons say why, calls raise clearly."""
     monkeypatch.delenv(cuda_backend.JIT_ENV, raising=False)
@@ -372,9 +396,9 @@ def _cutlass_built() -> bool:
     return EXT is not None and EXT.build_info()["tma_wgmma"] is not None
 
 
-def _refusal(case, channels_last=True, compute_capability=90, **change) -> str:
+def _refusal(case, channels_last=True, compute_capability=90, sm90a_image=True, **change) -> str:
     args = dict(make_inputs(case, torch.float16, "cpu", channels_last, seed=21), **change)
-    return EXT._tma_wgmma_refusal(**args, compute_capability=compute_capability)
+    return EXT._tma_wgmma_refusal(**args, compute_capability=compute_capability, sm90a_image=sm90a_image)
 
 
 # What the CUTLASS kernel runs on Hopper (auto picks it there); the GPU tests force it on these.
@@ -398,6 +422,9 @@ def test_tma_wgmma_takes_the_hot_path():
     ("hopper", {}, ""),
     ("ampere", {"compute_capability": 80}, "needs an sm_90 GPU"),
     ("blackwell", {"compute_capability": 100}, "needs an sm_90 GPU"),
+    # built for plain sm_90 (no "a"), CUTLASS's kernel body is a printf: it must never be chosen
+    ("plain_sm90_build", {"sm90a_image": False}, "no sm_90a image"),
+    ("stride_9", {"stride": [9, 9]}, "strides of at most 8"),  # TMA im2col's traversal stride limit
     ("nchw", {"channels_last": False}, "output must be dense channels_last"),
     ("groups", {"case": "groups32x8"}, "grouped convolutions"),
     ("projection", {"case": "merged_projection"}, "merged projection"),
@@ -417,13 +444,59 @@ def test_tma_wgmma_refusals(name, kwargs, expected):
     case = by_name[kwargs.pop("case", "3x3")]
     layout = kwargs.pop("residual_layout", None)
     change = {}
-    if "bias" in kwargs:
-        change["bias"] = kwargs.pop("bias")
+    for name in ("bias", "stride"):
+        if name in kwargs:
+            change[name] = kwargs.pop(name)
     if layout is not None:
         residual = make_inputs(case, torch.float16, "cpu", True, seed=21)["residual"]
         change["residual"] = residual.contiguous(memory_format=layout)
     refusal = _refusal(case, **kwargs, **change)
     assert (refusal == "") if expected == "" else (expected in refusal), refusal
+
+
+def _views_of_one_buffer(*likes, shift: int = 0):
+    """Tensors shaped, typed and laid out like ``likes``, all over one byte buffer (the later ones
+    ``shift`` bytes further in): memory that a kernel's input and its output would share."""
+    nbytes = max(t.numel() * t.element_size() for t in likes) + shift * len(likes) + 16
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    views = []
+    for index, like in enumerate(likes):
+        start = shift * index
+        flat = buffer[start:start + like.numel() * like.element_size()].view(like.dtype)
+        if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+            view = flat.view(like.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2)
+        else:
+            view = flat.view(like.shape)
+        views.append(view)
+    return views
+
+
+@needs_ext
+@pytest.mark.parametrize("aliased", ["x", "weight", "bias", "shortcut_x", "shortcut_weight", "residual"])
+def test_an_output_sharing_memory_with_an_input_is_refused(aliased):
+    """Blocks read inputs while others write `out`: an `out` over an input would race on a GPU (the
+    emulator, one block at a time, could not show it), so the binding refuses it on every target.
+    The residual may only be `out` exactly (see below): shifted by one element it is refused too."""
+    name = {"shortcut_x": "merged_projection", "shortcut_weight": "merged_projection",
+            "residual": "residual"}.get(aliased, "1x1")
+    case = next(c for c in CASES if c.name == name)
+    args = make_inputs(case, torch.float16, "cpu", True, seed=23)
+    out_like = poisoned_output(case, args)
+    shift = args[aliased].element_size() if aliased == "residual" else 0
+    out, args[aliased] = _views_of_one_buffer(out_like, args[aliased], shift=shift)
+    with pytest.raises(RuntimeError, match="single memory location|partially overlap"):
+        _emulate(**args, out=out)
+
+
+@needs_ext
+def test_the_residual_may_be_the_output_itself():
+    """Full overlap is fine: each element of the residual is read before that same element is written."""
+    case = next(c for c in CASES if c.name == "residual")
+    args = make_inputs(case, torch.float16, "cpu", True, seed=24)
+    out = args["residual"].clone()  # the same values and layout, written in place
+    result = _emulate(**dict(args, residual=out), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    check_conv_bias_act(args, result)
 
 
 @needs_ext

@@ -42,6 +42,23 @@ def _conv_bias_act_samples(requires_grad=False):
     ]
 
 
+def _mixed_layouts(samples):
+    """Each sample again with x channels_last and the weight not, and the other way round: a user who
+    converts only the input (or only the model) to channels_last; the weight's gradient then follows
+    the contract's rule (reference.weight_grad_format), which the fake kernels must state exactly."""
+    mixed = []
+    for op, args in samples:
+        x, weight = args[0], args[1]
+        for cl_x, cl_w in ((True, False), (False, True)):
+            if weight.shape[2:] == (1, 1) and cl_w:
+                continue  # a 1x1 weight is both formats at once
+            nx = x.detach().contiguous(memory_format=torch.channels_last if cl_x else torch.contiguous_format)
+            nw = weight.detach().contiguous(memory_format=torch.channels_last if cl_w else torch.contiguous_format)
+            mixed.append((op, (nx.requires_grad_(x.requires_grad), nw.requires_grad_(weight.requires_grad),
+                               *args[2:])))
+    return mixed
+
+
 def _conv_stats_samples(requires_grad=False):
     rg = requires_grad
     return [
@@ -70,7 +87,9 @@ def _bn_add_act_samples(requires_grad=False):
 
 ALL_SAMPLES = {
     "conv_bias_act": _conv_bias_act_samples,
+    "conv_bias_act_mixed_layouts": lambda requires_grad=False: _mixed_layouts(_conv_bias_act_samples(requires_grad)),
     "conv_stats": _conv_stats_samples,
+    "conv_stats_mixed_layouts": lambda requires_grad=False: _mixed_layouts(_conv_stats_samples(requires_grad)),
     "bn_add_act": _bn_add_act_samples,
 }
 
@@ -252,6 +271,29 @@ def test_compile_fullgraph_eval_inductor():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_channels_last", [True, False], ids=["x_cl-w_nchw", "x_nchw-w_cl"])
+def test_compile_inductor_backward_with_mixed_layouts(x_channels_last):
+    """Inductor holds the backward's gradients to the fake kernels' strides: they must be the real ones."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 6, 6).contiguous(
+        memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
+    w = torch.randn(12, 8, 3, 3).contiguous(
+        memory_format=torch.contiguous_format if x_channels_last else torch.channels_last)
+
+    def loss(x, w):
+        return ops.conv_bias_act(x, w, padding=1, relu=True, backend="reference").square().sum()
+
+    grads = []
+    for fn in (torch.compile(loss, fullgraph=True), loss):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):  # no stale compiled graph
+            fn(xi, wi).backward()
+        grads.append((xi.grad, wi.grad))
+    for compiled, eager in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_compile_fullgraph_train_step():

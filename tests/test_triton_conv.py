@@ -313,12 +313,78 @@ def test_conv_bias_act_backward_resnet50_shapes_on_gpu(shape_id, dtype):
     run_backward(make_inputs(RESNET50_SHAPES[shape_id], dtype, DEVICE, channels_last=True), [True] * 6)
 
 
+@pytest.fixture
+def restore_fp32_precision():
+    """PyTorch's TF32 flags as they were (both spellings; setting either moves the other)."""
+    saved = [(node, node.fp32_precision) for node in (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv)
+             if hasattr(node, "fp32_precision")]
+    legacy = torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32 = legacy
+    for node, value in saved:
+        node.fp32_precision = value
+
+
+# (how the flag is set, what conv_allows_tf32 must say)
+TF32_SETTINGS = [
+    (lambda: setattr(torch.backends.cudnn, "allow_tf32", False), False),
+    (lambda: setattr(torch.backends.cudnn, "allow_tf32", True), True),
+    (lambda: setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee"), False),
+    (lambda: setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32"), True),
+    # "none" inherits: from cudnn, then from torch.backends
+    (lambda: (setattr(torch.backends.cudnn.conv, "fp32_precision", "none"),
+              setattr(torch.backends, "fp32_precision", "ieee")), False),
+]
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch before the fp32_precision API")
+@pytest.mark.parametrize("setting, tf32", TF32_SETTINGS, ids=["legacy-off", "legacy-on", "conv-ieee", "conv-tf32",
+                                                                "inherited-ieee"])
+def test_the_tf32_rule_reads_either_spelling(setting, tf32, restore_fp32_precision):
+    """Once a program uses the fp32_precision API, torch's legacy getter can raise: the rule must not."""
+    from fused_resblock.backends.triton.precision import conv_allows_tf32, dot_input_precision
+
+    setting()
+    assert conv_allows_tf32() is tf32
+    assert dot_input_precision(torch.float32, interpreting=False) == ("tf32" if tf32 else "ieee")
+    assert dot_input_precision(torch.float32, interpreting=True) == "ieee"
+
+
 @needs_gpu
-@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
-def test_fp32_follows_cudnn_tf32_flag(allow_tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+@pytest.mark.parametrize("setting, tf32", TF32_SETTINGS[2:4], ids=["ieee", "tf32"])
+def test_fp32_follows_cudnn_tf32_flag(setting, tf32, restore_fp32_precision):
+    setting()  # the new API, the one that makes torch's legacy getter raise
     args = make_inputs(RESNET50_SHAPES["layer3_conv2"], torch.float32, DEVICE, channels_last=True)
     check_conv_bias_act(args, triton_backend.conv_bias_act(**args))
+
+
+def test_kernels_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current device: each entry point makes its first tensor's device current."""
+    import types
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    on_device = triton_backend._on_its_device(lambda x, y=None: (list(entered), y))
+    on_gpu1 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=1))
+    on_gpu0 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
+    assert on_device(on_gpu1, y=2) == ([1], 2) and entered == [1, None]
+    entered.clear()
+    assert on_device(x=on_gpu1) == ([1], None)  # a keyword first argument too
+    entered.clear()
+    assert on_device(on_gpu0) == ([], None) and entered == []  # already current: no switch
+    assert on_device(torch.zeros(1)) == ([], None)  # CPU tensors (the interpreter): nothing to switch
 
 
 @needs_gpu

@@ -87,21 +87,30 @@ def _jit_build() -> ModuleType:
     if not sources:
         raise ImportError(f"no extension sources in {CSRC} (JIT builds need a source checkout)")
     flags = ["-O3"]  # and torch's own -std (C++20 for torch's headers)
-    cxx_flags = list(flags)
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if arch_list:  # recorded for build_info, as a token list free of shell metacharacters
-        cxx_flags.append("-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(re.split(r"[;\s]+", arch_list)))
-    cxx_flags += extension_sources.define(str(CSRC))
+    # setup.py's architectures unless TORCH_CUDA_ARCH_LIST says otherwise (torch alone would build the
+    # visible GPU's plain sm_90, without the "a" that CUTLASS's Hopper kernel needs)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or extension_sources.DEFAULT_ARCH_LIST
+    # recorded for build_info, as a token list free of shell metacharacters
+    cxx_flags = [*flags, "-DFUSED_RESBLOCK_CUDA_ARCHS=" + ",".join(re.split(r"[;\s]+", arch_list)),
+                 *extension_sources.define(str(CSRC))]
     cutlass_dirs = cutlass_headers.include_dirs()
-    return load(
-        name="fused_resblock_cuda_jit",
-        sources=sources,
-        extra_include_paths=[str(CSRC), *cutlass_dirs],
-        extra_cflags=cxx_flags,
-        extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"]
-        + (list(cutlass_headers.DEFINES) if cutlass_dirs else []),
-        verbose=os.environ.get("FUSED_RESBLOCK_JIT_VERBOSE", "0") == "1",
-    )
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # load() reads it from the environment
+    try:
+        return load(
+            name="fused_resblock_cuda_jit",
+            sources=sources,
+            extra_include_paths=[str(CSRC), *cutlass_dirs],
+            extra_cflags=cxx_flags,
+            extra_cuda_cflags=flags + ["--expt-relaxed-constexpr", "-lineinfo"]
+            + (list(cutlass_headers.DEFINES) if cutlass_dirs else []),
+            verbose=os.environ.get("FUSED_RESBLOCK_JIT_VERBOSE", "0") == "1",
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
 
 
 @functools.lru_cache(maxsize=None)

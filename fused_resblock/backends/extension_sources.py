@@ -1,4 +1,6 @@
-"""A digest of the CUDA extension's sources, so a build can be told apart from a stale one.
+"""What the CUDA extension is built from: its sources' digest and its default architectures.
+
+The digest tells a build apart from a stale one.
 
 setup.py (which loads this file by path, before the package is importable) and
 the just-in-time build compile the digest of csrc/ into the extension
@@ -13,6 +15,11 @@ import os
 from typing import Optional
 
 SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+
+# Ampere's sm_80, and Hopper's sm_90a: the "a" is what lets CUTLASS's kernel use wgmma (built for
+# plain sm_90 it compiles to a stub, which the extension then refuses to run). TORCH_CUDA_ARCH_LIST
+# overrides it, for setup.py and the just-in-time build alike.
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 
 def digest(csrc_dir: str) -> Optional[str]:

@@ -57,6 +57,15 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def weight_grad_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of a conv weight's gradient, for every backend (and the ops' fake kernels,
+    which torch.compile holds to it): channels_last when x or the weight is, as
+    ``convolution_backward`` on a GPU. The input's gradient follows x alone (``memory_format_of``)."""
+    if torch.channels_last in (memory_format_of(x), memory_format_of(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _per_channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
@@ -80,6 +89,12 @@ def unmap_residual_grad(grad: Tensor, residual: Tensor, stride: int, offset: int
     return out
 
 
+def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
+    """``grad`` through a ReLU whose output (or input) was ``out``: torch's rule, zero where
+    ``out <= 0``, so a NaN passes its gradient as it passes its value."""
+    return torch.where(out <= 0, torch.zeros_like(grad), grad)
+
+
 def _conv(x, weight, stride, padding, dilation, groups):
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
@@ -89,6 +104,12 @@ def _conv_backward(grad, x, weight, stride, padding, dilation, groups, mask):
         grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
         [mask[0], mask[1], False],
     )
+    # aten's formats vary with the device and its conv algorithm (a channels_last weight can make gx
+    # channels_last for an NCHW x): hold them to the contract (no copy when they already match)
+    if gx is not None:
+        gx = gx.contiguous(memory_format=memory_format_of(x))
+    if gw is not None:
+        gw = gw.contiguous(memory_format=weight_grad_format(x, weight))
     return gx, gw
 
 
@@ -130,7 +151,7 @@ def conv_bias_act_backward(
     ``needs`` = [x, weight, bias, residual, shortcut_x, shortcut_weight];
     returns a tuple in that order with None where not needed or not present.
     """
-    g = torch.where(out > 0, grad, torch.zeros_like(grad)) if relu else grad
+    g = _relu_backward(grad, out) if relu else grad
     gx, gw = _conv_backward(g, x, weight, stride, padding, dilation, groups, needs[0:2])
     gb = _channel_sum(g, stat_dtype(g.dtype)) if (has_bias and needs[2]) else None
     gr = None
@@ -247,7 +268,7 @@ def conv_stats_backward(
     if need_ga and has_prologue:
         ga = ga.to(sd)
         if in_relu:
-            ga = torch.where(a > 0, ga, torch.zeros_like(ga))
+            ga = _relu_backward(ga, a)
         gx, *prologue_grads = _normalize_backward(ga, x, in_mean, in_invstd, in_weight, [needs[0], *needs[3:7]])
     return (gx, gw if needs[1] else None, gb, *prologue_grads)
 
@@ -287,7 +308,7 @@ def bn_add_act_backward(
     """
     g = grad.to(mean.dtype)
     if relu:
-        g = torch.where(out > 0, g, torch.zeros_like(g))
+        g = _relu_backward(g, out)
     main = _normalize_backward(g, y, mean, invstd, weight, needs[0:5])
     rest = (None,) * 5
     if residual is not None and any(needs[5:10]):

@@ -13,6 +13,8 @@ tensors through Triton's interpreter (how CI tests them).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -73,9 +75,25 @@ def supports(op: str, config: dict) -> Optional[str]:
     return conv_geometry_reason(config)
 
 
+def _on_its_device(fn):
+    """Run ``fn`` with its first tensor's GPU current: Triton launches on the current device and
+    stream, so a model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers."""
+    first_name = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def on_device(*args, **kwargs):
+        first = args[0] if args else kwargs[first_name]
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return on_device
+
+
 _forward = None
 
 
+@_on_its_device
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -94,6 +112,7 @@ def conv_bias_act(
                     shortcut_x, shortcut_weight, shortcut_stride, relu)
 
 
+@_on_its_device
 def conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -108,6 +127,7 @@ def conv_stats(
                               in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats)
 
 
+@_on_its_device
 def bn_add_act(
     y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
@@ -121,6 +141,7 @@ def bn_add_act(
                               res_weight, res_bias, residual_stride, residual_offset, relu)
 
 
+@_on_its_device
 def conv_bias_act_backward(
     grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
     stride, padding, dilation, groups: int,
@@ -137,6 +158,7 @@ def conv_bias_act_backward(
                 shortcut_stride, relu, needs)
 
 
+@_on_its_device
 def conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
@@ -152,6 +174,7 @@ def conv_stats_backward(
                 dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu, needs)
 
 
+@_on_its_device
 def bn_add_act_backward(
     grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],

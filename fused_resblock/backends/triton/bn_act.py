@@ -82,7 +82,7 @@ def _bn_add_act_kernel(
                                             RES_W, RES_B), 0.0)
         acc += r.to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu
     out_rows = out_ptr + n_img * so_n + h * so_h + w * so_w
     tl.store(out_rows[:, None] + (offs_c * so_c)[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -144,7 +144,7 @@ def _bn_add_act_bwd_kernel(
         if RELU:
             o = tl.load(out_ptr + (n * so_n + h * so_h + w * so_w)[:, None] + (offs_c * so_c)[None, :],
                         mask=mask, other=0.0)
-            g = tl.where(o > 0, g, 0.0)
+            g = tl.where(o <= 0, 0.0, g)  # torch's ReLU backward: NaN passes
         if STORE_GY:
             gy = g * scale[None, :]
             tl.store(gy_ptr + (n * sgy_n + h * sgy_h + w * sgy_w)[:, None] + (offs_c * sgy_c)[None, :],

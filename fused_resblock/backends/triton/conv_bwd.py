@@ -43,8 +43,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import memory_format_of, stat_dtype
+from ..reference import memory_format_of, stat_dtype, weight_grad_format
 from . import autotune
+from .precision import dot_input_precision
 from .autotune import interpreter_requested
 from .bn_act_bwd import finalize_channel_grads, mapped_residual_grad, new_output
 
@@ -58,11 +59,12 @@ def _g_tile(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, inv_count,
             HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, RELU_MASK: tl.constexpr):
     """fp32 tile of y's total gradient at element offsets off_gy/off_y; co (broadcastable) its channels.
 
-    RELU_MASK (the eval backward): y_ptr is the forward's output and g is zero where it is not > 0.
+    RELU_MASK (the eval backward): y_ptr is the forward's output and g is zero where it is <= 0
+    (torch's ReLU backward: a NaN output passes the gradient).
     """
     g = tl.load(gy_ptr + off_gy, mask=mask, other=0.0).to(tl.float32)
     if RELU_MASK:
-        g = tl.where(tl.load(y_ptr + off_y, mask=mask, other=0.0) > 0, g, 0.0)
+        g = tl.where(tl.load(y_ptr + off_y, mask=mask, other=0.0) <= 0, 0.0, g)
     if HAS_GM:
         g += tl.load(gmean_ptr + co, mask=co_mask, other=0.0).to(tl.float32) * inv_count
     if HAS_GV:
@@ -82,7 +84,7 @@ def _bn_in(xv, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, REL
     if HAS_B:
         a = a + b
     if RELU:
-        a = tl.maximum(a, 0.0)
+        a = tl.where(a < 0, 0.0, a)  # NaN stays NaN, as torch.relu
     return a
 
 
@@ -184,7 +186,7 @@ def _dgrad_kernel(
             a_in = _bn_in(xv, mean[None, :], invstd[None, :], w_in[None, :], b_in[None, :],
                           IN_HAS_W, IN_HAS_B, False)
             # the mask of the forward's a, which was rounded to x's dtype
-            ga = tl.where(a_in.to(x_ptr.dtype.element_ty) > 0, ga, 0.0)
+            ga = tl.where(a_in.to(x_ptr.dtype.element_ty) <= 0, 0.0, ga)
         ga = tl.where(out_mask, ga, 0.0)
         if STORE_GX:
             tl.store(gx_ptrs, (ga * scale[None, :]).to(gx_ptr.dtype.element_ty), mask=out_mask)
@@ -293,15 +295,6 @@ def _pair(v) -> tuple:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """TF32 for fp32 operands exactly when PyTorch's conv flag allows it (IEEE under the interpreter)."""
-    if dtype != torch.float32:
-        return "tf32"
-    if INTERPRETING or not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _tuning_key(kind: str, x: Tensor, weight: Tensor, geometry, src: "_GradSource",
                 prologue: "_Prologue") -> autotune.ShapeKey:
     """The autotune key of one backward GEMM: the conv's geometry plus what the kernel fuses."""
@@ -314,7 +307,7 @@ def _tuning_key(kind: str, x: Tensor, weight: Tensor, geometry, src: "_GradSourc
         out_channels=weight.shape[0], kernel=tuple(weight.shape[2:]), stride=stride, padding=padding,
         dilation=dilation, groups=groups, shortcut_channels=0, shortcut_stride=0,
         channels_last=x.is_contiguous(memory_format=torch.channels_last),
-        input_precision=_input_precision(x.dtype), flat_k=False, fusion="+".join([kind, *extras]),
+        input_precision=dot_input_precision(x.dtype, INTERPRETING), flat_k=False, fusion="+".join([kind, *extras]),
     )
 
 
@@ -401,7 +394,8 @@ def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
         *src.strides, *weight.stride(), *x.stride(), *gx_t.stride(),
         KH=weight.shape[2], KW=weight.shape[3], **src.flags, **prologue.flags,
         STORE_GX=store_gx, PART_SUMS=part_sums,
-        INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=dot_input_precision(x.dtype, INTERPRETING),
+        UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -440,10 +434,7 @@ def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
     gw = gb = None
     gw_t = gb_t = x  # placeholders for absent outputs (never written)
     if need_gw:
-        # as convolution_backward: channels_last when x or the weight is
-        gw_format = (torch.channels_last if torch.channels_last in (memory_format_of(x), memory_format_of(weight))
-                     else torch.contiguous_format)
-        gw = new_output(weight.shape, weight.dtype, dev, gw_format)
+        gw = new_output(weight.shape, weight.dtype, dev, weight_grad_format(x, weight))
         gw_t = gw if direct else torch.empty((split_k, *weight.shape), dtype=torch.float32, device=dev)
     if bias_grad:
         gb = new_output((c_out,), stat_dtype(x.dtype), dev)
@@ -463,7 +454,8 @@ def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
         *gw_strides, 0 if direct or not bias_grad else gb_t.stride(0),
         KW=kw, **src.flags, **prologue.flags,
         STORE_GW=need_gw, BIAS_GRAD=bias_grad,
-        INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=dot_input_precision(x.dtype, INTERPRETING),
+        UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:  # fixed-order sum of the splits, then the final dtype

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..reference import memory_format_of
 from . import autotune
+from .precision import dot_input_precision
 
 # Read once, as triton.jit does at decoration time: the kernel below is either
 # compiled or interpreted for the life of the process.
@@ -97,7 +98,7 @@ def _bn_prologue(x, mask, ch, ch_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     if HAS_B:
         a = a + tl.load(b_ptr + ch, mask=ch_mask, other=0.0)[None, :]
     if RELU:
-        a = tl.maximum(a, 0.0)
+        a = tl.where(a < 0, 0.0, a)  # NaN stays NaN, as torch.relu (tl.maximum would drop it)
     return tl.where(mask, a, 0.0).to(x.dtype)
 
 
@@ -249,7 +250,7 @@ def _conv_bias_act_kernel(
         r = tl.load(r_rows[:, None] + r_cols[None, :], mask=r_mask, other=0.0)
         acc += r.to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu
     y = acc.to(out_ptr.dtype.element_ty)
     out_rows = out_ptr + n_img * so_n + oh * so_h + ow * so_w
     out_ptrs = out_rows[:, None] + (co * so_c)[None, :]
@@ -314,19 +315,6 @@ def _channels_last(t: Tensor) -> Tensor:
     if t.is_contiguous(memory_format=torch.channels_last):
         return t
     return t.contiguous(memory_format=torch.channels_last)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: TF32 for fp32 exactly when PyTorch's conv flag allows it.
-
-    Only fp32 operands are affected; 16-bit operands get the compiler's default.
-    The interpreter runs IEEE fp32 (numpy) whatever we ask.
-    """
-    if dtype != torch.float32:
-        return "tf32"
-    if INTERPRETING or not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _check(x, weight, bias, groups, residual, residual_stride, shortcut_x, shortcut_weight,
@@ -428,7 +416,7 @@ def _conv_forward(
         if shortcut_x is not None:
             shortcut_x = _channels_last(shortcut_x)
 
-    precision = _input_precision(x.dtype)
+    precision = dot_input_precision(x.dtype, INTERPRETING)
     if flat_k is None:
         flat_k = kh * kw > 1 and c_in_g < autotune.FLAT_K_BELOW_CHANNELS
     m = n * oh * ow
