@@ -6,7 +6,7 @@
 """
 from . import models, ops, testing
 from ._warnings import FusedResblockFallbackWarning
-from .backends import BackendUnsupportedError
+from .backends import BackendUnsupportedError, FirstCallInCaptureError
 from .blocks import (
     CifarBasicBlock, FusedBasicBlock, FusedBottleneck, FusedCifarBasicBlock, FusedPlainBasicBlock,
     PlainBasicBlock, ZeroPadShortcut,
@@ -21,5 +21,5 @@ __all__ = [
     "FusedBasicBlock", "FusedBottleneck", "FusedPlainBasicBlock", "FusedCifarBasicBlock",
     "PlainBasicBlock", "CifarBasicBlock", "ZeroPadShortcut",
     "FusedResNet", "CifarResNet", "FusedCifarResNet",
-    "BackendUnsupportedError", "FusedResblockFallbackWarning",
+    "BackendUnsupportedError", "FirstCallInCaptureError", "FusedResblockFallbackWarning",
 ]

@@ -161,3 +161,36 @@ def test_the_op_measures_per_dtype_shape_and_layout(monkeypatch):
     ops.conv_bias_act(x.contiguous(memory_format=torch.channels_last), w, padding=1, relu=True)
     ops.conv_bias_act(x[:1], w, padding=1, relu=True)
     assert len(set(keys)) == 4, keys
+
+
+def test_concurrent_merges_keep_every_entry(tmp_path, monkeypatch):
+    """Two writers at once (processes tuning one GPU each): the second reads after the first wrote.
+
+    The first reader waits for a second one to arrive before it goes on: without the lock both
+    would read the old file and the later write would drop the earlier entry."""
+    import threading
+
+    from fused_resblock.backends import cache_file
+
+    path = tmp_path / "cache.json"
+    real_read = cache_file.read_entries
+    second_reader = threading.Event()
+    readers = []
+
+    def slow_read(*args, **kwargs):
+        entries = real_read(*args, **kwargs)
+        readers.append(threading.current_thread().name)
+        if len(readers) == 1:
+            second_reader.wait(timeout=0.5)  # under the lock the second never comes: it waits for us
+        else:
+            second_reader.set()
+        return entries
+    monkeypatch.setattr(cache_file, "read_entries", slow_read)
+    threads = [threading.Thread(target=cache_file.merge_entry, name=f"writer-{i}",
+                                args=(path, "fmt", 1, f"key{i}", i, int)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert real_read(path, "fmt", 1, int) == {"key0": 0, "key1": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"], "no lock file left beside the caches"

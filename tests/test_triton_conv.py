@@ -376,7 +376,7 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Device)
-    on_device = triton_backend._on_its_device(lambda x, y=None: (list(entered), y))
+    on_device = triton_backend._entry_point(lambda x, y=None: (list(entered), y))
     on_gpu1 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=1))
     on_gpu0 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
     assert on_device(on_gpu1, y=2) == ([1], 2) and entered == [1, None]
@@ -385,6 +385,12 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
     entered.clear()
     assert on_device(on_gpu0) == ([], None) and entered == []  # already current: no switch
     assert on_device(torch.zeros(1)) == ([], None)  # CPU tensors (the interpreter): nothing to switch
+
+    def load_in_capture(x):
+        raise RuntimeError("Triton Error [CUDA]: operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(autotune.FirstCallInCaptureError, match="warm-up"):
+        triton_backend._entry_point(load_in_capture)(on_gpu0)
 
 
 @needs_gpu
@@ -455,9 +461,55 @@ def test_cache_round_trip(tmp_path):
 
     second = autotune.Autotuner(path, benchmark=never_bench)  # a fresh process's view
     assert second.choose(KEY, lambda c: None, device_name="Fake GPU", tune=True) == cfg
-    other_gpu = autotune.Autotuner(path, benchmark=FakeBench())
-    other_gpu.choose(KEY, lambda c: None, device_name="Other GPU", tune=True)
+    other_bench = FakeBench()
+    other_gpu = autotune.Autotuner(path, benchmark=other_bench)
+    other_gpu.choose(KEY, other_bench.launcher(), device_name="Other GPU", tune=True)
     assert len(autotune.load_cache_file(path)) == 2, "entries merge, keyed by GPU name"
+
+
+def test_a_first_call_inside_capture_says_to_warm_up(tmp_path, monkeypatch):
+    """CUDA forbids loading a kernel while a stream captures: a shape's first call there is a clear
+    error (not a silently untuned default, nor Triton's bare 'operation not permitted')."""
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=never_bench)
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: None)  # as while a stream captures
+    with pytest.raises(autotune.FirstCallInCaptureError, match="warm-up"):
+        tuner.choose(KEY, lambda c: None, device_name="Fake GPU")
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: True)
+    bench = FakeBench()
+    cfg = tuner.choose(KEY, bench.launcher(), device_name="Fake GPU")  # the warm-up, outside capture
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: None)
+    assert tuner.choose(KEY, lambda c: None, device_name="Fake GPU") is cfg  # then capture finds it
+
+
+class OutOfResources(Exception):
+    """Named as Triton's: a tile that does not fit this GPU."""
+
+
+@pytest.mark.parametrize("failure, kept", [
+    (OutOfResources, True),            # a property of the GPU: the verdict stands
+    (torch.cuda.OutOfMemoryError, False),  # of the moment (the model's own memory): tune again later
+    (RuntimeError, False),
+])
+def test_a_verdict_is_kept_on_disk_only_when_no_candidate_failed_by_chance(tmp_path, failure, kept):
+    path = tmp_path / "autotune.json"
+    bench = FakeBench()
+    smallest = min(autotune.candidate_configs(KEY), key=lambda c: c.block_m * c.block_n)
+
+    def launch(cfg):
+        if cfg == smallest:
+            raise failure("candidate failed")
+        bench.launcher()(cfg)
+    cfg = autotune.Autotuner(path, benchmark=bench).choose(KEY, launch, device_name="Fake GPU", tune=True)
+    assert cfg != smallest
+    assert (len(autotune.load_cache_file(path)) == 1) is kept
+
+
+def test_no_candidate_ran_gives_the_default_unsaved(tmp_path):
+    def launch(cfg):
+        raise torch.cuda.OutOfMemoryError("no memory left")
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=lambda run: run() or 1.0, threads=1)
+    assert tuner.choose(KEY, launch, device_name="Fake GPU", tune=True) == autotune.default_config(KEY)
+    assert not (tmp_path / "autotune.json").exists()
 
 
 def test_cache_read_by_a_fresh_process(tmp_path):

@@ -282,7 +282,7 @@ def test_backward_tiles_are_tuned_per_gemm(tmp_path, monkeypatch):
     case = ConvCase(2, 8, 7, 7, 12, stride=2)
     args = _conv_inputs(case, torch.float32)
     _run_conv(args, [True] * 7, torch.float32)
-    assert [k.fusion for k in keys] == ["dgrad+bn+stats", "wgrad+bn+stats"]
+    assert [k.fusion for k in keys] == ["dgrad+bn+stats+gx+sums", "wgrad+bn+stats+gw+gb"]  # what each fuses and writes
     assert all(autotune.backward_kind(k) for k in keys)
     first = len(timed)
     assert first >= 2

@@ -167,6 +167,46 @@ def test_conv_stats_large_mean(dtype, monkeypatch):
     assert float((var.double().cpu() - var64).abs().max()) < 0.1 * float((naive.double().cpu() - var64).abs().max())
 
 
+def _tile_partials(y: torch.Tensor, tile_m: int):
+    """Per-tile (shift, mean - shift, M2) of y's rows, as the conv epilogue writes them (fp32)."""
+    shifts, means, m2s = [], [], []
+    for start in range(0, y.shape[0], tile_m):
+        tile = y[start:start + tile_m]
+        shifts.append(tile[0])
+        means.append(tile.mean(0) - tile[0])
+        m2s.append(((tile - tile.mean(0)) ** 2).sum(0))
+    return [torch.stack(v).float().contiguous() for v in (shifts, means, m2s)]
+
+
+def test_finalize_merges_many_tiles_in_two_levels(monkeypatch):
+    """Over _FINALIZE_ONE_LEVEL_TILES tiles the merge runs in two launches (ranges of tiles in
+    parallel, then the ranges): as accurate as one, deterministic, the last tile and range partial."""
+    tile_m, channels = 16, 8
+    rows = (conv_fwd._FINALIZE_ONE_LEVEL_TILES * 2 + 3) * tile_m - 5
+    y = torch.randn(rows, channels, dtype=torch.float64) * 0.5 + 300.0  # |mean| >> std
+    partials = _tile_partials(y, tile_m)
+    launches = []
+    real_kernel = conv_fwd._finalize_stats_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_kernel[grid]
+    monkeypatch.setattr(conv_fwd, "_finalize_stats_kernel", Counting())
+    mean, var = conv_fwd.finalize_stats(*partials, rows, tile_m)
+    assert len(launches) == 2 and launches[0][1] > 1 and launches[1][1] == 1, launches
+    torch.testing.assert_close(mean.double(), y.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), y.var(0, unbiased=False), rtol=1e-4, atol=0)
+    again = conv_fwd.finalize_stats(*partials, rows, tile_m)
+    assert torch.equal(mean, again[0]) and torch.equal(var, again[1])
+    monkeypatch.setattr(conv_fwd, "_FINALIZE_ONE_LEVEL_TILES", 10 ** 9)
+    launches.clear()
+    one_level = conv_fwd.finalize_stats(*partials, rows, tile_m)
+    assert len(launches) == 1
+    torch.testing.assert_close(one_level[0], mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(one_level[1], var, rtol=1e-4, atol=0)
+
+
 def test_conv_stats_tile_configs_and_empty_batch():
     args = conv_args(Conv(3, 24, 9, 40), torch.float16, channels_last=False)
     for config in (autotune.Config(16, 16, 16, group_m=1, num_warps=1, num_stages=1),

@@ -33,6 +33,16 @@ _modules: dict = {}
 _choices: dict = {}
 
 
+class FirstCallInCaptureError(RuntimeError):
+    """A shape's first call came inside CUDA-graph capture, where CUDA forbids loading a kernel."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"fused_resblock: the first call of {what} is inside CUDA-graph capture, where kernels can be "
+            "neither tuned nor loaded (CUDA forbids loading a module while a stream captures); run the model "
+            "once with the same shapes before capturing it (the usual warm-up)")
+
+
 class BackendUnsupportedError(NotImplementedError):
     """A forced backend cannot run the requested configuration."""
 

@@ -5,9 +5,12 @@ one directory: ``$FUSED_RESBLOCK_CACHE_DIR``, else
 ``${XDG_CACHE_HOME:-~/.cache}/fused_resblock``. Writes are atomic (temporary
 file + ``os.replace``); a missing file reads as empty, an unreadable or
 foreign one as empty with one warning (and is rewritten on the next save).
+Adding an entry reads, merges and writes under an exclusive lock on the
+directory, so processes tuning at once (one per GPU) keep each other's entries.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -70,6 +73,24 @@ def write_entries(path: Path, fmt: str, version: int, entries: Dict[str, Any]) -
         raise
 
 
+@contextlib.contextmanager
+def _directory_locked(directory: Path):
+    """An exclusive flock on the directory itself (no lock file beside the caches); a no-op
+    where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unlocked, as before
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(directory), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def merge_entry(path: Path, fmt: str, version: int, key: str, value: Any,
                 validate: Callable[[Any], Any], what: str = "cache") -> None:
     """Add one entry to what is on disk now (other processes may have added theirs); warn if unwritable.
@@ -77,8 +98,9 @@ def merge_entry(path: Path, fmt: str, version: int, key: str, value: Any,
     ``validate`` raises on a bad value: a file holding one is replaced, not kept.
     """
     try:
-        entries = read_entries(path, fmt, version, lambda v: (validate(v), v)[1], warn=False)
-        entries[key] = value
-        write_entries(path, fmt, version, entries)
+        with _directory_locked(path.parent):
+            entries = read_entries(path, fmt, version, lambda v: (validate(v), v)[1], warn=False)
+            entries[key] = value
+            write_entries(path, fmt, version, entries)
     except OSError as e:
         warnings.warn(f"fused_resblock: cannot write {what} {path} ({e})")

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import conv_geometry_reason
+from .. import FirstCallInCaptureError, conv_geometry_reason
 from .autotune import interpreter_requested
 
 NAME = "triton"
@@ -75,25 +75,39 @@ def supports(op: str, config: dict) -> Optional[str]:
     return conv_geometry_reason(config)
 
 
-def _on_its_device(fn):
-    """Run ``fn`` with its first tensor's GPU current: Triton launches on the current device and
-    stream, so a model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers."""
+def _entry_point(fn):
+    """A backend function's common host work.
+
+    It runs ``fn`` with its first tensor's GPU current: Triton launches on the current device and
+    stream, so a model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers.
+    And a kernel's first launch inside CUDA-graph capture (Triton loads it then, which CUDA forbids
+    while a stream captures) becomes an error that says what to do.
+    """
     first_name = next(iter(inspect.signature(fn).parameters))
 
     @functools.wraps(fn)
-    def on_device(*args, **kwargs):
+    def entry(*args, **kwargs):
         first = args[0] if args else kwargs[first_name]
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-    return on_device
+        if not first.is_cuda:
+            return fn(*args, **kwargs)
+        try:
+            if first.device.index != torch.cuda.current_device():
+                with torch.cuda.device(first.device):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        except FirstCallInCaptureError:
+            raise
+        except RuntimeError as exc:
+            if "capturing" in str(exc) and torch.cuda.is_current_stream_capturing():
+                raise FirstCallInCaptureError(f"{fn.__name__} at these shapes") from exc
+            raise
+    return entry
 
 
 _forward = None
 
 
-@_on_its_device
+@_entry_point
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -112,7 +126,7 @@ def conv_bias_act(
                     shortcut_x, shortcut_weight, shortcut_stride, relu)
 
 
-@_on_its_device
+@_entry_point
 def conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -127,7 +141,7 @@ def conv_stats(
                               in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats)
 
 
-@_on_its_device
+@_entry_point
 def bn_add_act(
     y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
@@ -141,7 +155,7 @@ def bn_add_act(
                               res_weight, res_bias, residual_stride, residual_offset, relu)
 
 
-@_on_its_device
+@_entry_point
 def conv_bias_act_backward(
     grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
     stride, padding, dilation, groups: int,
@@ -158,7 +172,7 @@ def conv_bias_act_backward(
                 shortcut_stride, relu, needs)
 
 
-@_on_its_device
+@_entry_point
 def conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
@@ -174,7 +188,7 @@ def conv_stats_backward(
                 dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu, needs)
 
 
-@_on_its_device
+@_entry_point
 def bn_add_act_backward(
     grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .. import FirstCallInCaptureError
 from ..cache_file import cache_dir, merge_entry, read_entries, write_entries
 
 FORMAT = "fused_resblock.autotune"
@@ -326,8 +327,10 @@ class Autotuner:
             return cfg
         if tune is None:
             tune = _tuning_allowed(key)
-            if tune is None:  # capturing a CUDA graph: answer now, remember nothing
-                return default_config(key)
+            if tune is None:  # capturing a CUDA graph: nothing can be timed, nor a kernel loaded
+                raise FirstCallInCaptureError(
+                    f"a convolution ({key.fusion or 'forward'}, {key.batch}x{key.in_channels}x{key.height}x"
+                    f"{key.width} -> {key.out_channels} channels, {key.kernel[0]}x{key.kernel[1]} kernel)")
         if not tune:
             cfg = self._memo[key] = default_config(key)
             return cfg
@@ -337,28 +340,42 @@ class Autotuner:
             fkey = _file_key(key, device_name)
             cfg = self._disk_entries().get(fkey)
             if cfg is None:
-                cfg = self._tune(key, launch)
-                self._disk_entries()[fkey] = cfg
-                self._save(fkey, cfg)
+                cfg, lasting = self._tune(key, launch)
+                if lasting:
+                    self._disk_entries()[fkey] = cfg
+                    self._save(fkey, cfg)
             self._memo[key] = cfg
             return cfg
 
-    def _tune(self, key: ShapeKey, launch: Callable[[Config], None]) -> Config:
+    def _tune(self, key: ShapeKey, launch: Callable[[Config], None]) -> Tuple[Config, bool]:
+        """(the fastest candidate, whether the verdict may be kept on disk). A candidate that cannot
+        run on this GPU (too much shared memory, no compile) is dropped for good; one that failed for a passing
+        reason (out of memory while the model holds its own, a CUDA error) leaves the verdict to a
+        later process, and so does a tuning where no candidate ran (the untuned default then)."""
         configs = candidate_configs(key)
         precompile(key, launch, configs, self._threads if self._threads is not None else compile_threads())
-        best, best_ms = None, float("inf")
+        best, best_ms, lasting = None, float("inf"), True
         for cfg in configs:
             try:
                 ms = self._benchmark(lambda cfg=cfg: launch(cfg))
-            except Exception:  # e.g. out of shared memory on this GPU: not a candidate
+            except Exception as exc:
+                lasting = lasting and _does_not_fit(exc)
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
-        return best if best is not None else default_config(key)
+        if best is None:
+            return default_config(key), False
+        return best, lasting
 
     def _save(self, fkey: str, cfg: Config) -> None:
         """Merge into what is on disk now (other processes may have added entries)."""
         merge_entry(self.path, FORMAT, VERSION, fkey, asdict(cfg), Config.from_dict, what=WHAT)
+
+
+def _does_not_fit(exc: Exception) -> bool:
+    """Whether a candidate's failure is a property of the GPU and the compiler, not of the moment:
+    Triton's OutOfResources (the tile needs more shared memory than there is) or CompilationError."""
+    return type(exc).__name__ in ("OutOfResources", "CompilationError")
 
 
 def _tuning_allowed(key: ShapeKey) -> Optional[bool]:

@@ -296,12 +296,13 @@ def _pair(v) -> tuple:
 
 
 def _tuning_key(kind: str, x: Tensor, weight: Tensor, geometry, src: "_GradSource",
-                prologue: "_Prologue") -> autotune.ShapeKey:
-    """The autotune key of one backward GEMM: the conv's geometry plus what the kernel fuses."""
+                prologue: "_Prologue", outputs: Sequence[str]) -> autotune.ShapeKey:
+    """The autotune key of one backward GEMM: the conv's geometry plus what the kernel fuses and
+    writes (a bias-only wgrad is another kernel than a full one, and may want other tiles)."""
     stride, padding, dilation, groups = geometry
     n, c_in, h, w = x.shape
     extras = [name for name, on in (("bn", prologue.present), ("mask", src.flags["RELU_MASK"]),
-                                    ("stats", src.flags["HAS_GV"])) if on]
+                                    ("stats", src.flags["HAS_GV"])) if on] + list(outputs)
     return autotune.ShapeKey(
         device=x.device, dtype=x.dtype, batch=n, in_channels=c_in, height=h, width=w,
         out_channels=weight.shape[0], kernel=tuple(weight.shape[2:]), stride=stride, padding=padding,
@@ -367,7 +368,8 @@ def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
     """dgrad with its tuned tiles: (gx or None, the prologue backward's per-tile partial sums or None)."""
     def launch(cfg):
         return _dgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, store_gx, part_sums)
-    return launch(_config_for(_tuning_key("dgrad", x, weight, geometry, src, prologue), launch))
+    outputs = [name for name, on in (("gx", store_gx), ("sums", part_sums)) if on]
+    return launch(_config_for(_tuning_key("dgrad", x, weight, geometry, src, prologue, outputs), launch))
 
 
 def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
@@ -407,7 +409,8 @@ def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: i
     """wgrad with its tuned tiles (plus a fixed-order sum of the K splits): (gw or None, gb or None)."""
     def launch(cfg):
         return _wgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, need_gw, bias_grad, split_k)
-    return launch(_config_for(_tuning_key("wgrad", x, weight, geometry, src, prologue), launch))
+    outputs = [name for name, on in (("gw", need_gw), ("gb", bias_grad)) if on]
+    return launch(_config_for(_tuning_key("wgrad", x, weight, geometry, src, prologue, outputs), launch))
 
 
 def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,

@@ -262,28 +262,34 @@ def _conv_bias_act_kernel(
 
 
 @triton.jit
-def _finalize_stats_kernel(part_shift_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, M, C, NUM_TILES,
-                           TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """mean and biased variance per channel from per-tile (count, K + mean, M2), in a fixed order.
+def _finalize_stats_kernel(part_shift_ptr, part_mean_ptr, part_m2_ptr, out0_ptr, out1_ptr, out2_ptr,
+                           M, C, NUM_TILES, TILES_PER_PROGRAM, TILE_M,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr):
+    """Merges per-tile (count, K + mean, M2) rows in a fixed order (deterministic, no atomics).
 
-    Everything is computed relative to tile 0's shift K0: tile means become
+    Program (c, r) takes the channels of block c and the tiles [r * TILES_PER_PROGRAM, ...).
+    Everything is computed relative to the first tile's shift K0: tile means become
     u_i = (K_i - K0) + s_i, small and precise. Each chunk of BLOCK_T tiles is
     combined around its own mean (M2 = sum M2_i + n_i (u_i - u_chunk)^2), then
     merged into the running (n, u, M2) with Chan's pairwise formula: no large
-    sums are subtracted, and the order never depends on scheduling
-    (deterministic, no atomics).
+    sums are subtracted. FINAL (one program per channel block, all tiles): mean and
+    biased variance into out0/out1. Otherwise each program writes its range as one
+    row (K0, u, M2) of out0/out1/out2: rows of a tile TILES_PER_PROGRAM times as tall,
+    which a FINAL launch merges the same way.
     """
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
+    first = tl.program_id(1) * TILES_PER_PROGRAM
+    last = tl.minimum(first + TILES_PER_PROGRAM, NUM_TILES)
     offs_t = tl.arange(0, BLOCK_T)
-    k0 = tl.load(part_shift_ptr + offs_c, mask=c_mask, other=0.0)
+    k0 = tl.load(part_shift_ptr + first.to(tl.int64) * C + offs_c, mask=c_mask, other=0.0)
     n = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, NUM_TILES, BLOCK_T):
+    for t0 in range(first, last, BLOCK_T):
         t = t0 + offs_t
-        t_mask = t < NUM_TILES
-        n_t = tl.where(t_mask, tl.minimum(M - t * TILE_M, TILE_M), 0).to(tl.float32)
+        t_mask = t < last
+        n_t = tl.where(t_mask, tl.minimum(M - t.to(tl.int64) * TILE_M, TILE_M), 0).to(tl.float32)
         offs = t.to(tl.int64)[:, None] * C + offs_c[None, :]
         mask = t_mask[:, None] & c_mask[None, :]
         mean_t = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
@@ -298,8 +304,14 @@ def _finalize_stats_kernel(part_shift_ptr, part_mean_ptr, part_m2_ptr, mean_ptr,
         mean = mean + delta * (n_chunk / n_new)
         m2 = m2 + m2_chunk + delta * delta * (n * (n_chunk / n_new))
         n = n_new
-    tl.store(mean_ptr + offs_c, k0 + mean, mask=c_mask)
-    tl.store(var_ptr + offs_c, m2 / n, mask=c_mask)
+    if FINAL:
+        tl.store(out0_ptr + offs_c, k0 + mean, mask=c_mask)
+        tl.store(out1_ptr + offs_c, m2 / n, mask=c_mask)
+    else:
+        row = tl.program_id(1).to(tl.int64) * C + offs_c
+        tl.store(out0_ptr + row, k0, mask=c_mask)
+        tl.store(out1_ptr + row, mean, mask=c_mask)
+        tl.store(out2_ptr + row, m2, mask=c_mask)
 
 
 # --------------------------------------------------------------------------- host
@@ -462,6 +474,8 @@ def _conv_forward(
             fusion.append("bn_relu" if in_relu else "bn")
         if stats:
             fusion.append("stats")
+        if residual is not None:  # one more operand stream in the epilogue
+            fusion.append("residual")
         key = autotune.ShapeKey(
             device=x.device, dtype=x.dtype, batch=n, in_channels=c_in, height=h, width=w,
             out_channels=c_out, kernel=(kh, kw), stride=stride, padding=padding,
@@ -497,23 +511,42 @@ def conv_bias_act_forward(
     return out
 
 
-# Finalisation tiles: channels per program, tiles merged per step.
+# Finalisation tiles: channels per program, tiles merged per step. Over _FINALIZE_ONE_LEVEL_TILES
+# row tiles (ResNet's stem at batch 256 has ~10^5), one program per channel block would read them
+# all alone: a first launch merges ranges of tiles in parallel (about _FINALIZE_RANGES of them),
+# a second merges those ranges. Both in a fixed order: the result does not depend on scheduling.
 _FINALIZE_BLOCK_C = 64
 _FINALIZE_BLOCK_T = 64
+_FINALIZE_ONE_LEVEL_TILES = 512
+_FINALIZE_RANGES = 128
+
+
+def _merge_stats(shift, mean, m2, m: int, tile_m: int, out, tiles_per_program: int, final: bool) -> None:
+    num_tiles, c = mean.shape
+    block_t = min(_FINALIZE_BLOCK_T, max(2, 1 << max(0, min(num_tiles, tiles_per_program) - 1).bit_length()))
+    grid = (-(-c // _FINALIZE_BLOCK_C), -(-num_tiles // tiles_per_program))
+    # the tile height is a run-time argument: a second level's (ranges of tiles) differs per layer
+    _finalize_stats_kernel[grid](shift, mean, m2, *out, m, c, num_tiles, tiles_per_program, tile_m,
+                                 BLOCK_T=block_t, BLOCK_C=_FINALIZE_BLOCK_C, FINAL=final)
 
 
 def finalize_stats(part_shift: Tensor, part_mean: Tensor, part_m2: Tensor, m: int, tile_m: int):
-    """(mean, biased var) per channel from the per-tile partials, one small launch."""
+    """(mean, biased var) per channel from the per-tile partials: one small launch, two for many tiles."""
     num_tiles, c = part_mean.shape
-    mean = torch.empty(c, dtype=torch.float32, device=part_mean.device)
-    var = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    dev = part_mean.device
+    mean = torch.empty(c, dtype=torch.float32, device=dev)
+    var = torch.empty(c, dtype=torch.float32, device=dev)
     if POISON_OUTPUT:
         mean.fill_(float("nan"))
         var.fill_(float("nan"))
-    block_t = min(_FINALIZE_BLOCK_T, max(2, 1 << max(0, num_tiles - 1).bit_length()))
-    grid = (-(-c // _FINALIZE_BLOCK_C),)
-    _finalize_stats_kernel[grid](part_shift, part_mean, part_m2, mean, var, m, c, num_tiles,
-                                 TILE_M=tile_m, BLOCK_T=block_t, BLOCK_C=_FINALIZE_BLOCK_C)
+    if num_tiles > _FINALIZE_ONE_LEVEL_TILES:
+        per_range = -(-num_tiles // _FINALIZE_RANGES)
+        ranges = -(-num_tiles // per_range)
+        partial = [torch.empty((ranges, c), dtype=torch.float32, device=dev) for _ in range(3)]
+        _merge_stats(part_shift, part_mean, part_m2, m, tile_m, partial, per_range, final=False)
+        part_shift, part_mean, part_m2 = partial
+        tile_m, num_tiles = tile_m * per_range, ranges
+    _merge_stats(part_shift, part_mean, part_m2, m, tile_m, (mean, var, var), num_tiles, final=True)
     return mean, var
 
 
