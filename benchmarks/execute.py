@@ -34,7 +34,7 @@ def base_row(case: Case, status: str) -> dict:
         "dtype": case.dtype, "memory_format": case.memory_format, "batch": case.batch, "impl": case.impl,
         "status": status, "reason": None, "error": None,
         "timings_ms": [], "median_ms": None, "images_per_s": None, "iterations": 0, "rotation_buffers": 0,
-        "first_call_s": None, "peak_memory_bytes": None, "resident_bytes": None,
+        "first_call_s": None, "peak_memory_bytes": None, "first_call_peak_memory_bytes": None, "resident_bytes": None,
         "flops": flops, "min_bytes": min_bytes, "achieved_tflops": None, "roofline_share": None,
         "ratio_to_peers": {}, "warnings": [], "wall_s": 0.0,
     }
@@ -46,10 +46,9 @@ def skipped_row(case: Case, reason: str) -> dict:
     return row
 
 
-def interrupted_row(case: Case, message: str) -> dict:
-    """The case that was running when the run was interrupted (a time limit's SIGINT or SIGTERM)."""
+def error_row(case: Case, exc: BaseException) -> dict:
     row = base_row(case, "error")
-    row["error"] = {"type": "KeyboardInterrupt", "message": message, "traceback_tail": ""}
+    row["error"] = _error(exc)
     return row
 
 
@@ -91,7 +90,10 @@ def _measure(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
         "status": "ok", "timings_ms": timings, "median_ms": median,
         "images_per_s": case.batch / (median * 1e-3), "iterations": len(timings),
         "rotation_buffers": count, "first_call_s": measured.first_call_s,
-        "peak_memory_bytes": _memory(device, peak=True), "resident_bytes": resident,
+        # the steady state's peak (after the warm-up); the first call's own holds tuning buffers
+        # (Triton's cache flush, cuDNN's benchmark workspaces) that a model in use does not
+        "peak_memory_bytes": _memory(device, peak=True), "first_call_peak_memory_bytes": measured.first_call_peak,
+        "resident_bytes": resident,
     }
 
 
@@ -128,8 +130,13 @@ def run_case(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
     except Exception as exc:  # any failure is this case's result, not the run's end
         row.update(status="error", error=_error(exc))
     finally:
-        impl.cleanup()
-        _release(device)
+        # after a sticky CUDA error the cleanup raises the same error: record it, keep the row
+        for cleanup in (impl.cleanup, lambda: _release(device)):
+            try:
+                cleanup()
+            except Exception as exc:
+                if row["status"] == "ok":
+                    row.update(status="error", error=_error(exc))
     row["warnings"] = _unique_messages(caught)
     row["wall_s"] = time.perf_counter() - started
     if row["status"] == "ok":

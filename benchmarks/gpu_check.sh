@@ -19,13 +19,14 @@
 # OUTDIR gets at most 8 files (what the device tool brings back):
 #   env.txt build.log pytest.log memcheck.log bench.log bench.json bench.png summary.txt
 #
-# Time: the whole script keeps within GPU_CHECK_TOTAL_S (default 570 s, under a 10-minute device call);
+# Time: the whole script keeps within GPU_CHECK_TOTAL_S (default 585 s, under a 10-minute device call);
 # the benchmark gets BENCH_BUDGET_S (default 480) or what is left after the stages before it: with a
-# carried build, 10 + 200 (tests) + 2 x 60 (memcheck) leave it ~190 s. A session's 15 device-minutes
+# carried build, 10 + 180 (tests) + 2 x 45 (memcheck) leave it ~300 s, of which the cases get
+# ~300 - 45 (start-up and JSON) - 30 (the kill grace) - 15 (the summary) = ~210 s. A session's 15 device-minutes
 # hold the machine's start, this call and a warm follow-up of ~150 s (benchmarks/NOTES.md, Running).
 # Knobs (environment variables):
-#   PYTHON (default python3)          GPU_CHECK_TOTAL_S (570)       BENCH_BUDGET_S (480)
-#   BUILD_TIMEOUT_S (240)             TEST_TIMEOUT_S (200)          MEMCHECK_TIMEOUT_S (60 per backend)
+#   PYTHON (default python3)          GPU_CHECK_TOTAL_S (585)       BENCH_BUDGET_S (480)
+#   BUILD_TIMEOUT_S (240)             TEST_TIMEOUT_S (180)          MEMCHECK_TIMEOUT_S (45 per backend)
 #   TEST_WORKERS (8; 1 = no xdist)    TEST_CASE_TIMEOUT_S (120, with pytest-timeout)
 #   GPU_CHECK_SKIP  comma list of stages to skip: build,tests,memcheck,bench
 #   BENCH_ARGS      extra arguments for python -m benchmarks.run (e.g. "--only 'model:resnet50:*'")
@@ -42,17 +43,20 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-TOTAL_S=${GPU_CHECK_TOTAL_S:-570}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-585}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-480}
 SKIP=",${GPU_CHECK_SKIP:-},"
 BENCH_RESERVE_S=45   # the benchmark's start-up, peak measurement and JSON beyond its case budget
+KILL_GRACE_S=30      # run_stage's SIGINT-to-SIGKILL grace (timeout -k)
+SUMMARY_RESERVE_S=15 # the summary after the benchmark (it imports torch)
 MIN_BENCH_S=120      # earlier stages leave the benchmark at least this much when they can
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
+STAGES=$(mktemp)     # the stage lines, outside OUT: a killed script leaves no ninth file there
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
-: >"$SUMMARY.stages"
+: >"$STAGES"
 
 elapsed() { echo $(( $(date +%s) - START )); }
 remaining() { echo $(( TOTAL_S - $(elapsed) )); }
@@ -60,7 +64,7 @@ skipped() { [[ "$SKIP" == *",$1,"* ]]; }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 # record STAGE STATUS SECONDS DETAIL
-record() { printf '%-17s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY.stages"; }
+record() { printf '%-17s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >>"$STAGES"; }
 
 # run_stage STAGE TIMEOUT LOG COMMAND...: run with a time limit (callers pass > 30 s: timeout 0 would
 # mean none), log everything, record the outcome
@@ -76,6 +80,9 @@ run_stage() {
         124|130|137) status=timeout ;;
         *) status="rc=$rc" ;;
     esac
+    if [ "$rc" -ne 0 ] && grep -q "Device not supported" "$log" 2>/dev/null; then
+        status=unsupported  # compute-sanitizer on a runtime that hides the device (gVisor): no finding
+    fi
     record "$stage" "$status" $(( $(date +%s) - t0 )) "$(tail -n 1 "$log" | cut -c1-150)"
     echo "== $stage: $status" | tee -a "$log"
     return $rc
@@ -85,7 +92,7 @@ run_stage() {
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "repo: $REPO"
-    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed"
+    echo "source: $("$PY" -m benchmarks.environment 2>&1 | tail -n 1)"  # git, or the carried .source_state.json
     echo "uname: $(uname -a)"
     echo; echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi failed"
     echo; echo "== nvcc"; nvcc --version 2>&1 || echo "no nvcc"
@@ -159,7 +166,7 @@ GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_blocks.py tests/test_trit
 if skipped tests; then
     record tests skipped 0 "GPU_CHECK_SKIP"
 else
-    limit=$(min "${TEST_TIMEOUT_S:-200}" $(( $(remaining) - MIN_BENCH_S - 30 )))
+    limit=$(min "${TEST_TIMEOUT_S:-180}" $(( $(remaining) - MIN_BENCH_S - 30 )))
     if [ "$limit" -gt 30 ]; then
         # pytest-xdist (in the GPU image) spreads Triton's compiles and the float64 CPU references
         # over the cores; every worker shares the one GPU and the run's seed (tests/conftest.py)
@@ -169,16 +176,18 @@ else
         # duplicates of "tests"); per-test durations in the log for the next session's plan
         workers=()
         n_workers=${TEST_WORKERS:-8}
+        threads=${OMP_NUM_THREADS:-}
         if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "$n_workers" -gt 1 ]; then
             workers=(-n "$n_workers")
-            export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / n_workers > 0 ? $(nproc) / n_workers : 1 ))}
+            threads=${threads:-$(( $(nproc) / n_workers > 0 ? $(nproc) / n_workers : 1 ))}
         fi
         if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
             workers+=(--timeout "${TEST_CASE_TIMEOUT_S:-120}")  # one hung test must not take the stage
         fi
         # shellcheck disable=SC2086  # TEST_ARGS is split on purpose
         eval "set -- ${TEST_ARGS:-}"
-        run_stage tests "$limit" "$OUT/pytest.log" "$PY" -m pytest "${GPU_TEST_FILES[@]}" tests -q -rs \
+        run_stage tests "$limit" "$OUT/pytest.log" env ${threads:+OMP_NUM_THREADS=$threads} \
+            "$PY" -m pytest "${GPU_TEST_FILES[@]}" tests -q -rs \
             -p no:cacheprovider --durations 30 ${workers[@]+"${workers[@]}"} "$@"
     else
         record tests skipped 0 "no time left"
@@ -199,7 +208,7 @@ elif [ -z "$gpu_backends" ]; then
     record memcheck skipped 0 "no GPU backend available"
 else
     for backend in $gpu_backends; do
-        limit=$(min "${MEMCHECK_TIMEOUT_S:-60}" $(( $(remaining) - MIN_BENCH_S )))
+        limit=$(min "${MEMCHECK_TIMEOUT_S:-45}" $(( $(remaining) - MIN_BENCH_S )))
         if [ "$limit" -lt 30 ]; then
             record "memcheck-$backend" skipped 0 "no time left"
             continue
@@ -215,7 +224,8 @@ fi
 if skipped bench; then
     record bench skipped 0 "GPU_CHECK_SKIP"
 else
-    budget=$(min "$BENCH_BUDGET_S" $(( $(remaining) - BENCH_RESERVE_S )))
+    # the stage's limit is budget + reserve; its kill grace and the summary must still fit after it
+    budget=$(min "$BENCH_BUDGET_S" $(( $(remaining) - BENCH_RESERVE_S - KILL_GRACE_S - SUMMARY_RESERVE_S )))
     if [ "$budget" -lt 30 ]; then
         record bench skipped 0 "no time left (budget ${budget}s)"
     else
@@ -230,12 +240,12 @@ fi
 {
     echo "== gpu_check summary ($(elapsed) s of ${TOTAL_S} s), files in $OUT"
     printf '%-17s %-8s %6s  %s\n' stage status time "last line of its log"
-    cat "$SUMMARY.stages"
+    cat "$STAGES"
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" 2>/dev/null | head -n 15
     grep -E 'ERROR SUMMARY|Invalid|out of bounds' "$OUT/memcheck.log" 2>/dev/null | sort | uniq -c | head -n 10
     if [ -s "$OUT/bench.json" ]; then
         "$PY" -m benchmarks.report "$OUT/bench.json" 2>&1 | head -n 40
     fi
 } >"$SUMMARY" 2>&1
-rm -f "$SUMMARY.stages"
+rm -f "$STAGES"
 cat "$SUMMARY"

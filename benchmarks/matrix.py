@@ -65,7 +65,7 @@ TINY = Preset(
     dtypes=("fp32",),
     formats=("channels_last",),
     impls=tuple(impl.name for impl in peers.all_impls()),
-    timing=TimingPlan(warmup=1, min_iters=3, max_iters=3, min_time_s=0.0, max_time_s=1.0),
+    timing=TimingPlan(warmup=1, min_warmup_s=0.0, min_iters=3, max_iters=3, min_time_s=0.0, max_time_s=1.0),
     rotation_cap=2,
 )
 
@@ -221,11 +221,16 @@ def plan(preset: Preset, device: torch.device, only=(), budget_s: Optional[float
                 take(peer)
     for peers_left in waiting.values():
         result.spare.extend(peers_left)
-    result.spare.sort(key=rank)
-    # run group by group (ours next to its peers), groups in the order of their best-ranked case
-    first_seen = {}
-    for position, case in enumerate(chosen):
-        first_seen.setdefault(case.group, position)
-    order = sorted(range(len(chosen)), key=lambda i: (first_seen[chosen[i].group], i))
-    result.run = [chosen[i] for i in order]
+    result.run = _by_group(chosen)
+    result.spare = _by_group(sorted(result.spare, key=rank))
     return result
+
+
+def _by_group(cases: list) -> list:
+    """Group by group (ours next to its peers), groups in the order of their best-ranked case,
+    ours first in each: the run skips a peer when none of ours ran before it in its group."""
+    first_seen = {}
+    for position, case in enumerate(cases):
+        first_seen.setdefault(case.group, position)
+    order = sorted(range(len(cases)), key=lambda i: (first_seen[cases[i].group], not cases[i].is_ours, i))
+    return [cases[i] for i in order]

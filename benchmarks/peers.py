@@ -168,8 +168,14 @@ def _capture(forward: Callable, example: tuple) -> dict:
             forward(static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = forward(static)
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            output = forward(static)
+    finally:
+        # a failed capture raises in torch.cuda.graph's exit before it restores the stream: every
+        # later case would otherwise run on the capture stream
+        torch.cuda.set_stream(stream)
     return {"graph": graph, "inputs": static, "output": output}
 
 
@@ -247,7 +253,10 @@ class Compiled(Impl):
         return contextlib.nullcontext()
 
     def transform(self, module, case):
-        return torch.compile(module, mode=None if self.mode == "default" else self.mode)
+        # max-autotune's own mode also captures CUDA graphs; the peer is max-autotune's kernels
+        # without them, like ours and compile-default (reduce-overhead is the graphs peer)
+        mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(self.mode, self.mode)
+        return torch.compile(module, mode=mode)
 
     def cleanup(self):
         # a fresh Dynamo per case: compiled code of one model must not count against the next one's cache limit

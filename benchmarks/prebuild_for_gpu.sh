@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Build the CUDA extension here, on the CPU machine, for the GPU image's stack (python 3.12,
-# torch 2.11.0+cu130), so that the GPU's few device-minutes are not spent compiling it.
+# Prepare a GPU call here, on the CPU machine: build the CUDA extension for the GPU image's stack
+# (python 3.12, torch 2.11.0+cu130), so that the GPU's few device-minutes are not spent compiling
+# it, and record the source state (the copy the device gets has no .git: its results would say
+# "commit unknown"). Run it last, after the final edit: both are checked against the tree there.
 #
 #   bash benchmarks/prebuild_for_gpu.sh          # ~5 min the first time (a 3 GB venv), ~2 min after
 #
-# Leaves fused_resblock/_C.cpython-312-x86_64-linux-gnu.so beside the sources (git-ignored) and
-# CUTLASS's wheel in .wheels/. The device call carries both:
-#   carry: [".wheels", "fused_resblock/_C.cpython-312-x86_64-linux-gnu.so"]
+# Leaves fused_resblock/_C.cpython-312-x86_64-linux-gnu.so beside the sources, CUTLASS's wheel in
+# .wheels/ and .source_state.json (all git-ignored). The device call carries them:
+#   carry: [".wheels", "fused_resblock/_C.cpython-312-x86_64-linux-gnu.so", ".source_state.json"]
 # gpu_check.sh's build stage then uses the binary when it was built from the same csrc/ (its
 # recorded digest, fused_resblock/backends/extension_sources.py) for the same torch, and builds
 # there otherwise (an edit after this script, another torch, a library the image lacks).
@@ -42,3 +44,4 @@ assert info["built"] and info["stale"] is None, info
 print(f"built {info['path']}: digest {info['sources_digest']}, torch {info['torch_version']}, "
       f"{' '.join(info['archs'])}, {info['tma_wgmma']}")
 EOF
+"$VENV/bin/python" -m benchmarks.environment --write-source-state

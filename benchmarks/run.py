@@ -30,6 +30,7 @@ from .cases import OURS_PREFIX
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEMA_VERSION = 1
+CHECKPOINT_S = 10.0  # the longest a run keeps measured rows only in memory
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -105,9 +106,10 @@ def add_roofline_shares(rows: list, peaks: dict, cases: dict) -> None:
             row["roofline_share"] = roofline.share_of_roofline(cases[row["id"]], row["median_ms"], peaks)
 
 
-def summary(rows: list, wall_s: float) -> dict:
+def summary(rows: list, wall_s: float, complete: bool = True) -> dict:
+    """Counts by status; ``complete`` is False in the checkpoints written while the run goes on."""
     counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "error", "skipped")}
-    return {**counts, "cases": len(rows), "wall_s": wall_s}
+    return {**counts, "cases": len(rows), "wall_s": wall_s, "complete": complete}
 
 
 def _progress(index: int, total: int, elapsed: float, row: dict) -> str:
@@ -121,15 +123,16 @@ def _progress(index: int, total: int, elapsed: float, row: dict) -> str:
 
 
 def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, budget_s: Optional[float],
-             inject: list, log=print) -> list:
-    """Run the planned cases, then spares while the budget lasts; what does not fit becomes a skipped row."""
+             inject: list, log=print, on_row=None) -> list:
+    """Run the planned cases, then spares while the budget lasts; what does not fit becomes a skipped row.
+    ``on_row(rows)`` follows every measured (not skipped) case: the driver checkpoints the JSON there."""
     rows = [execute.skipped_row(case, reason) for case, reason in plan.skipped]
     estimator = matrix.Estimator(device)
     started = time.perf_counter()
     dead: Optional[str] = None
     interrupted: Optional[str] = None
     queue = [(case, False) for case in plan.run] + [(case, True) for case in plan.spare]
-    # as in the plan: a spare peer runs only beside one of ours (when its group has any)
+    # as in the plan: a peer runs only beside one of ours (when its group has any; ours come first)
     with_ours = {case.group for case, _ in queue if case.is_ours}
     ours_ran: set = set()
     for index, (case, spare) in enumerate(queue, 1):
@@ -141,7 +144,7 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
         elif budget_s is not None and elapsed + estimator.cost_s(case) > budget_s:
             row = execute.skipped_row(case, f"over budget: {elapsed:.0f} s of --budget-s {budget_s:g} spent, "
                                             f"~{estimator.cost_s(case):.0f} s needed")
-        elif spare and not case.is_ours and case.group in with_ours and case.group not in ours_ran:
+        elif not case.is_ours and case.group in with_ours and case.group not in ours_ran:
             row = execute.skipped_row(case, "over budget: none of ours ran in its group, so no comparison")
         else:
             if case.is_ours:
@@ -152,10 +155,15 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
                 row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected)
             except KeyboardInterrupt:  # a time limit: keep what was measured, write the JSON
                 interrupted = f"interrupted after {time.perf_counter() - started:.0f} s (SIGINT or SIGTERM)"
-                row = execute.interrupted_row(case, interrupted)
+                # not measured, and not a failure of the case: a time limit ran out
+                row = execute.skipped_row(case, f"{interrupted} while it ran")
+            except Exception as exc:  # run_case records its own failures; this is one of its cleanup
+                row = execute.error_row(case, exc)
             if row["status"] == "error" and interrupted is None:
                 dead = execute.device_unusable(device)
         rows.append(row)
+        if on_row is not None and row["status"] != "skipped":
+            on_row(rows)
         if not spare or row["status"] != "skipped":  # thousands of spares would drown the log
             log(_progress(index, len(queue), time.perf_counter() - started, row), flush=True)
     return rows
@@ -214,29 +222,45 @@ def main(argv=None) -> int:
     peaks = roofline.measure_peaks(device, preset.dtypes)
     print(f"measured peaks: matmul {', '.join(f'{k} {v:.3g}' for k, v in peaks['matmul_tflops'].items())} "
           f"TFLOP/s; copy {peaks['copy_gbps']:.3g} GB/s", flush=True)
-    with _sigterm_interrupts():
-        rows = run_plan(plan, preset, device, budget_s, args.inject_failure)
-    cases = {case.id: case for case in plan.run + plan.spare}
-    add_ratios(rows)
-    add_roofline_shares(rows, peaks, cases)
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "created": environment.timestamp(),
-        "env": env,
-        "settings": {
-            "preset": preset.name, "device": device.type, "budget_s": budget_s,
-            "estimated_s": plan.estimated_s, "only": args.only, "inject_failure": args.inject_failure,
-            "timing": dataclasses.asdict(preset.timing), "rotation_cap": preset.rotation_cap,
-            "fp32_allows_tf32": device.type == "cuda", "argv": list(sys.argv[1:] if argv is None else argv),
-        },
-        "peaks": peaks,
-        "cases": rows,
-        "summary": summary(rows, time.perf_counter() - started),
-    }
-    validate.validate(result)
     out = args.out or default_out(preset.name, env)
-    write_json(result, out)
+    cases = {case.id: case for case in plan.run + plan.spare}
+
+    def result_of(rows: list, complete: bool) -> dict:
+        add_ratios(rows)
+        add_roofline_shares(rows, peaks, cases)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": environment.timestamp(),
+            "env": env,
+            "settings": {
+                "preset": preset.name, "device": device.type, "budget_s": budget_s,
+                "estimated_s": plan.estimated_s, "only": args.only, "inject_failure": args.inject_failure,
+                "timing": dataclasses.asdict(preset.timing), "rotation_cap": preset.rotation_cap,
+                "fp32_allows_tf32": device.type == "cuda", "argv": list(sys.argv[1:] if argv is None else argv),
+            },
+            "peaks": peaks,
+            "cases": rows,
+            "summary": summary(rows, time.perf_counter() - started, complete),
+        }
+
+    # The JSON so far, every CHECKPOINT_S at most: a run killed mid-case (a hung kernel ignores
+    # SIGINT until the KILL) keeps what it measured.
+    last_checkpoint = [time.perf_counter()]
+
+    def checkpoint(rows: list) -> None:
+        if time.perf_counter() - last_checkpoint[0] >= CHECKPOINT_S:
+            write_json(result_of(rows, complete=False), out)
+            last_checkpoint[0] = time.perf_counter()
+
+    with _sigterm_interrupts():
+        rows = run_plan(plan, preset, device, budget_s, args.inject_failure, on_row=checkpoint)
+    result = result_of(rows, complete=True)
+    write_json(result, out)  # before validating: a result that fails the schema is still kept
     print(f"wrote {out}", flush=True)
+    problems = validate.errors(result)
+    if problems:
+        print(f"{out} fails validation ({len(problems)} problems):\n  " + "\n  ".join(problems[:20]), flush=True)
+        return 1
     if not args.no_plot:
         _plot(result, args.plot or os.path.splitext(out)[0] + ".png")
     from .report import summary_text

@@ -64,15 +64,15 @@ class FusedConvLayer(nn.Module):
         if self.training:
             raise NotImplementedError("single-layer cases are inference only")
         spec, conv = self.plain.spec, self.plain.conv1
-        weight, bias = self.fold_cache.fold(conv, self.plain.bn1, x.dtype)
         extra = {}
-        if spec.residual == "identity":
-            extra = dict(residual=shortcut)
-        elif spec.residual == "projection":
+        if spec.residual == "projection":  # the blocks' cached merge: no bias sum per call
             s_conv, s_norm = self.plain.downsample
-            s_weight, s_bias = self.fold_cache.fold(s_conv, s_norm, x.dtype)
-            bias = bias + s_bias
+            weight, s_weight, bias = self.fold_cache.fold_projection(conv, self.plain.bn1, s_conv, s_norm, x.dtype)
             extra = dict(shortcut_x=shortcut, shortcut_weight=s_weight, shortcut_stride=spec.shortcut_stride)
+        else:
+            weight, bias = self.fold_cache.fold(conv, self.plain.bn1, x.dtype)
+            if spec.residual == "identity":
+                extra = dict(residual=shortcut)
         return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, groups=conv.groups,
                                  relu=spec.relu, backend=self.backend, **extra)
 

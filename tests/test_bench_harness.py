@@ -20,7 +20,7 @@ REPO = str(Path(__file__).resolve().parents[1])
 if REPO not in sys.path:  # benchmarks/ is not an installed package: import it from the checkout
     sys.path.insert(0, REPO)
 
-from benchmarks import execute, matrix, report, roofline, run, shapes, validate, workloads  # noqa: E402
+from benchmarks import environment, execute, matrix, report, roofline, run, shapes, validate, workloads  # noqa: E402
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.peers import fold_batchnorms  # noqa: E402
 
@@ -216,7 +216,15 @@ def test_no_peer_is_planned_without_one_of_ours_beside_it(budget_s):
     ours_groups = {c.group for c in plan.run if c.is_ours}
     lonely = [c.id for c in plan.run if not c.is_ours and c.group not in ours_groups]
     assert lonely == []
-    assert [matrix.rank(c) for c in plan.spare] == sorted(matrix.rank(c) for c in plan.spare)
+    for cases in (plan.run, plan.spare):  # group by group, ours first in each
+        seen_peer, done = set(), set()
+        for i, c in enumerate(cases):
+            if i and cases[i - 1].group != c.group:
+                done.add(cases[i - 1].group)
+            assert c.group not in done, f"{c.group} split"
+            assert not (c.is_ours and c.group in seen_peer), f"{c.id} after a peer of its group"
+            if not c.is_ours:
+                seen_peer.add(c.group)
     # without any of ours in the selection, the peers are planned as they are
     only_peers = matrix.plan(matrix.FULL, torch.device("cuda"), only=["model:resnet50:*:eager"], budget_s=budget_s)
     assert only_peers.run and not any(c.is_ours for c in only_peers.run)
@@ -251,14 +259,15 @@ def test_cases_over_the_budget_are_recorded_not_dropped():
 
 
 def test_an_interrupt_keeps_the_rows_and_skips_the_rest(monkeypatch):
-    """A time limit's SIGINT mid-case: that case is an error, the rest are skipped, the run still returns."""
+    """A time limit's SIGINT mid-case: that case and the rest are skipped (not errors: nothing failed),
+    the run still returns."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(execute, "run_case", interrupted)
     plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
     rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=lambda *a, **k: None)
     ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
-    assert ran[0]["status"] == "error" and ran[0]["error"]["type"] == "KeyboardInterrupt"
+    assert ran[0]["status"] == "skipped" and ran[0]["reason"].endswith("while it ran")
     assert all(r["status"] == "skipped" and "interrupted" in r["reason"] for r in ran[1:])
 
 
@@ -315,3 +324,86 @@ def test_case_ids_round_trip_their_fields():
     case = Case("layer", "conv1", "infer", "bf16", "nchw", 256, "ours:auto")
     assert case.id == "layer:conv1:infer:bf16:nchw:b256:ours:auto"
     assert case.group == "layer:conv1:infer:bf16:b256" and case.peer_key == "ours:auto@nchw"
+
+
+# --------------------------------------------------------------------------- failures that must not lose a run
+def test_a_failing_cleanup_is_recorded_and_the_run_goes_on(monkeypatch):
+    """After a sticky CUDA error the allocator's cleanup raises too: the case is an error, the run goes on."""
+    calls = []
+
+    def release(device):
+        calls.append(device)
+        if len(calls) % 2 == 0:  # every case's second release: the one after its measurement
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(execute, "_release", release)
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=lambda *a, **k: None)
+    ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
+    assert len(ran) == len(plan.run) >= 2
+    assert all(r["status"] == "error" and "illegal memory access" in r["error"]["message"] for r in ran)
+
+
+def test_an_exception_escaping_a_case_becomes_its_error_row(monkeypatch):
+    def broken(case, *args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    monkeypatch.setattr(execute, "run_case", broken)
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=lambda *a, **k: None)
+    ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
+    assert ran and all(r["status"] == "error" and "device-side assert" in r["error"]["message"] for r in ran)
+
+
+def test_the_json_is_checkpointed_while_the_run_goes_on(tmp_path, monkeypatch):
+    """A run killed mid-case keeps what it measured: partial JSON (complete: false) after the cases."""
+    written = []
+    real_write = run.write_json
+
+    def recording_write(result, path):
+        written.append(result["summary"]["complete"])
+        real_write(result, path)
+    monkeypatch.setattr(run, "write_json", recording_write)
+    monkeypatch.setattr(run, "CHECKPOINT_S", 0.0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "r.json"), "--no-plot",
+                      "--only", "model:*:infer:*"])
+    finally:
+        torch.set_num_threads(threads)
+    assert written[-1] is True and written.count(False) >= 1
+    assert validate.errors(json.loads((tmp_path / "r.json").read_text()), engine="hand") == []
+
+
+def test_a_result_that_fails_validation_is_still_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(validate, "errors", lambda doc, engine="auto": ["a made-up schema problem"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    threads = torch.get_num_threads()
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = run.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "r.json"), "--no-plot",
+                               "--only", "layer:*"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 1 and (tmp_path / "r.json").exists()
+    assert "a made-up schema problem" in stdout.getvalue()
+
+
+def test_the_source_state_stands_in_for_git_in_a_copy_without_it(tmp_path, monkeypatch):
+    """The device's copy of the tree has no .git: the carried state file gives the commit, while it
+    matches the code; after an edit it is ignored."""
+    for top in ("fused_resblock", "benchmarks"):
+        (tmp_path / top).mkdir()
+        (tmp_path / top / "code.py").write_text(f"# {top}\n")
+    monkeypatch.setattr(environment, "_git", lambda repo: ("0123abcd", False))
+    state = environment.write_source_state(str(tmp_path))
+    assert state["commit"] == "0123abcd" and state["dirty"] is False
+    monkeypatch.setattr(environment, "_git", lambda repo: (None, None))  # the copy: no .git
+    commit, dirty, source = environment.git_state(str(tmp_path))
+    assert (commit, dirty) == ("0123abcd", False) and source.startswith(".source_state.json written")
+    (tmp_path / "benchmarks" / "code.py").write_text("# edited after the state was written\n")
+    commit, dirty, source = environment.git_state(str(tmp_path))
+    assert (commit, dirty) == ("unknown", None) and "does not match" in source
+    (tmp_path / ".source_state.json").unlink()
+    assert environment.git_state(str(tmp_path)) == ("unknown", None, None)
