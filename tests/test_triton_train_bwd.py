@@ -294,6 +294,26 @@ def test_backward_tiles_are_tuned_per_gemm(tmp_path, monkeypatch):
     assert all(c.group_m == 1 for c in autotune.candidate_configs(wgrad))
 
 
+def test_tuning_allocates_each_gradient_once(tmp_path, monkeypatch):
+    """The tuner's candidates (compiled in threads, then timed) write into one gx / gw / gb each,
+    not into full-size tensors of their own: at batch 256 those were gigabytes per candidate."""
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=lambda run: (run(), 1.0)[1], threads=2)
+    monkeypatch.setattr(conv_bwd, "_config_for",
+                        lambda key, launch: tuner.choose(key, launch, device_name="Fake GPU", tune=True))
+    allocated = []
+    real_new_output = conv_bwd.new_output
+
+    def counting(shape, *args, **kwargs):
+        allocated.append(tuple(shape))
+        return real_new_output(shape, *args, **kwargs)
+    monkeypatch.setattr(conv_bwd, "new_output", counting)
+    case = ConvCase(2, 8, 7, 7, 12, stride=2)
+    args = _conv_inputs(case, torch.float32)
+    _run_conv(args, [True] * 7, torch.float32)
+    x_shape, w_shape = tuple(args[3].shape), tuple(args[6].shape)
+    assert allocated.count(x_shape) == 1 and allocated.count(w_shape) == 1, allocated
+
+
 def test_conv_stats_backward_deterministic():
     args = _conv_inputs(ConvCase(2, 8, 7, 7, 12, stride=2), torch.float32) + [[True] * 7]
     a = conv_bwd.conv_stats_backward(*args, split_k=2)

@@ -249,10 +249,15 @@ COMPILE_THREADS_ENV = "FUSED_RESBLOCK_COMPILE_THREADS"
 
 def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, or only its compile while ``precompile`` runs this thread."""
-    if getattr(_compiling, "only", False):
+    if compiling_only():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def compiling_only() -> bool:
+    """True in ``precompile``'s threads: host code after a launch has nothing to work on."""
+    return getattr(_compiling, "only", False)
 
 
 def compile_threads() -> int:

@@ -47,6 +47,7 @@ from ..reference import memory_format_of, stat_dtype, weight_grad_format
 from . import autotune
 from .precision import dot_input_precision
 from .autotune import interpreter_requested
+from . import bn_act_bwd
 from .bn_act_bwd import finalize_channel_grads, mapped_residual_grad, new_output
 
 INTERPRETING = interpreter_requested()
@@ -365,20 +366,26 @@ class _Prologue:
 
 def _dgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
            prologue: _Prologue, store_gx: bool, part_sums: bool):
-    """dgrad with its tuned tiles: (gx or None, the prologue backward's per-tile partial sums or None)."""
+    """dgrad with its tuned tiles: (gx or None, the prologue backward's per-tile partial sums or None).
+
+    gx is allocated once: the tuner's candidates (compiled in parallel threads, then timed) write
+    into it rather than each into an x-sized tensor of its own."""
+    gx = new_output(x.shape, x.dtype, x.device, memory_format_of(x)) if store_gx else None
+
     def launch(cfg):
-        return _dgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, store_gx, part_sums)
+        return _dgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, gx, part_sums)
     outputs = [name for name, on in (("gx", store_gx), ("sums", part_sums)) if on]
-    return launch(_config_for(_tuning_key("dgrad", x, weight, geometry, src, prologue, outputs), launch))
+    cfg = _config_for(_tuning_key("dgrad", x, weight, geometry, src, prologue, outputs), launch)
+    _repoison(gx)
+    return launch(cfg)
 
 
 def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
-                  prologue: _Prologue, store_gx: bool, part_sums: bool):
+                  prologue: _Prologue, gx: Optional[Tensor], part_sums: bool):
     stride, padding, dilation, groups = geometry
     n, c_in, h, w = x.shape
     c_out, c_in_g = weight.shape[0], weight.shape[1]
     dev = x.device
-    gx = new_output(x.shape, x.dtype, dev, memory_format_of(x)) if store_gx else None
     phases = stride[0] * stride[1]
     rows = n * (-(-h // stride[0])) * (-(-w // stride[1]))
     num_pid_m = max(1, -(-rows // cfg.block_m))
@@ -395,7 +402,7 @@ def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *src.strides, *weight.stride(), *x.stride(), *gx_t.stride(),
         KH=weight.shape[2], KW=weight.shape[3], **src.flags, **prologue.flags,
-        STORE_GX=store_gx, PART_SUMS=part_sums,
+        STORE_GX=gx is not None, PART_SUMS=part_sums,
         INPUT_PRECISION=dot_input_precision(x.dtype, INTERPRETING),
         UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -406,20 +413,34 @@ def _dgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
 
 def _wgrad(src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
            prologue: _Prologue, need_gw: bool, bias_grad: bool, split_k: Optional[int]):
-    """wgrad with its tuned tiles (plus a fixed-order sum of the K splits): (gw or None, gb or None)."""
+    """wgrad with its tuned tiles (plus a fixed-order sum of the K splits): (gw or None, gb or None).
+    gw and gb are allocated once, as dgrad's gx; a candidate's own are its K-split partials only."""
+    gw = new_output(weight.shape, weight.dtype, x.device, weight_grad_format(x, weight)) if need_gw else None
+    gb = new_output((weight.shape[0],), stat_dtype(x.dtype), x.device) if bias_grad else None
+
     def launch(cfg):
-        return _wgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, need_gw, bias_grad, split_k)
+        return _wgrad_launch(cfg, src, weight, x, geometry, oh, ow, prologue, gw, gb, split_k)
     outputs = [name for name, on in (("gw", need_gw), ("gb", bias_grad)) if on]
-    return launch(_config_for(_tuning_key("wgrad", x, weight, geometry, src, prologue, outputs), launch))
+    cfg = _config_for(_tuning_key("wgrad", x, weight, geometry, src, prologue, outputs), launch)
+    _repoison(gw)
+    _repoison(gb)
+    return launch(cfg)
+
+
+def _repoison(t: Optional[Tensor]) -> None:
+    """Poison again before the chosen config's launch: a tuning candidate may have written what it skips."""
+    if bn_act_bwd.POISON_OUTPUT and t is not None and t.is_floating_point():
+        t.fill_(float("nan"))
 
 
 def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Tensor, geometry, oh: int, ow: int,
-                  prologue: _Prologue, need_gw: bool, bias_grad: bool, split_k: Optional[int]):
+                  prologue: _Prologue, gw: Optional[Tensor], gb: Optional[Tensor], split_k: Optional[int]):
     stride, padding, dilation, groups = geometry
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     c_out_g = c_out // groups
     dev = x.device
+    need_gw, bias_grad = gw is not None, gb is not None
     p_total = n * oh * ow
     k_cols = kh * kw * c_in_g
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -434,13 +455,10 @@ def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
     k_per_split = -(-k_per_split // bk) * bk
     split_k = max(1, -(-max(p_total, 1) // k_per_split))
     direct = split_k == 1
-    gw = gb = None
     gw_t = gb_t = x  # placeholders for absent outputs (never written)
     if need_gw:
-        gw = new_output(weight.shape, weight.dtype, dev, weight_grad_format(x, weight))
         gw_t = gw if direct else torch.empty((split_k, *weight.shape), dtype=torch.float32, device=dev)
     if bias_grad:
-        gb = new_output((c_out,), stat_dtype(x.dtype), dev)
         gb_t = gb if direct else torch.empty((split_k, c_out), dtype=torch.float32, device=dev)
     if p_total == 0:
         for t in (gw, gb):
@@ -461,7 +479,7 @@ def _wgrad_launch(cfg: autotune.Config, src: _GradSource, weight: Tensor, x: Ten
         UPCAST_DOT=INTERPRETING and x.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not direct:  # fixed-order sum of the splits, then the final dtype
+    if not direct and not autotune.compiling_only():  # fixed-order sum of the splits, then the final dtype
         if need_gw:
             gw.copy_(gw_t.sum(0))
         if bias_grad:
