@@ -11,13 +11,13 @@ from .blocks import (
     CifarBasicBlock, FusedBasicBlock, FusedBottleneck, FusedCifarBasicBlock, FusedPlainBasicBlock,
     PlainBasicBlock, ZeroPadShortcut,
 )
-from .convert import convert, revert, set_backend
+from .convert import convert, refold, revert, set_backend
 from .models import CifarResNet, FusedCifarResNet, FusedResNet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "set_backend", "models", "ops", "testing",
+    "convert", "revert", "refold", "set_backend", "models", "ops", "testing",
     "FusedBasicBlock", "FusedBottleneck", "FusedPlainBasicBlock", "FusedCifarBasicBlock",
     "PlainBasicBlock", "CifarBasicBlock", "ZeroPadShortcut",
     "FusedResNet", "CifarResNet", "FusedCifarResNet",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
@@ -259,4 +260,9 @@ class FusedStem(FusedModule):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor) -> Tensor:
+        if x.is_cuda and x.dim() == 4:
+            # channels_last from here on: the GPU kernels work in NHWC, so an NCHW network would
+            # convert every conv's input and write every output channel-strided; a network's
+            # output (the classifier's) has no memory format to keep
+            x = x.contiguous(memory_format=torch.channels_last)
         return self._fused_forward(x)

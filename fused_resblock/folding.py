@@ -7,8 +7,16 @@ or buffer changed: the key holds each tensor's identity, storage, version
 counter, dtype and device, so an optimizer step, ``load_state_dict`` or
 ``.to()`` invalidates it and nothing else does. When autograd needs gradients
 through the fold (fine-tuning with frozen BN) it is recomputed, differentiably.
+
+A refold writes into the cached tensors when their shapes still fit, so a CUDA
+graph captured earlier keeps valid pointers, and after ``refold(model)`` (or any
+eager forward) reads the new weights. Inference-mode parameters (a model made
+inside ``torch.inference_mode``) carry no version counter: their folds are not
+cached. The cache is never pickled or deep-copied with its module.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -23,10 +31,13 @@ def _tensors(conv: nn.Conv2d, norm: nn.Module):
 
 
 def _key(tensors, dtype: torch.dtype, eps):
+    """What the fold depends on; None when it cannot be known (an inference tensor has no version)."""
     parts = [dtype, eps]
     for t in tensors:
         if t is None:
             parts.append(None)
+        elif t.is_inference():
+            return None
         else:
             parts.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
     return tuple(parts)
@@ -49,7 +60,18 @@ class FoldCache:
     """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
     def __init__(self) -> None:
-        self._entries: dict = {}
+        self._entries: dict = {}  # slot (module ids) -> (key, folded tensors, weak refs to the modules)
+
+    # A copy of a module (deepcopy, pickle, DataParallel's replicas through __dict__) starts empty:
+    # the folds belong to the original's tensors.
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self._entries = {}
+
+    def __deepcopy__(self, memo):
+        return FoldCache()
 
     def fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
         """(weight, bias) of ``conv`` followed by ``norm``."""
@@ -71,18 +93,53 @@ class FoldCache:
         ):
             return compute()
         key = _key(tensors, dtype, tuple(norm.eps for norm in pairs[1::2]))
-        slot = tuple(id(m) for m in pairs)
-        entry = self._entries.get(slot)
-        if entry is not None and entry[0] == key:
-            return entry[1]
-        with torch.no_grad():
+        # out of inference mode: a fold made under it could not be saved for a later backward
+        with torch.inference_mode(False), torch.no_grad():
+            if key is None:
+                return compute()
+            slot = tuple(id(m) for m in pairs)
+            entry = self._entries.get(slot)
+            if entry is not None and entry[0] == key:
+                return entry[1]
             folded = compute()
-        # a new version of any tensor replaces the entry: the cache never grows stale copies
-        self._entries[slot] = (key, folded)
+            if entry is not None and _fits(entry[1], folded):
+                # in place: a CUDA graph captured with the old fold reads the new one
+                for old, new in zip(entry[1], folded):
+                    old.copy_(new)
+                folded = entry[1]
+            else:
+                self._purge_dead()
+        # weak references: an entry must not keep a module alive (DataParallel makes replicas per call)
+        self._entries[slot] = (key, folded, tuple(weakref.ref(m) for m in pairs), dtype)
         return folded
+
+    def refresh(self) -> int:
+        """Refold every entry whose tensors changed (in place where it fits); the number refolded.
+        For CUDA graphs captured before an in-place weight update: refresh, then replay."""
+        count = 0
+        for slot, (key, _, refs, dtype) in list(self._entries.items()):
+            modules = [r() for r in refs]
+            if any(m is None for m in modules):
+                del self._entries[slot]
+                continue
+            tensors = [t for i in range(0, len(modules), 2) for t in _tensors(modules[i], modules[i + 1])]
+            if _key(tensors, dtype, tuple(norm.eps for norm in modules[1::2])) != key:
+                with torch.no_grad():
+                    (self.fold if len(modules) == 2 else self.fold_projection)(*modules, dtype)
+                count += 1
+        return count
+
+    def _purge_dead(self) -> None:
+        for slot in [s for s, entry in self._entries.items() if any(r() is None for r in entry[2])]:
+            del self._entries[slot]
 
     def clear(self) -> None:
         self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _fits(old: tuple, new: tuple) -> bool:
+    return all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device and o.stride() == n.stride()
+               for o, n in zip(old, new))

@@ -70,6 +70,30 @@ def test_a_failing_candidate_is_skipped(tmp_path):
 
     chooser = make_chooser(tmp_path / "backends.json", benchmark)
     assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True) is SLOW
+    # a failure may be of the moment (out of memory): the verdict stays in this process only
+    assert not (tmp_path / "backends.json").exists()
+    assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), never_time, "cuda", allowed=True) is SLOW
+
+
+def test_the_cuda_extensions_build_is_part_of_the_verdicts_key(tmp_path):
+    """A rebuilt kernel (another sources digest) or another forced pipeline is measured afresh."""
+    timer = FakeTimer()
+    chooser = make_chooser(tmp_path / "backends.json", timer)
+    speed = dict(SPEED, cuda=2.0)
+
+    def run(module):
+        timer.ran.append(module.NAME)
+        return speed[module.NAME]
+
+    def cuda_build(digest):
+        return types.SimpleNamespace(NAME="cuda", PIPELINE=0, build_info=lambda: {"sources_digest": digest})
+    assert chooser.choose("conv_bias_act", KEY, (cuda_build("aaaa"), SLOW), run, "cuda", allowed=True).NAME == "cuda"
+    keys = list(json.loads((tmp_path / "backends.json").read_text())["entries"])
+    assert len(keys) == 1 and "cuda-ext-aaaa-pipeline0" in keys[0]
+    rebuilt = make_chooser(tmp_path / "backends.json", timer)  # another process, a rebuilt extension
+    ran = len(timer.ran)
+    rebuilt.choose("conv_bias_act", KEY, (cuda_build("bbbb"), SLOW), run, "cuda", allowed=True)
+    assert len(timer.ran) == ran + 2, "measured again"
 
 
 def test_no_measurement_when_disabled_or_capturing(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from torchvision.models import resnet as tv
 
 import fused_resblock as frb
 from fused_resblock import backends, models, ops
+from fused_resblock.folding import fold_uncached
 from fused_resblock.backends import reference
 from helpers import randomize_norms
 
@@ -221,16 +222,66 @@ def test_fold_cache_hits_and_invalidates():
         model(torch.randn(1, 3, 32, 32))
         first = cache.fold(blk.conv1, blk.bn1, torch.float32)
         assert cache.fold(blk.conv1, blk.bn1, torch.float32) is first          # a hit: no re-fold
+        before = first[0].clone()
         blk.bn1.running_var.mul_(2)                                            # a buffer changed in place
         second = cache.fold(blk.conv1, blk.bn1, torch.float32)
-        assert second is not first
-        assert not torch.equal(second[0], first[0])
-        model.load_state_dict(copy.deepcopy(model.state_dict()))               # load_state_dict copies in place
-        assert cache.fold(blk.conv1, blk.bn1, torch.float32) is not second
+        # refolded into the same tensors (a captured CUDA graph keeps valid pointers), with new values
+        assert all(a is b for a, b in zip(second, first))
+        assert not torch.equal(second[0], before)
+        torch.testing.assert_close(second[0], fold_uncached(blk.conv1, blk.bn1, torch.float32)[0])
+        before = second[0].clone()
+        state = copy.deepcopy(model.state_dict())
+        state["layer1.0.conv1.weight"].mul_(3)
+        model.load_state_dict(state)                                           # load_state_dict copies in place
         third = cache.fold(blk.conv1, blk.bn1, torch.float32)
+        torch.testing.assert_close(third[0], before * 3)
         model.double()                                                         # new tensors
         fourth = cache.fold(blk.conv1, blk.bn1, torch.float64)
-        assert fourth is not third and fourth[0].dtype == torch.float64
+        assert fourth[0] is not third[0] and fourth[0].dtype == torch.float64
+
+
+def test_refold_updates_a_captured_fold_in_place():
+    """A graph captured from the model reads the cached folds: refold() after an in-place weight
+    update writes the new fold into those very tensors (no forward needed), and keeps no dead entries."""
+    model = models.resnet18(num_classes=4).eval()
+    blk = model.layer1[0]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        captured = blk.fold_cache.fold(blk.conv1, blk.bn1, torch.float32)
+        pointer = captured[0].data_ptr()
+        assert frb.refold(model) == 0  # nothing changed
+        blk.conv1.weight.mul_(2)  # an optimizer step, an EMA update
+        assert frb.refold(model) == 1
+        assert captured[0].data_ptr() == pointer
+        torch.testing.assert_close(captured[0], fold_uncached(blk.conv1, blk.bn1, torch.float32)[0])
+
+
+def test_fold_cache_is_neither_pickled_nor_deep_copied():
+    """The folds belong to the original's tensors: a copy starts empty (and the pickle stays small)."""
+    import pickle
+
+    model = models.resnet18(num_classes=4).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert len(model.layer1[0].fold_cache) > 0
+    assert len(copy.deepcopy(model).layer1[0].fold_cache) == 0
+    assert len(pickle.loads(pickle.dumps(model)).layer1[0].fold_cache) == 0
+
+
+def test_inference_mode_parameters_and_a_later_backward():
+    """Parameters made under inference_mode have no version counter (their folds are not cached);
+    folds made under inference_mode are ordinary tensors, so a later backward (saliency) still works."""
+    with torch.inference_mode():
+        built_there = models.resnet18(num_classes=4).eval()
+        out = built_there(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 4)
+    model = models.resnet18(num_classes=4).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)  # the first call, caching its folds
+    x.requires_grad_(True)
+    model(x).sum().backward()  # frozen parameters, a gradient for the input
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

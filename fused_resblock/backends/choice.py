@@ -12,6 +12,7 @@ when ``FUSED_RESBLOCK_AUTOTUNE=0``, and while a CUDA graph is being captured
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
@@ -48,14 +49,23 @@ def _time_ms(run: Callable[[], object], reps: int = 20) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def _versions() -> str:
+def _versions(by_name: dict, device: torch.device) -> str:
+    """What decides a verdict besides the GPU's name: the libraries, the CUDA extension's build and
+    kernel choice (a rebuilt kernel deserves a new measurement), the SM count (a MIG slice has the
+    full GPU's name)."""
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:
         triton_version = "none"
-    return f"torch-{torch.__version__}|triton-{triton_version}"
+    parts = [f"torch-{torch.__version__}", f"triton-{triton_version}"]
+    if "cuda" in by_name:
+        info = by_name["cuda"].build_info()
+        parts.append(f"cuda-ext-{info.get('sources_digest')}-pipeline{by_name['cuda'].PIPELINE}")
+    if device.type == "cuda" and torch.cuda.is_available():
+        parts.append(f"sms-{torch.cuda.get_device_properties(device).multi_processor_count}")
+    return "|".join(parts)
 
 
 def measurement_allowed() -> Optional[bool]:
@@ -93,6 +103,7 @@ class BackendChooser:
                allowed: Optional[bool] = None) -> ModuleType:
         """The candidate for (op, shape_key); on a miss times ``run(module)`` for each candidate."""
         by_name = {m.NAME: m for m in candidates}
+        device = torch.device(device)
         memo_key = (op, shape_key, tuple(by_name), device)
         name = self._memo.get(memo_key)
         if name is not None:
@@ -105,25 +116,33 @@ class BackendChooser:
             self._memo[memo_key] = candidates[0].NAME
             return candidates[0]
         with self._lock:
-            file_key = "|".join([self._device_name(device), _versions(), op, "/".join(by_name), repr(shape_key)])
+            file_key = "|".join([self._device_name(device), _versions(by_name, device), op, "/".join(by_name),
+                                 repr(shape_key)])
             name = self._disk_entries().get(file_key)
             if name not in by_name:
-                name = self._measure(candidates, run)
-                self._disk_entries()[file_key] = name
-                merge_entry(self.path, FORMAT, VERSION, file_key, name, _backend_name, what=WHAT)
+                # on the tensors' device: its events and its synchronisation, not the current one's
+                on_device = (torch.cuda.device(device.index) if device.type == "cuda" and device.index is not None
+                             else contextlib.nullcontext())
+                with on_device:
+                    name, lasting = self._measure(candidates, run)
+                if lasting:  # a candidate that failed by chance (out of memory) may win in a later process
+                    self._disk_entries()[file_key] = name
+                    merge_entry(self.path, FORMAT, VERSION, file_key, name, _backend_name, what=WHAT)
             self._memo[memo_key] = name
             return by_name[name]
 
-    def _measure(self, candidates: Sequence[ModuleType], run: Callable[[ModuleType], object]) -> str:
-        best, best_ms = candidates[0].NAME, float("inf")
+    def _measure(self, candidates: Sequence[ModuleType], run: Callable[[ModuleType], object]) -> tuple:
+        """(the fastest candidate's name, whether every candidate ran)."""
+        best, best_ms, every = candidates[0].NAME, float("inf"), True
         for module in candidates:
             try:
                 ms = self._benchmark(lambda module=module: run(module))
             except Exception:  # a kernel that fails to launch here (resources) is not a candidate
+                every = False
                 continue
             if ms < best_ms:
                 best, best_ms = module.NAME, ms
-        return best
+        return best, every
 
 
 def _backend_name(value) -> str:
