@@ -102,7 +102,7 @@ def _measure_cuda(step, inputs, device, plan) -> list:
     while _keep_going(i, started, plan):
         # events made before the chunk, so creating them stays out of the timed steps
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(SYNC_EVERY)]
+                  for _ in range(min(SYNC_EVERY, plan.max_iters - i))]
         for begin, end in events:
             begin.record()
             step(inputs[i % len(inputs)])
