@@ -7,8 +7,9 @@ The CIFAR block of He et al. (2015) and the plain (no-shortcut) blocks come in
 an unfused form (the reference a user compares with) and a fused subclass.
 
 What the fused ops cannot express (a norm that is not a batch norm, a training
-SyncBatchNorm, a non-ReLU activation, an exotic conv) runs as given, with one
-warning per configuration; under a forced backend it raises instead.
+SyncBatchNorm, a non-ReLU activation, an exotic conv, an inner module with hooks)
+runs as given, with one warning per configuration; under a forced backend it
+raises instead.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 from . import backends, norms
 from ._warnings import warn_once
-from .chain import IDENTITY, NONE, Shortcut, conv_unfusable_reason, run_chain
+from .chain import IDENTITY, NONE, Shortcut, conv_unfusable_reason, hooks_reason, run_chain
 from .folding import FoldCache
 
 
@@ -33,10 +34,14 @@ class FusedModule:
     """
 
     backend: Optional[str] = None
+    # (conv, norm) child names of the chain, in order
+    FUSED_LAYERS: tuple = ()
 
     # -- what a fused module says about itself
     def _fused_layers(self) -> list:
-        raise NotImplementedError
+        # from _modules: nn.Module.__getattr__ costs ~1 us a child, on every forward
+        children = self._modules
+        return [(children[conv], children[norm]) for conv, norm in self.FUSED_LAYERS]
 
     def _fused_shortcut(self) -> Shortcut:
         return NONE
@@ -52,22 +57,44 @@ class FusedModule:
             cache = self.__dict__["_fold_cache"] = FoldCache()
         return cache
 
-    def _unfusable_reason(self) -> Optional[str]:
-        for conv, norm in self._fused_layers():
-            reason = conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+    def _unfusable_reason(self, layers) -> Optional[str]:
+        for conv, norm in layers:
+            reason = (conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+                      or hooks_reason(conv) or hooks_reason(norm))
             if reason:
                 return reason
-        relu = getattr(self, "relu", None)
-        if relu is not None and type(relu) is not nn.ReLU:
-            return f"activation {type(relu).__name__} is not nn.ReLU"
+        children = self._modules
+        relu = children["relu"] if "relu" in children else getattr(self, "relu", None)
+        if relu is not None:
+            if type(relu) is not nn.ReLU:
+                return f"activation {type(relu).__name__} is not nn.ReLU"
+            return hooks_reason(relu)
         return None
 
     def _fused_forward(self, x: Tensor, final_relu: bool = True) -> Tensor:
-        reason = self._unfusable_reason()
+        layers = self._fused_layers()
+        reason = self._unfusable_reason(layers)
         if reason is not None:
             return self._run_unfused(x, reason)
-        return run_chain(x, self._fused_layers(), self._fused_shortcut(), final_relu,
-                         self.fold_cache, self.backend)
+        return run_chain(x, layers, self._fused_shortcut(), final_relu, self.fold_cache, self.backend)
+
+    # -- the fold cache follows the module
+    def train(self, mode: bool = True):
+        # weights written through .data (p.data.mul_(), older EMA code) bump no version counter:
+        # every mode switch marks the folds stale, so the next eval forward refolds (in place)
+        result = super().train(mode)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is not None:
+            cache.mark_stale()
+        return result
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() made new tensors: the folds of the old ones would only hold memory
+        result = super()._apply(fn, recurse)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is not None:
+            cache.clear()
+        return result
 
     def _run_unfused(self, x: Tensor, reason: str) -> Tensor:
         name = backends.resolve_name(self.backend)
@@ -85,7 +112,8 @@ class FusedModule:
             return IDENTITY
         if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
             conv, norm = downsample[0], downsample[1]
-            reason = conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+            reason = (conv_unfusable_reason(conv) or norms.unfusable_reason(norm) or hooks_reason(downsample)
+                      or hooks_reason(conv) or hooks_reason(norm))
             if reason is None:
                 return Shortcut("projection", conv=conv, norm=norm)
         else:
@@ -99,8 +127,7 @@ class FusedModule:
 class FusedBasicBlock(FusedModule, BasicBlock):
     """torchvision's BasicBlock, fused: 2 launches in eval (projection merged into the second)."""
 
-    def _fused_layers(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    FUSED_LAYERS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def _fused_shortcut(self):
         return self._downsample_shortcut(self.downsample)
@@ -115,8 +142,7 @@ class FusedBasicBlock(FusedModule, BasicBlock):
 class FusedBottleneck(FusedModule, Bottleneck):
     """torchvision's Bottleneck (v1.5), fused: 3 launches in eval (projection merged into the third)."""
 
-    def _fused_layers(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    FUSED_LAYERS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def _fused_shortcut(self):
         return self._downsample_shortcut(self.downsample)
@@ -160,8 +186,7 @@ class PlainBasicBlock(nn.Module):
 
 
 class FusedPlainBasicBlock(FusedModule, PlainBasicBlock):
-    def _fused_layers(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    FUSED_LAYERS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def _unfused_forward(self, x):
         return PlainBasicBlock.forward(self, x)
@@ -230,8 +255,7 @@ class CifarBasicBlock(nn.Module):
 
 
 class FusedCifarBasicBlock(FusedModule, CifarBasicBlock):
-    def _fused_layers(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    FUSED_LAYERS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def _fused_shortcut(self):
         s = self.shortcut
@@ -253,8 +277,7 @@ class FusedCifarBasicBlock(FusedModule, CifarBasicBlock):
 class FusedStem(FusedModule):
     """Mixin for a network whose stem is ``conv1 -> bn1 -> relu``: run it as one fused conv."""
 
-    def _fused_layers(self):
-        return [(self.conv1, self.bn1)]
+    FUSED_LAYERS = (("conv1", "bn1"),)
 
     def _unfused_forward(self, x):
         return self.relu(self.bn1(self.conv1(x)))

@@ -56,6 +56,19 @@ def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
+HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+              "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def hooks_reason(module: nn.Module) -> Optional[str]:
+    """None when ``module`` has no hooks of its own, else why its block must run it as given: a hook
+    (weight_norm's, pruning's, a feature extractor's) fires only inside the module's own call."""
+    for attr, kind in HOOK_KINDS.items():
+        if module.__dict__.get(attr):
+            return f"its {type(module).__name__} has {kind} (they fire only when the module runs itself)"
+    return None
+
+
 def _conv_args(conv: nn.Conv2d) -> dict:
     return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 

@@ -58,13 +58,14 @@ def revert(model: nn.Module) -> nn.Module:
     return model
 
 
-def refold(model: nn.Module) -> int:
+def refold(model: nn.Module, force: bool = False) -> int:
     """Refold the eval-mode BN of every fused module whose weights or statistics changed in place
     since their last forward; the number of folds redone. A CUDA graph captured from the model
     reads its folded weights, not the parameters: after an optimizer step, ``load_state_dict`` or
     an EMA update, call this before replaying it (any eager forward refolds too). Refolds write into
-    the captured tensors, so the graph stays valid."""
-    return sum(module.__dict__["_fold_cache"].refresh() for module in model.modules()
+    the captured tensors, so the graph stays valid. ``force``: refold every fold, also those whose
+    tensors look unchanged (writes through ``.data``, ``p.data.mul_(d)``, bump no version counter)."""
+    return sum(module.__dict__["_fold_cache"].refresh(force) for module in model.modules()
                if "_fold_cache" in module.__dict__)
 
 

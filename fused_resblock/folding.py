@@ -13,6 +13,13 @@ graph captured earlier keeps valid pointers, and after ``refold(model)`` (or any
 eager forward) reads the new weights. Inference-mode parameters (a model made
 inside ``torch.inference_mode``) carry no version counter: their folds are not
 cached. The cache is never pickled or deep-copied with its module.
+
+Writes through ``.data`` (``p.data.mul_(d)``, as older EMA and optimizer code
+does) bump no version counter: the fused modules mark their folds stale on
+every ``train()``/``eval()`` call, and ``refold(model, force=True)`` redoes them
+all. A hit costs a few microseconds (it is on every eval conv's path): the
+tensors are read from the modules' own dictionaries, not through
+``nn.Module.__getattr__`` (~1 us each).
 """
 from __future__ import annotations
 
@@ -25,21 +32,48 @@ from . import norms
 from .backends.reference import stat_dtype
 
 
-def _tensors(conv: nn.Conv2d, norm: nn.Module):
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    return (conv.weight, conv.bias, weight, bias, norm.running_mean, norm.running_var)
+_ABSENT = object()
+# an entry's key once its module's mode was set (train()/eval()): the next lookup refolds, in place
+_STALE = object()
+NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _key(tensors, dtype: torch.dtype, eps):
-    """What the fold depends on; None when it cannot be known (an inference tensor has no version)."""
-    parts = [dtype, eps]
-    for t in tensors:
-        if t is None:
-            parts.append(None)
-        elif t.is_inference():
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name, None)`` without nn.Module.__getattr__ for parameters and buffers."""
+    tensor = module._parameters.get(name, _ABSENT)
+    if tensor is _ABSENT:
+        tensor = module._buffers.get(name, _ABSENT)
+        if tensor is _ABSENT:
+            tensor = getattr(module, name, None)  # a parametrization's property, a plain attribute
+    return tensor
+
+
+def _tensors(pairs) -> list:
+    """Every tensor the folds of (conv, norm, conv, norm, ...) read, in order (None where absent)."""
+    tensors = []
+    for i in range(0, len(pairs), 2):
+        tensors.append(_member(pairs[i], "weight"))
+        tensors.append(_member(pairs[i], "bias"))
+        tensors.extend(_member(pairs[i + 1], name) for name in NORM_TENSORS)
+    return tensors
+
+
+def _key(tensors, dtype: torch.dtype, pairs):
+    """What the fold depends on; None when it cannot be known (an inference tensor has no version).
+    A tensor's identity, storage and version counter: ``.to()``/``load_state_dict``/an optimizer
+    step change one of them (its dtype and device change its storage)."""
+    parts = [dtype]
+    parts.extend(norm.eps for norm in pairs[1::2])
+    try:
+        for t in tensors:
+            if t is None:
+                parts.append(None)
+            else:
+                parts += (id(t), t.data_ptr(), t._version)
+    except RuntimeError:  # an inference tensor's _version raises
+        if any(t is not None and t.is_inference() for t in tensors):
             return None
-        else:
-            parts.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
+        raise
     return tuple(parts)
 
 
@@ -87,13 +121,13 @@ class FoldCache:
         return self._cached((conv, norm, shortcut_conv, shortcut_norm), dtype, compute)
 
     def _cached(self, pairs, dtype: torch.dtype, compute):
-        tensors = [t for i in range(0, len(pairs), 2) for t in _tensors(pairs[i], pairs[i + 1])]
+        tensors = _tensors(pairs)
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         ):
             return compute()
-        key = _key(tensors, dtype, tuple(norm.eps for norm in pairs[1::2]))
-        slot = tuple(id(m) for m in pairs)
+        key = _key(tensors, dtype, pairs)
+        slot = tuple(map(id, pairs))
         entry = self._entries.get(slot) if key is not None else None
         if entry is not None and entry[0] == key:  # the hot path: a hit enters no context
             return entry[1]
@@ -113,17 +147,24 @@ class FoldCache:
         self._entries[slot] = (key, folded, tuple(weakref.ref(m) for m in pairs), dtype)
         return folded
 
-    def refresh(self) -> int:
-        """Refold every entry whose tensors changed (in place where it fits); the number refolded.
-        For CUDA graphs captured before an in-place weight update: refresh, then replay."""
+    def mark_stale(self) -> None:
+        """Every entry refolds (in place) at its next lookup: for writes no version counter saw."""
+        for slot, entry in self._entries.items():
+            self._entries[slot] = (_STALE, *entry[1:])
+
+    def refresh(self, force: bool = False) -> int:
+        """Refold every entry whose tensors changed (``force``: every entry), in place where it fits;
+        the number refolded. For CUDA graphs captured before an in-place weight update: refresh,
+        then replay."""
+        if force:
+            self.mark_stale()
         count = 0
         for slot, (key, _, refs, dtype) in list(self._entries.items()):
             modules = [r() for r in refs]
             if any(m is None for m in modules):
                 del self._entries[slot]
                 continue
-            tensors = [t for i in range(0, len(modules), 2) for t in _tensors(modules[i], modules[i + 1])]
-            if _key(tensors, dtype, tuple(norm.eps for norm in modules[1::2])) != key:
+            if _key(_tensors(modules), dtype, modules) != key:
                 with torch.no_grad():
                     (self.fold if len(modules) == 2 else self.fold_projection)(*modules, dtype)
                 count += 1

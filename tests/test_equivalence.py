@@ -181,6 +181,54 @@ def test_non_relu_activation_runs_as_given():
         assert_equivalent(fused, reference, _input_for(reference), train=False)
 
 
+@pytest.mark.parametrize("where", ["conv2", "bn1", "relu", "downsample.0"])
+def test_an_inner_module_with_hooks_runs_as_given(where):
+    """A hook on an inner module (a feature extractor's, pruning's mask) fires only in that module's
+    own call: its block (a downsample: the downsample alone) runs as given, with one warning, and
+    fused again once the hook is gone."""
+    fused, reference = _pair(BLOCKS["basic-down"])
+    seen = []
+    handle = fused.get_submodule(where).register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = _input_for(reference, size=8)
+    fused.eval(), reference.eval()
+    whole_block = not where.startswith("downsample")
+    with torch.no_grad(), pytest.warns(frb.FusedResblockFallbackWarning, match="hooks"):
+        out = fused(x)
+    assert seen, "the hook did not fire"
+    # run as given, the block is torchvision's own code; a downsample alone adds to a fused sum
+    tolerance = 0 if whole_block else 1e-12
+    torch.testing.assert_close(out, reference(x), rtol=tolerance, atol=tolerance)
+    if whole_block:
+        frb.set_backend(fused, "reference")
+        with torch.no_grad(), pytest.raises(frb.BackendUnsupportedError, match="hooks"):
+            fused(x)
+    handle.remove()
+    seen.clear()
+    with torch.no_grad():
+        fused(x)  # fused again: no error under a forced backend, the hook is gone
+    assert not seen
+
+
+def test_pruned_conv_trains_through_its_mask():
+    """Pruning recomputes ``weight = weight_orig * mask`` in a forward pre-hook: a fused block that
+    skipped it would train a stale weight."""
+    import torch.nn.utils.prune as prune
+
+    fused, reference = _pair(BLOCKS["basic"])
+    for block in (fused, reference):
+        torch.manual_seed(0)
+        prune.random_unstructured(block.conv1, "weight", amount=0.5)
+    x = _input_for(reference)
+    grad = torch.randn_like(reference(x))  # (pruned modules cannot be deep-copied: no assert_equivalent)
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="pre-hooks"):
+        out = fused(x)
+    out.backward(grad)
+    reference(x).backward(grad)
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(fused.conv1.weight_orig.grad, reference.conv1.weight_orig.grad)
+    assert fused.conv1.weight_orig.grad[fused.conv1.weight_mask == 0].abs().sum() == 0
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_zero_batch(train):
     fused, reference = _pair(BLOCKS["bottleneck-down"])

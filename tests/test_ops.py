@@ -297,6 +297,45 @@ def test_folded_weights_are_channels_last_off_the_cpu(device):
     assert on_gpu_layout == (device != "cpu") and (device != "cpu" or weight.is_contiguous())
 
 
+def test_writes_through_data_refold_after_a_mode_switch_or_a_forced_refold():
+    """``p.data.mul_()`` (older EMA and optimizer code) bumps no version counter: a train()/eval()
+    call marks the folds stale (refolded in place), and refold(force=True) redoes them all."""
+    model = randomize_norms(models.resnet18(num_classes=4)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    blk = model.layer1[0]
+    with torch.no_grad():
+        model(x)
+        captured = blk.fold_cache.fold(blk.conv1, blk.bn1, torch.float32)[0]
+        for p in model.parameters():
+            p.data.mul_(1.5)
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.data.mul_(1.25)
+        expected = frb.revert(copy.deepcopy(model))(x)
+        model.eval()  # already in eval mode: the call alone marks the folds stale
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        assert blk.fold_cache.fold(blk.conv1, blk.bn1, torch.float32)[0] is captured  # refolded in place
+        for p in model.parameters():
+            p.data.mul_(0.5)
+        expected = frb.revert(copy.deepcopy(model))(x)
+        assert frb.refold(model) == 0  # no version counter moved
+        assert frb.refold(model, force=True) == sum(len(m.fold_cache) for m in model.modules()
+                                                    if isinstance(m, frb.blocks.FusedModule))
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_moving_a_model_drops_its_folds():
+    """.to()/.double() make new tensors: the old folds would only hold memory (on the old device)."""
+    model = models.resnet18(num_classes=4).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert len(model.layer1[0].fold_cache) > 0 and len(model.fold_cache) > 0
+    model.double()
+    assert len(model.layer1[0].fold_cache) == 0 and len(model.fold_cache) == 0
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_fold_follows_an_optimizer_step():
     model = frb.convert(randomize_norms(tv.BasicBlock(4, 4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
