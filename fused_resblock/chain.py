@@ -61,11 +61,15 @@ HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forw
 
 
 def hooks_reason(module: nn.Module) -> Optional[str]:
-    """None when ``module`` has no hooks of its own, else why its block must run it as given: a hook
-    (weight_norm's, pruning's, a feature extractor's) fires only inside the module's own call."""
+    """None when ``module`` runs as its class says, else why its block must call it: a hook
+    (pruning's, FSDP's, a feature extractor's) or a ``forward`` replaced on the instance takes
+    effect only inside the module's own call."""
+    attributes = module.__dict__
     for attr, kind in HOOK_KINDS.items():
-        if module.__dict__.get(attr):
+        if attributes.get(attr):
             return f"its {type(module).__name__} has {kind} (they fire only when the module runs itself)"
+    if "forward" in attributes:
+        return f"its {type(module).__name__} has a forward of its own, set on the instance"
     return None
 
 

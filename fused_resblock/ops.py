@@ -377,18 +377,23 @@ def conv_bias_act(
     check_activation("input", x)
     _check_device("weight", weight, x)
     cast = _autocast_dtype(x.device.type)
-    x, weight, residual, shortcut_x, shortcut_weight = (
-        _cast(t, cast) for t in (x, weight, residual, shortcut_x, shortcut_weight))
+    if cast is not None:
+        x, weight, residual, shortcut_x, shortcut_weight = (
+            _cast(t, cast) for t in (x, weight, residual, shortcut_x, shortcut_weight))
     check_activation("input", x, weight.shape[1] * groups)
     _check_same("weight", weight, x)
-    for name, t in (("residual", residual), ("shortcut input", shortcut_x), ("shortcut weight", shortcut_weight)):
-        _check_same(name, t, x)
-    if bias is not None and bias.device != x.device:
-        raise RuntimeError(f"bias is on {bias.device} but the input is on {x.device}")
-    if (shortcut_x is None) != (shortcut_weight is None):
-        raise ValueError("shortcut_x and shortcut_weight go together")
+    if residual is not None:
+        _check_same("residual", residual, x)
+    if shortcut_x is not None or shortcut_weight is not None:
+        if shortcut_x is None or shortcut_weight is None:
+            raise ValueError("shortcut_x and shortcut_weight go together")
+        _check_same("shortcut input", shortcut_x, x)
+        _check_same("shortcut weight", shortcut_weight, x)
     if bias is not None:
-        bias = bias.to(stat_dtype(x.dtype))
+        if bias.device != x.device:
+            raise RuntimeError(f"bias is on {bias.device} but the input is on {x.device}")
+        if bias.dtype != stat_dtype(x.dtype):
+            bias = bias.to(stat_dtype(x.dtype))
     args = (x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
             residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
             relu, backends.resolve_name(backend))

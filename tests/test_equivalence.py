@@ -209,6 +209,17 @@ def test_an_inner_module_with_hooks_runs_as_given(where):
     assert not seen
 
 
+def test_a_forward_replaced_on_an_instance_runs_its_block_as_given():
+    fused, reference = _pair(BLOCKS["basic"])
+    for block in (fused, reference):
+        conv = block.conv2
+        block.conv2.forward = lambda x, conv=conv: nn.Conv2d.forward(conv, x) * 0.5
+    x = _input_for(reference)
+    with torch.no_grad(), pytest.warns(frb.FusedResblockFallbackWarning, match="forward of its own"):
+        out = fused.eval()(x)
+    torch.testing.assert_close(out, reference.eval()(x), rtol=0, atol=0)
+
+
 def test_pruned_conv_trains_through_its_mask():
     """Pruning recomputes ``weight = weight_orig * mask`` in a forward pre-hook: a fused block that
     skipped it would train a stale weight."""
