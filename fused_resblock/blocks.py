@@ -78,6 +78,13 @@ class FusedModule:
             return self._run_unfused(x, reason)
         return run_chain(x, layers, self._fused_shortcut(), final_relu, self.fold_cache, self.backend)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it
+        raise RuntimeError(
+            f"fused_resblock: {type(self).__name__} cannot be scripted (TorchScript compiles neither its "
+            "fold cache nor its backend dispatch); use torch.compile or torch.export, which run the fused "
+            "ops, or script the unfused model: frb.revert(copy.deepcopy(model))")
+
     # -- the fold cache follows the module
     def train(self, mode: bool = True):
         # weights written through .data (p.data.mul_(), older EMA code) bump no version counter:

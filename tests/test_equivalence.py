@@ -314,11 +314,11 @@ def test_output_gradient_is_zero_on_the_final_relu_kink():
     from fused_resblock import testing
 
     x = torch.tensor([[-1.0, -1e-4, 0.0, 2e-4, 0.5, 3.0]], dtype=torch.float64)
-    _, _, grad = testing._run_first(_ShiftRelu(0.0), x, True, torch.float16)
+    _, _, grad, _ = testing._run_first(_ShiftRelu(0.0), x, True, torch.float16)
     assert testing.KINK_WIDTH[torch.float16] * 3.0 > 2e-4  # max |pre-activation| = 3
     near = torch.tensor([[False, True, True, True, False, False]])
     assert torch.all(grad[near] == 0) and torch.all(grad[~near] != 0)
-    _, _, grad32 = testing._run_first(_ShiftRelu(0.0), x, True, torch.float32)
+    _, _, grad32, _ = testing._run_first(_ShiftRelu(0.0), x, True, torch.float32)
     assert torch.all(grad32[:, [0, 1, 3, 4, 5]] != 0), "at fp32 the kink is 4 float32 eps wide"
 
 
@@ -326,5 +326,45 @@ def test_no_kink_masking_without_a_final_relu():
     from fused_resblock import testing
 
     linear = nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double()
-    _, _, grad = testing._run_first(linear, torch.randn(2, 4, dtype=torch.float64), True, torch.float16)
+    _, _, grad, _ = testing._run_first(linear, torch.randn(2, 4, dtype=torch.float64), True, torch.float16)
     assert torch.all(grad != 0)
+
+
+def _mlp_with_a_kink():
+    """Linear -> ReLU -> Linear whose hidden unit 2 sits 1e-5 (relative) from its kink for sample 0."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = mlp[0](x)
+        mlp[0].bias[2] -= hidden[0, 2] - 1e-5 * float(hidden.abs().max())
+    return mlp, x
+
+
+def _gradients(mlp, x, grad_out, flip=None):
+    """(grad input, grad of the first weight) in float64, the ReLU's derivative flipped at ``flip``."""
+    x = x.detach().clone().requires_grad_(True)
+    pre = mlp[0](x)
+    mask = (pre > 0).double()
+    if flip is not None:
+        mask[flip] = 1 - mask[flip]
+    out = mlp[2](pre * mask)
+    return torch.autograd.grad(out, [x, mlp[0].weight], grad_out)
+
+
+def test_inner_kink_allowance_covers_a_flipped_derivative_and_nothing_more():
+    from fused_resblock import testing
+
+    mlp, x = _mlp_with_a_kink()
+    _, x64, grad_out, allowance = testing._run_first(mlp, x, True, torch.float16)
+    assert set(allowance) == {"input", "0.weight", "0.bias"}  # the kink is below the second Linear
+    exact = (x64.grad, mlp[0].weight.grad)
+    flipped = _gradients(mlp, x, grad_out, flip=(0, 2))
+    for name, got, ref in zip(("input", "0.weight"), flipped, exact):
+        assert not testing.check_rule(name, got, ref, ref, torch.float16).passed  # a flip fails the plain rule
+        assert testing.check_rule(name, got, ref, ref, torch.float16, allowance=allowance[name]).passed
+        wrong = got.clone()
+        wrong[1] += 0.5 * float(ref.abs().max())  # a real error beside the kink still fails
+        assert not testing.check_rule(name, wrong, ref, ref, torch.float16, allowance=allowance[name]).passed
+    _, _, _, none = testing._run_first(mlp, x, True, torch.float64)
+    assert none == {}  # no kink has width at float64

@@ -354,6 +354,29 @@ def test_fold_follows_an_optimizer_step():
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_torch_export_eval():
+    """torch.export traces the fused ops (the fold becomes part of the exported graph)."""
+    model = randomize_norms(models.cifar_resnet20()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        ops_seen = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+        assert any("fused_resblock.conv_bias_act" in op for op in ops_seen), ops_seen
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_says_what_to_use_instead():
+    model = models.resnet18(num_classes=4).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in newer torch
+        with pytest.raises(RuntimeError, match="torch.compile or torch.export"):
+            torch.jit.script(model)
+        scripted = torch.jit.script(frb.revert(copy.deepcopy(model)))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- torch.compile
 def test_compile_fullgraph_eval_inductor():
     model = randomize_norms(models.cifar_resnet20()).eval()
