@@ -137,7 +137,8 @@ def two_capable_backends(monkeypatch):
     asked = []
 
     class Spy:
-        def choose(self, op, shape_key, candidates, run, device):
+        def choose(self, op, shape_key, candidates, run, device, reference):
+            assert reference is backends.get("reference"), "auto checks its candidates against the reference"
             asked.append((op, shape_key, [m.NAME for m in candidates], device))
             return candidates[-1]
 
@@ -218,3 +219,60 @@ def test_concurrent_merges_keep_every_entry(tmp_path, monkeypatch):
         t.join()
     assert real_read(path, "fmt", 1, int) == {"key0": 0, "key1": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["cache.json"], "no lock file left beside the caches"
+
+
+# --------------------------------------------------------------------------- the agreement check
+REFERENCE = types.SimpleNamespace(NAME="reference")
+
+
+def _outputs(values):
+    """run(module) returning each backend's output; the benchmark times by SPEED (fast wins)."""
+    ran = []
+
+    def run(module):
+        ran.append(module.NAME)
+        return values[module.NAME]
+
+    def benchmark(call):
+        call()
+        return SPEED[ran[-1]]
+    return run, benchmark, ran
+
+
+def test_a_candidate_that_disagrees_with_the_reference_is_not_chosen(tmp_path):
+    expected = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    wrong = expected.clone()
+    wrong[0, 3, 1, 1] += 0.5 * float(expected.abs().max())  # one bad element is enough
+    rounding = (expected.double() * (1 + 2e-3)).half()  # two rounding steps off: agrees
+    run, benchmark, ran = _outputs({"reference": expected, "fast": wrong, "slow": rounding})
+    chooser = make_chooser(tmp_path / "backends.json", benchmark)
+    with pytest.warns(UserWarning, match="'fast' disagrees with the reference"):
+        chosen = chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True, reference=REFERENCE)
+    assert chosen is SLOW and ran[0] == "reference"
+    assert not (tmp_path / "backends.json").exists(), "every process checks again"
+    assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), never_time, "cuda", allowed=True,
+                          reference=REFERENCE) is SLOW
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_with_no_candidate_agreeing_the_reference_runs(tmp_path, bad):
+    expected = torch.randn(4, 6, dtype=torch.bfloat16)
+    broken = expected.clone()
+    broken[1, 2] = float("nan")
+    wrong = broken if bad == "nan" else expected[:, :5]
+    run, benchmark, _ = _outputs({"reference": expected, "fast": wrong, "slow": wrong})
+    chooser = make_chooser(tmp_path / "backends.json", benchmark)
+    with pytest.warns(UserWarning, match="disagrees"):
+        chosen = chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True, reference=REFERENCE)
+    assert chosen is REFERENCE
+
+
+def test_agreement_tolerates_rounding_and_shared_nan_and_inf():
+    expected = torch.randn(64, dtype=torch.float16) * 10
+    expected[3], expected[7] = float("nan"), float("inf")
+    close = (expected.double() * (1 + 4 * torch.finfo(torch.float16).eps)).half()
+    assert choice.disagreement(close, expected) is None
+    far = expected.clone()
+    far[0] += 40 * torch.finfo(torch.float16).eps * float(expected[torch.isfinite(expected)].abs().max())
+    assert "max |difference|" in choice.disagreement(far, expected)
+    assert choice.disagreement(torch.zeros(3), torch.zeros(3)) is None

@@ -9,8 +9,8 @@ Selection, per call:
   raises ``BackendUnsupportedError`` naming what it lacks; it never falls back;
 * ``auto`` considers the backends of ``AUTO_ORDER`` that are available and
   support the configuration: one runs; of several, the faster per shape is
-  measured once (``choice``) where the op layer passes its arguments, else the
-  first runs. With none on a CUDA device the fall back to ``reference`` warns
+  measured once (``choice``, which also checks each against the reference on
+  those arguments) where the op layer passes its arguments, else the first runs. With none on a CUDA device the fall back to ``reference`` warns
   once per configuration. On the CPU the reference is the intended path: no
   warning.
 """
@@ -130,7 +130,7 @@ def select(op: str, requested: Optional[str], config: dict,
     from .choice import CHOOSER
 
     shape_key, run = measure()
-    return CHOOSER.choose(op, shape_key, choice, run, config["device"])
+    return CHOOSER.choose(op, shape_key, choice, run, config["device"], reference=get("reference"))
 
 
 def _candidates(op: str, name: str, config: dict):

@@ -9,6 +9,12 @@ shape, so a second process measures nothing.
 No measurement (the first capable backend of ``AUTO_ORDER`` runs instead)
 when ``FUSED_RESBLOCK_AUTOTUNE=0``, and while a CUDA graph is being captured
 (timing would synchronise; nothing is remembered then).
+
+The measurement also checks: each candidate's first output is compared with the
+reference backend's on the same arguments, and a candidate that disagrees beyond
+its dtype's rounding (garbage, NaN, a missing term: a kernel broken on a GPU or
+build nobody tested) is not chosen, with a warning; when none agrees, the
+reference runs. Such verdicts are not saved, so every process checks again.
 """
 from __future__ import annotations
 
@@ -22,8 +28,13 @@ from typing import Callable, Dict, Hashable, Optional, Sequence
 
 import torch
 
+from .._warnings import warn_once
 from .cache_file import cache_dir, merge_entry, read_entries
 
+# A candidate agrees with the reference when no element differs by more than this many rounding
+# steps of the dtype times max|reference|: generous for a correct kernel (fp32 accumulation both
+# sides, one rounding of the output), tight for a wrong one.
+AGREEMENT_STEPS = 16
 FORMAT = "fused_resblock.backend_choice"
 VERSION = 1
 WHAT = "backend choice cache"
@@ -68,6 +79,26 @@ def _versions(by_name: dict, device: torch.device) -> str:
     return "|".join(parts)
 
 
+def disagreement(out, expected) -> Optional[str]:
+    """None when a candidate's output matches the reference's within ``AGREEMENT_STEPS`` rounding
+    steps (relative to max|reference|; NaN where the reference has NaN), else what differs."""
+    if not isinstance(out, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return None
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        return f"output {tuple(out.shape)} {out.dtype}, the reference's {tuple(expected.shape)} {expected.dtype}"
+    a, b = out.detach().double(), expected.detach().double()
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=float("inf"))
+    if not diff.numel():
+        return None
+    scale = float(b.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+    step = max(torch.finfo(expected.dtype).eps, 2.0 ** -10)  # fp32 convs may run in TF32
+    err = float(diff.max())
+    if err <= AGREEMENT_STEPS * step * scale:
+        return None
+    return f"max |difference| {err:.3g} where max |reference| is {scale:.3g}"
+
+
 def measurement_allowed() -> Optional[bool]:
     """True to measure, False to take the first candidate, None while capturing a CUDA graph."""
     if os.environ.get("FUSED_RESBLOCK_AUTOTUNE", "1") == "0":
@@ -100,14 +131,19 @@ class BackendChooser:
 
     def choose(self, op: str, shape_key: tuple, candidates: Sequence[ModuleType],
                run: Callable[[ModuleType], object], device: torch.device,
-               allowed: Optional[bool] = None) -> ModuleType:
-        """The candidate for (op, shape_key); on a miss times ``run(module)`` for each candidate."""
+               allowed: Optional[bool] = None, reference: Optional[ModuleType] = None) -> ModuleType:
+        """The candidate for (op, shape_key); on a miss times ``run(module)`` for each candidate,
+        after checking its output against ``run(reference)`` when a reference is given."""
         by_name = {m.NAME: m for m in candidates}
         device = torch.device(device)
         memo_key = (op, shape_key, tuple(by_name), device)
         name = self._memo.get(memo_key)
+        if reference is not None:
+            by_name_or_reference = {**by_name, reference.NAME: reference}
+        else:
+            by_name_or_reference = by_name
         if name is not None:
-            return by_name[name]
+            return by_name_or_reference[name]
         if allowed is None:
             allowed = measurement_allowed()
             if allowed is None:  # capturing: answer now, remember nothing
@@ -124,25 +160,44 @@ class BackendChooser:
                 on_device = (torch.cuda.device(device.index) if device.type == "cuda" and device.index is not None
                              else contextlib.nullcontext())
                 with on_device:
-                    name, lasting = self._measure(candidates, run)
+                    name, lasting = self._measure(op, shape_key, candidates, run, reference)
                 if lasting:  # a candidate that failed by chance (out of memory) may win in a later process
                     self._disk_entries()[file_key] = name
                     merge_entry(self.path, FORMAT, VERSION, file_key, name, _backend_name, what=WHAT)
             self._memo[memo_key] = name
-            return by_name[name]
+            return by_name_or_reference[name]
 
-    def _measure(self, candidates: Sequence[ModuleType], run: Callable[[ModuleType], object]) -> tuple:
-        """(the fastest candidate's name, whether every candidate ran)."""
-        best, best_ms, every = candidates[0].NAME, float("inf"), True
+    def _measure(self, op: str, shape_key: tuple, candidates: Sequence[ModuleType],
+                 run: Callable[[ModuleType], object], reference: Optional[ModuleType]) -> tuple:
+        """(the fastest agreeing candidate's name, whether the verdict may be kept: every candidate
+        ran and agreed). With none agreeing, the reference's name."""
+        best, best_ms, lasting, disagreed = None, float("inf"), True, False
+        expected = None
+        if reference is not None:
+            try:
+                expected = run(reference)
+            except Exception:  # out of memory, say: measure unchecked, keep nothing
+                lasting = False
         for module in candidates:
             try:
+                if expected is not None:
+                    why = disagreement(run(module), expected)
+                    if why is not None:
+                        warn_once(("disagrees", op, module.NAME, shape_key),
+                                  f"fused_resblock: backend {module.NAME!r} disagrees with the reference for "
+                                  f"{op} at {shape_key}: {why}; not used (please report it with the output "
+                                  "of `python -m fused_resblock doctor`)", stacklevel=5)
+                        lasting, disagreed = False, True
+                        continue
                 ms = self._benchmark(lambda module=module: run(module))
             except Exception:  # a kernel that fails to launch here (resources) is not a candidate
-                every = False
+                lasting = False
                 continue
             if ms < best_ms:
                 best, best_ms = module.NAME, ms
-        return best, every
+        if best is None:  # none ran: the first one raises its own error when called; none agreed: reference
+            best = reference.NAME if disagreed else candidates[0].NAME
+        return best, lasting
 
 
 def _backend_name(value) -> str:
