@@ -1,8 +1,8 @@
 """Which normalisation layers we fuse, and BN's arithmetic around the fused ops.
 
-A fusable norm is nn.BatchNorm2d (and subclasses), torchvision's
-FrozenBatchNorm2d (always running statistics), and SyncBatchNorm while it uses
-running statistics (eval mode). Everything else (GroupNorm, a training
+A fusable norm is nn.BatchNorm2d (and subclasses that keep its forward),
+torchvision's FrozenBatchNorm2d (always running statistics), and SyncBatchNorm
+while it uses running statistics (eval mode). Everything else (GroupNorm, a training
 SyncBatchNorm, Identity, ...) makes the block run as given.
 """
 from __future__ import annotations
@@ -26,16 +26,22 @@ def uses_batch_stats(norm: nn.Module) -> bool:
 
 
 def unfusable_reason(norm: nn.Module) -> Optional[str]:
-    """None when ``norm`` can be fused, else why not."""
+    """None when ``norm`` can be fused, else why not. A subclass counts when it keeps its batch
+    norm's forward: one with a forward of its own (timm's BatchNormAct2d adds an activation)
+    computes something else."""
     if isinstance(norm, FrozenBatchNorm2d):
-        return None
-    if isinstance(norm, nn.SyncBatchNorm):
+        base = FrozenBatchNorm2d
+    elif isinstance(norm, nn.SyncBatchNorm):
         if uses_batch_stats(norm):
             return "SyncBatchNorm with batch statistics needs a cross-process reduction"
-        return None
-    if isinstance(norm, nn.BatchNorm2d):
-        return None
-    return f"norm layer {type(norm).__name__} is not a batch norm"
+        base = nn.SyncBatchNorm
+    elif isinstance(norm, nn.BatchNorm2d):
+        base = nn.BatchNorm2d
+    else:
+        return f"norm layer {type(norm).__name__} is not a batch norm"
+    if type(norm).forward is not base.forward:
+        return f"norm layer {type(norm).__name__} overrides {base.__name__}'s forward"
+    return None
 
 
 def _affine(norm: nn.Module):

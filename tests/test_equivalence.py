@@ -173,6 +173,31 @@ def test_custom_downsample_runs_as_given():
         assert_equivalent(fused, reference, _input_for(reference, size=8), train=True)
 
 
+class _BatchNormAct(nn.BatchNorm2d):
+    """A batch norm with an activation inside its forward (as timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.nn.functional.silu(super().forward(x))
+
+
+class _CheckedBatchNorm(nn.BatchNorm2d):
+    """A subclass that keeps BatchNorm2d's forward: still fused."""
+
+    def _check_input_dim(self, input):
+        assert input.dim() == 4
+
+
+def test_a_batch_norm_subclass_with_its_own_forward_runs_as_given():
+    fused, reference = _pair(lambda: tv.BasicBlock(8, 8, norm_layer=_BatchNormAct))
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="overrides BatchNorm2d's forward"):
+        assert_equivalent(fused, reference, _input_for(reference), train=False)
+    fused, reference = _pair(lambda: tv.BasicBlock(8, 8, norm_layer=_CheckedBatchNorm))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", frb.FusedResblockFallbackWarning)
+        assert_equivalent(fused, reference, _input_for(reference), train=True)
+
+
 def test_non_relu_activation_runs_as_given():
     fused, reference = _pair(BLOCKS["basic"])
     fused.relu = nn.SiLU()
