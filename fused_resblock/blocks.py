@@ -72,11 +72,22 @@ class FusedModule:
         return None
 
     def _fused_forward(self, x: Tensor, final_relu: bool = True) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_forward(x)
         layers = self._fused_layers()
         reason = self._unfusable_reason(layers)
         if reason is not None:
             return self._run_unfused(x, reason)
         return run_chain(x, layers, self._fused_shortcut(), final_relu, self.fold_cache, self.backend)
+
+    def _traced_forward(self, x):
+        # FX symbolic tracing (create_feature_extractor, FX quantization) cannot follow the fused
+        # path's Python decisions: it records the module's own ops, which compute the same
+        warn_once(("fx", type(self).__name__),
+                  f"fused_resblock: FX symbolic tracing records {type(self).__name__} unfused (torchvision's "
+                  "ops): the traced module computes the same, unfused; torch.compile and torch.export keep "
+                  "the fused ops")
+        return self._unfused_forward(x)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling it
@@ -290,6 +301,8 @@ class FusedStem(FusedModule):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_forward(x)
         if x.is_cuda and x.dim() == 4:
             # channels_last from here on: the GPU kernels work in NHWC, so an NCHW network would
             # convert every conv's input and write every output channel-strided; a network's

@@ -245,6 +245,26 @@ def test_a_forward_replaced_on_an_instance_runs_its_block_as_given():
     torch.testing.assert_close(out, reference.eval()(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20"])
+def test_fx_feature_extraction_traces_the_unfused_ops(name):
+    """torchvision's create_feature_extractor traces with FX, which cannot follow the fused path:
+    it records the blocks' own ops (one warning) and extracts the same features."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = randomize_norms(getattr(models, name)(num_classes=4)).eval()
+    nodes = {"layer2": "mid", "layer3": "deep"}
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="FX symbolic tracing"):
+        extractor = create_feature_extractor(model, return_nodes=nodes)
+    plain = create_feature_extractor(frb.revert(copy.deepcopy(model)), return_nodes=nodes)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        got, expected = extractor(x), plain(x)
+    for key in ("mid", "deep"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    with torch.no_grad():  # the model itself still runs fused
+        torch.testing.assert_close(model(x), frb.revert(copy.deepcopy(model))(x), rtol=1e-5, atol=1e-5)
+
+
 def test_pruned_conv_trains_through_its_mask():
     """Pruning recomputes ``weight = weight_orig * mask`` in a forward pre-hook: a fused block that
     skipped it would train a stale weight."""
