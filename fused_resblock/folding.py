@@ -61,7 +61,9 @@ def _tensors(pairs) -> list:
 def _key(tensors, dtype: torch.dtype, pairs):
     """What the fold depends on; None when it cannot be known (an inference tensor has no version).
     A tensor's identity, storage and version counter: ``.to()``/``load_state_dict``/an optimizer
-    step change one of them (its dtype and device change its storage)."""
+    step change one of them (its dtype and device change its storage). Ids and addresses are
+    reused once freed (the CUDA caching allocator hands a freed block to the next tensor of its
+    size): an entry also holds weak references to its modules and tensors (``_anchors``)."""
     parts = [dtype]
     parts.extend(norm.eps for norm in pairs[1::2])
     try:
@@ -75,6 +77,18 @@ def _key(tensors, dtype: torch.dtype, pairs):
             return None
         raise
     return tuple(parts)
+
+
+def _anchors(objects) -> tuple:
+    return tuple(None if o is None else weakref.ref(o) for o in objects)
+
+
+def _anchored(anchors: tuple, objects) -> bool:
+    """True when ``anchors`` still refer to these very objects (None where an object is absent)."""
+    for anchor, o in zip(anchors, objects):
+        if (o is not None) if anchor is None else (anchor() is not o):
+            return False
+    return True
 
 
 def fold_uncached(conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
@@ -94,7 +108,8 @@ class FoldCache:
     """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
     def __init__(self) -> None:
-        self._entries: dict = {}  # slot (module ids) -> (key, folded tensors, weak refs to the modules)
+        # slot (module ids) -> (key, folded tensors, weak refs to the modules, dtype, weak refs to the tensors)
+        self._entries: dict = {}
 
     # A copy of a module (deepcopy, pickle, DataParallel's replicas through __dict__) starts empty:
     # the folds belong to the original's tensors.
@@ -129,8 +144,8 @@ class FoldCache:
         key = _key(tensors, dtype, pairs)
         slot = tuple(map(id, pairs))
         entry = self._entries.get(slot) if key is not None else None
-        if entry is not None and entry[0] == key:  # the hot path: a hit enters no context
-            return entry[1]
+        if entry is not None and entry[0] == key and _anchored(entry[2], pairs) and _anchored(entry[4], tensors):
+            return entry[1]  # the hot path: a hit enters no context
         # out of inference mode: a fold made under it could not be saved for a later backward
         with torch.inference_mode(False), torch.no_grad():
             if key is None:
@@ -144,7 +159,7 @@ class FoldCache:
             else:
                 self._purge_dead()
         # weak references: an entry must not keep a module alive (DataParallel makes replicas per call)
-        self._entries[slot] = (key, folded, tuple(weakref.ref(m) for m in pairs), dtype)
+        self._entries[slot] = (key, folded, _anchors(pairs), dtype, _anchors(tensors))
         return folded
 
     def mark_stale(self) -> None:
@@ -159,12 +174,13 @@ class FoldCache:
         if force:
             self.mark_stale()
         count = 0
-        for slot, (key, _, refs, dtype) in list(self._entries.items()):
+        for slot, (key, _, refs, dtype, tensor_refs) in list(self._entries.items()):
             modules = [r() for r in refs]
             if any(m is None for m in modules):
                 del self._entries[slot]
                 continue
-            if _key(_tensors(modules), dtype, modules) != key:
+            tensors = _tensors(modules)
+            if _key(tensors, dtype, modules) != key or not _anchored(tensor_refs, tensors):
                 with torch.no_grad():
                     (self.fold if len(modules) == 2 else self.fold_projection)(*modules, dtype)
                 count += 1

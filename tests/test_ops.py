@@ -214,14 +214,21 @@ def test_availability_report_names_every_backend():
 
 
 # --------------------------------------------------------------------------- folding cache
-def test_fold_cache_hits_and_invalidates():
+def test_fold_cache_hits_and_invalidates(monkeypatch):
+    from fused_resblock import folding
+
     model = models.resnet18(num_classes=4).eval()
     blk = model.layer1[0]
     cache = blk.fold_cache
+    folds = []
+    monkeypatch.setattr(folding, "fold_uncached", lambda *args: folds.append(1) or fold_uncached(*args))
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
         first = cache.fold(blk.conv1, blk.bn1, torch.float32)
+        computed = len(folds)
+        model(torch.randn(1, 3, 32, 32))
         assert cache.fold(blk.conv1, blk.bn1, torch.float32) is first          # a hit: no re-fold
+        assert len(folds) == computed, "hits compute nothing"
         before = first[0].clone()
         blk.bn1.running_var.mul_(2)                                            # a buffer changed in place
         second = cache.fold(blk.conv1, blk.bn1, torch.float32)
@@ -322,6 +329,25 @@ def test_writes_through_data_refold_after_a_mode_switch_or_a_forced_refold():
         assert frb.refold(model, force=True) == sum(len(m.fold_cache) for m in model.modules()
                                                     if isinstance(m, frb.blocks.FusedModule))
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_a_fold_belongs_to_its_very_tensors():
+    """Ids and addresses are reused once freed (the CUDA caching allocator hands a freed block to the
+    next tensor of its size): a new weight whose id, address and version match the old key (forced
+    here) is still refolded."""
+    from fused_resblock import folding
+
+    block = frb.convert(randomize_norms(tv.BasicBlock(4, 4))).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        block(x)
+        block.conv1.weight = nn.Parameter(torch.randn_like(block.conv1.weight))
+        pairs = (block.conv1, block.bn1)
+        slot = tuple(map(id, pairs))
+        entry = block.fold_cache._entries[slot]
+        block.fold_cache._entries[slot] = (folding._key(folding._tensors(pairs), torch.float32, pairs), *entry[1:])
+        expected = frb.revert(copy.deepcopy(block))(x)
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_moving_a_model_drops_its_folds():
