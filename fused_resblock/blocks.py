@@ -26,6 +26,21 @@ from .chain import IDENTITY, NONE, Shortcut, conv_unfusable_reason, hooks_reason
 from .folding import FoldCache
 
 
+def _transform_we_cannot_follow(x) -> Optional[str]:
+    """The transform running a forward that the fused ops cannot serve, or None: FX symbolic tracing
+    cannot follow the fused path's Python decisions, and the custom ops have no vmap, jvp or
+    functorch-grad rules."""
+    if isinstance(x, torch.fx.Proxy):
+        return "FX symbolic tracing (create_feature_extractor, FX quantization)"
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform (grad, vmap, jacrev, jvp, functional ensembles)"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD"
+    return None
+
+
 class FusedModule:
     """Mixin: run ``_fused_layers()`` + ``_fused_shortcut()`` as a fused chain.
 
@@ -72,21 +87,20 @@ class FusedModule:
         return None
 
     def _fused_forward(self, x: Tensor, final_relu: bool = True) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return self._traced_forward(x)
+        transform = _transform_we_cannot_follow(x)
+        if transform is not None:
+            return self._transformed_forward(x, transform)
         layers = self._fused_layers()
         reason = self._unfusable_reason(layers)
         if reason is not None:
             return self._run_unfused(x, reason)
         return run_chain(x, layers, self._fused_shortcut(), final_relu, self.fold_cache, self.backend)
 
-    def _traced_forward(self, x):
-        # FX symbolic tracing (create_feature_extractor, FX quantization) cannot follow the fused
-        # path's Python decisions: it records the module's own ops, which compute the same
-        warn_once(("fx", type(self).__name__),
-                  f"fused_resblock: FX symbolic tracing records {type(self).__name__} unfused (torchvision's "
-                  "ops): the traced module computes the same, unfused; torch.compile and torch.export keep "
-                  "the fused ops")
+    def _transformed_forward(self, x, transform: str):
+        # the module's own ops, which every transform of PyTorch's supports, compute the same
+        warn_once(("transform", transform, type(self).__name__),
+                  f"fused_resblock: under {transform} {type(self).__name__} runs unfused (torchvision's ops): "
+                  "the same numbers, unfused; torch.compile and torch.export keep the fused ops")
         return self._unfused_forward(x)
 
     def __prepare_scriptable__(self):
@@ -301,8 +315,9 @@ class FusedStem(FusedModule):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return self._traced_forward(x)
+        transform = _transform_we_cannot_follow(x)
+        if transform is not None:
+            return self._transformed_forward(x, transform)
         if x.is_cuda and x.dim() == 4:
             # channels_last from here on: the GPU kernels work in NHWC, so an NCHW network would
             # convert every conv's input and write every output channel-strided; a network's

@@ -15,18 +15,22 @@ inside ``torch.inference_mode``) carry no version counter: their folds are not
 cached. The cache is never pickled or deep-copied with its module.
 
 Writes through ``.data`` (``p.data.mul_(d)``, as older EMA and optimizer code
-does) bump no version counter: the fused modules mark their folds stale on
-every ``train()``/``eval()`` call, and ``refold(model, force=True)`` redoes them
-all. A hit costs a few microseconds (it is on every eval conv's path): the
+does), through a NumPy view, or by torch's fused optimizers (``fused=True``:
+their kernels leave the version counters alone) bump no version counter: every
+optimizer step marks stale the folds that read its parameters (a global
+``torch.optim`` step hook), the fused modules mark their folds stale on every
+``train()``/``eval()`` call, and ``refold(model, force=True)`` redoes them all. A hit costs a few microseconds (it is on every eval conv's path): the
 tensors are read from the modules' own dictionaries, not through
 ``nn.Module.__getattr__`` (~1 us each).
 """
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import norms
 from .backends.reference import stat_dtype
@@ -108,6 +112,7 @@ class FoldCache:
     """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
     def __init__(self) -> None:
+        _LIVE_CACHES.add(self)
         # slot (module ids) -> (key, folded tensors, weak refs to the modules, dtype, weak refs to the tensors)
         self._entries: dict = {}
 
@@ -116,11 +121,12 @@ class FoldCache:
     def __getstate__(self):
         return {}
 
-    def __setstate__(self, state) -> None:
-        self._entries = {}
-
     def __deepcopy__(self, memo):
         return FoldCache()
+
+    def __setstate__(self, state) -> None:
+        self._entries = {}
+        _LIVE_CACHES.add(self)
 
     def fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
         """(weight, bias) of ``conv`` followed by ``norm``."""
@@ -162,10 +168,12 @@ class FoldCache:
         self._entries[slot] = (key, folded, _anchors(pairs), dtype, _anchors(tensors))
         return folded
 
-    def mark_stale(self) -> None:
-        """Every entry refolds (in place) at its next lookup: for writes no version counter saw."""
+    def mark_stale(self, tensor_ids: Optional[set] = None) -> None:
+        """Every entry (``tensor_ids``: every entry reading one of those tensors) refolds, in place,
+        at its next lookup: for writes no version counter saw."""
         for slot, entry in self._entries.items():
-            self._entries[slot] = (_STALE, *entry[1:])
+            if tensor_ids is None or any(id(anchor()) in tensor_ids for anchor in entry[4] if anchor is not None):
+                self._entries[slot] = (_STALE, *entry[1:])
 
     def refresh(self, force: bool = False) -> int:
         """Refold every entry whose tensors changed (``force``: every entry), in place where it fits;
@@ -200,3 +208,18 @@ class FoldCache:
 def _fits(old: tuple, new: tuple) -> bool:
     return all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device and o.stride() == n.stride()
                for o, n in zip(old, new))
+
+
+# Every cache, for the optimizer hook below (weakly: a cache lives as long as its module).
+_LIVE_CACHES: "weakref.WeakSet[FoldCache]" = weakref.WeakSet()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Torch's fused optimizers (``fused=True``) write parameters without bumping their version
+    counters: after any optimizer step, the folds that read its parameters refold."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for cache in list(_LIVE_CACHES):
+        cache.mark_stale(stepped)
+
+
+_OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

@@ -82,13 +82,18 @@ def batch_params(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
 
 @torch.no_grad()
 def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
-    """nn.BatchNorm2d's running-statistics update, on the device, without a host sync."""
-    norm.num_batches_tracked.add_(1)
-    if count == 0:  # an empty batch only counts (as nn.BatchNorm2d does)
-        return
+    """nn.BatchNorm2d's running-statistics update, on the device, without a host sync. Buffers a
+    user set to None are skipped as nn.BatchNorm2d skips them (no count, no update)."""
+    tracked = norm.num_batches_tracked
+    if tracked is not None:
+        tracked.add_(1)
     running_mean, running_var = norm.running_mean, norm.running_var
-    if norm.momentum is None:  # cumulative moving average
-        factor = norm.num_batches_tracked.to(running_mean.dtype).reciprocal()
+    if count == 0 or running_mean is None or running_var is None:  # an empty batch only counts
+        return
+    if norm.momentum is None:  # cumulative moving average (no average at all without a count)
+        if tracked is None:
+            return
+        factor = tracked.to(running_mean.dtype).reciprocal()
         keep = 1.0 - factor
     else:
         factor, keep = norm.momentum, 1.0 - norm.momentum

@@ -265,6 +265,48 @@ def test_fx_feature_extraction_traces_the_unfused_ops(name):
         torch.testing.assert_close(model(x), frb.revert(copy.deepcopy(model))(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_func_transforms_run_the_blocks_unfused():
+    """torch.func's grad and vmap (per-sample gradients, model ensembles) and forward-mode AD cannot
+    go through the custom ops: the blocks run their own ops under them (one warning each)."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    reference = randomize_norms(models.cifar_resnet20(num_classes=4)).double().eval()
+    fused = frb.convert(copy.deepcopy(reference))
+    assert isinstance(fused, frb.blocks.FusedModule)
+    frb.revert(reference)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    params = {name: p.detach() for name, p in reference.named_parameters()}
+
+    def per_sample_grads(model):
+        def loss(p, sample):
+            return functional_call(model, p, (sample[None],)).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="torch.func transform"):
+        got = per_sample_grads(fused)
+    expected = per_sample_grads(reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    tangent = torch.randn_like(x)
+    out, derivative = jvp(fused, (x,), (tangent,))  # (warned once already)
+    expected_out, expected_derivative = jvp(reference, (x,), (tangent,))
+    torch.testing.assert_close(derivative, expected_derivative, rtol=0, atol=0)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.warns(frb.FusedResblockFallbackWarning, match="forward-mode AD"):
+        dual = fused(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected_derivative, rtol=0, atol=0)
+
+
+def test_batch_norm_buffers_set_to_none_in_training():
+    """nn.BatchNorm2d skips the update of buffers a user set to None (track_running_stats left True)."""
+    fused, reference = _pair(BLOCKS["bottleneck-down"])
+    for model in (fused, reference):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+    assert_equivalent(fused, reference, _input_for(reference, size=8), train=True)
+
+
 def test_pruned_conv_trains_through_its_mask():
     """Pruning recomputes ``weight = weight_orig * mask`` in a forward pre-hook: a fused block that
     skipped it would train a stale weight."""

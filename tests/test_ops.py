@@ -9,6 +9,7 @@ from torchvision.models import resnet as tv
 
 import fused_resblock as frb
 from fused_resblock import backends, models, ops
+from fused_resblock import folding
 from fused_resblock.folding import fold_uncached
 from fused_resblock.backends import reference
 from helpers import randomize_norms
@@ -348,6 +349,28 @@ def test_a_fold_belongs_to_its_very_tensors():
         block.fold_cache._entries[slot] = (folding._key(folding._tensors(pairs), torch.float32, pairs), *entry[1:])
         expected = frb.revert(copy.deepcopy(block))(x)
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-fused", "adam-fused", "sgd"])
+def test_an_optimizer_step_refolds_what_it_stepped(optimizer):
+    """Fused optimizers (fused=True) write parameters without bumping their version counters:
+    an optimizer step marks stale the folds that read its parameters, and only those."""
+    kind, _, fused = optimizer.partition("-")
+    model = randomize_norms(models.resnet18(num_classes=4)).eval()  # fine-tuning under frozen BN
+    other = randomize_norms(models.resnet18(num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    make = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
+    opt = make(model.parameters(), lr=0.05, **({"fused": True} if fused else {}))
+    with torch.no_grad():
+        before = model(x)
+        other(x)
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(entry[0] is not folding._STALE for entry in other.layer1[0].fold_cache._entries.values())
+    with torch.no_grad():
+        after, expected = model(x), frb.revert(copy.deepcopy(model))(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_moving_a_model_drops_its_folds():
