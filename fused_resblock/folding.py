@@ -214,6 +214,7 @@ def _fits(old: tuple, new: tuple) -> bool:
 _LIVE_CACHES: "weakref.WeakSet[FoldCache]" = weakref.WeakSet()
 
 
+@torch.compiler.disable  # a compiled optimizer step runs it eagerly, untraced
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """Torch's fused optimizers (``fused=True``) write parameters without bumping their version
     counters: after any optimizer step, the folds that read its parameters refold."""
