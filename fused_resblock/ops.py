@@ -383,7 +383,10 @@ def conv_bias_act(
     check_activation("input", x, weight.shape[1] * groups)
     _check_same("weight", weight, x)
     if residual is not None:
+        check_activation("residual", residual)
         _check_same("residual", residual, x)
+    if residual_stride < 1 or shortcut_stride < 1:
+        raise ValueError(f"residual_stride ({residual_stride}) and shortcut_stride ({shortcut_stride}) must be >= 1")
     if shortcut_x is not None or shortcut_weight is not None:
         if shortcut_x is None or shortcut_weight is None:
             raise ValueError("shortcut_x and shortcut_weight go together")
@@ -454,6 +457,10 @@ def bn_add_act(
 ) -> Tensor:
     """act(BN(y) + (BN_res(residual) | mapped residual)); each BN given as (mean, invstd, weight, bias)."""
     check_activation("input", y, norm[0].shape[0])
+    if residual is not None:
+        check_activation("residual", residual)
+    if residual_stride < 1:
+        raise ValueError(f"residual_stride ({residual_stride}) must be >= 1")
     if residual is not None and residual.dtype != y.dtype and _autocast_dtype(y.device.type) is not None:
         residual = residual.to(y.dtype)
     _check_same("residual", residual, y)

@@ -167,6 +167,22 @@ def test_not_a_tensor(block):
         ops.conv_bias_act([1.0], block.conv1.weight)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(residual=torch.randn(8, 5, 5)), "residual: expected a 4-D tensor"),
+    (dict(residual=torch.randn(1, 8, 5, 5), residual_stride=0), "residual_stride"),
+    (dict(shortcut_x=torch.randn(1, 8, 5, 5), shortcut_weight=torch.randn(8, 8, 1, 1), shortcut_stride=0),
+     "shortcut_stride"),
+])
+def test_bad_residual_and_shortcut_arguments(kwargs, match):
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        ops.conv_bias_act(x, w, padding=1, **kwargs)
+    if "shortcut_x" not in kwargs:
+        mean, invstd = torch.zeros(8), torch.ones(8)
+        with pytest.raises(ValueError, match=match):
+            ops.bn_add_act(x, (mean, invstd, None, None), **kwargs)
+
+
 def test_batch_norm_needs_more_than_one_value():
     blk = frb.convert(tv.BasicBlock(8, 8)).train()
     with pytest.raises(ValueError, match="more than 1 value"):

@@ -682,3 +682,34 @@ def test_import_without_triton_reports_instead_of_crashing():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# --------------------------------------------------------------------------- per-channel vectors as views
+def test_strided_and_expanded_per_channel_vectors():
+    """Biases, BN vectors and statistics' gradients may be views (bias[::2], an expanded scalar, a
+    gradient through torch.stack): every op reads them by their strides, as the reference does."""
+    from fused_resblock import ops
+
+    def strided(c, requires_grad=False):
+        return torch.randn(2 * c, device=DEVICE)[::2].requires_grad_(requires_grad)
+
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE) * 0.3
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(7)
+        bias, in_norm = strided(6), (strided(4), strided(4).abs() + 0.5, strided(4), strided(4))
+        expanded_bias = torch.full((1,), 3.0, device=DEVICE).expand(6)
+        out = ops.conv_bias_act(x, w, bias, padding=1, relu=True, backend=backend)
+        out_expanded = ops.conv_bias_act(x, w, expanded_bias, padding=1, backend=backend)
+        norm = (strided(6), strided(6).abs() + 0.5, torch.ones(1, device=DEVICE).expand(6), strided(6))
+        bn = ops.bn_add_act(out, norm, relu=True, backend=backend)
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y, mean, var = ops.conv_stats(xg, wg, bias, padding=1, in_norm=in_norm, in_relu=True, backend=backend)
+        mix = torch.linspace(-1, 1, 12, device=DEVICE).view(6, 2)
+        loss = y.square().mean() + (torch.stack([mean, var], 1) * mix).sum()  # stride-2 grads of mean, var
+        loss.backward()
+        results[backend] = [out, out_expanded, bn, y, mean, var, xg.grad, wg.grad]
+    names = ["conv_bias_act", "expanded bias", "bn_add_act", "conv_stats y", "mean", "var", "grad x", "grad w"]
+    for name, got, expected in zip(names, results["triton"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()), msg=name)

@@ -75,10 +75,16 @@ def supports(op: str, config: dict) -> Optional[str]:
     return conv_geometry_reason(config)
 
 
+def _dense_vector(value):
+    if isinstance(value, Tensor) and value.dim() == 1 and not value.is_contiguous():
+        return value.contiguous()
+    return value
+
+
 def _entry_point(fn):
     """A backend function's common host work.
 
-    It runs ``fn`` with its first tensor's GPU current: Triton launches on the current device and
+    Per-channel vectors are made dense. It runs ``fn`` with its first tensor's GPU current: Triton launches on the current device and
     stream, so a model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers.
     And a kernel's first launch inside CUDA-graph capture (Triton loads it then, which CUDA forbids
     while a stream captures) becomes an error that says what to do.
@@ -87,6 +93,11 @@ def _entry_point(fn):
 
     @functools.wraps(fn)
     def entry(*args, **kwargs):
+        # the kernels read per-channel vectors (bias, BN statistics and affine, their gradients) at
+        # ptr + channel: a strided or expanded view (bias[::2], a gradient through torch.stack)
+        # would be misread, so they arrive dense
+        args = tuple(_dense_vector(a) for a in args)
+        kwargs = {k: _dense_vector(v) for k, v in kwargs.items()}
         first = args[0] if args else kwargs[first_name]
         if not first.is_cuda:
             return fn(*args, **kwargs)
