@@ -57,6 +57,21 @@ void check_activation(const at::Tensor& t, const char* name, const at::Tensor& x
   TORCH_CHECK(t.dim() == 4, kOp, ": expected a 4-D tensor for ", name, ", got shape ", t.sizes());
 }
 
+// `out` may be the residual itself (each element is read before the same thread writes it) and
+// share no other memory with it. ATen decides overlap only for dense tensors: a residual with
+// gaps or zero strides ("too hard") that shares out's storage is refused as well.
+void check_residual_aliasing(const at::Tensor& out, const at::Tensor& residual) {
+  if (out.data_ptr() == residual.data_ptr() && out.sizes().equals(residual.sizes()) &&
+      out.strides().equals(residual.strides())) {
+    return;
+  }
+  if (!out.storage().is_alias_of(residual.storage())) return;
+  TORCH_CHECK(at::get_overlap_status(out, residual) == at::MemOverlapStatus::No, kOp,
+              ": out shares memory with the residual without being that very tensor (same data pointer, "
+              "sizes and strides); other blocks would read residual elements already overwritten. Pass the "
+              "residual itself as out, or a separate tensor");
+}
+
 int checked_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= INT_MAX, kOp, ": ", what, " = ", v, " is outside the kernel's 32-bit range");
   return int(v);
@@ -196,7 +211,7 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   at::assert_no_overlap(*out, x_nhwc);
   at::assert_no_overlap(*out, weight_krsc);
   if (bias) at::assert_no_overlap(*out, *bias);
-  if (residual) at::assert_no_partial_overlap(*out, *residual);
+  if (residual) check_residual_aliasing(*out, *residual);
   if (shortcut_x) {
     at::assert_no_overlap(*out, *shortcut_x);
     at::assert_no_overlap(*out, *shortcut_weight);

@@ -484,8 +484,28 @@ def test_an_output_sharing_memory_with_an_input_is_refused(aliased):
     out_like = poisoned_output(case, args)
     shift = args[aliased].element_size() if aliased == "residual" else 0
     out, args[aliased] = _views_of_one_buffer(out_like, args[aliased], shift=shift)
-    with pytest.raises(RuntimeError, match="single memory location|partially overlap"):
+    with pytest.raises(RuntimeError, match="single memory location|shares memory with the residual"):
         _emulate(**args, out=out)
+
+
+@needs_ext
+@pytest.mark.parametrize("view", ["gapped_residual", "channel_slice_of_out"])
+def test_an_output_over_a_residual_view_with_gaps_is_refused(view):
+    """ATen cannot decide overlap for a residual with gaps ("too hard"): one that shares out's
+    storage without being out itself is refused (it read channels other blocks had written)."""
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float16)
+    weight = torch.randn(16, 16, 3, 3, dtype=torch.float16)
+    bias = torch.randn(16)
+    if view == "gapped_residual":  # every 8th column skipped, read at stride 2; out inside the same bytes
+        buf = torch.randn(2 * 16 * 8 * 8, dtype=torch.float16)
+        residual, residual_stride, offset = buf.view(2, 16, 8, 8)[:, :, :, :7], 2, 0
+        out = buf[: 2 * 16 * 4 * 4].view(2, 16, 4, 4)
+    else:  # the residual is the first 8 channels of out, mapped 4 channels up (option A's layout)
+        out = torch.randn(2, 16, 4, 4, dtype=torch.float16)
+        residual, residual_stride, offset = out[:, :8], 1, 4
+    with pytest.raises(RuntimeError, match="shares memory with the residual"):
+        EXT._emulate_conv_bias_act(x, weight, bias, (1, 1), (1, 1), (1, 1), 1, residual, residual_stride, offset,
+                                   None, None, 1, False, out=out)
 
 
 @needs_ext
