@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
-from . import backends, norms
+from . import backends
 from ._warnings import warn_once
-from .chain import IDENTITY, NONE, Shortcut, conv_unfusable_reason, hooks_reason, run_chain
+from .chain import IDENTITY, NONE, Shortcut, hooks_reason, pair_unfusable_reason, run_chain
 from .folding import FoldCache
 
 
@@ -74,8 +74,7 @@ class FusedModule:
 
     def _unfusable_reason(self, layers) -> Optional[str]:
         for conv, norm in layers:
-            reason = (conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
-                      or hooks_reason(conv) or hooks_reason(norm))
+            reason = pair_unfusable_reason(conv, norm)
             if reason:
                 return reason
         children = self._modules
@@ -144,8 +143,7 @@ class FusedModule:
             return IDENTITY
         if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
             conv, norm = downsample[0], downsample[1]
-            reason = (conv_unfusable_reason(conv) or norms.unfusable_reason(norm) or hooks_reason(downsample)
-                      or hooks_reason(conv) or hooks_reason(norm))
+            reason = hooks_reason(downsample) or pair_unfusable_reason(conv, norm)
             if reason is None:
                 return Shortcut("projection", conv=conv, norm=norm)
         else:
@@ -315,10 +313,7 @@ class FusedStem(FusedModule):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor) -> Tensor:
-        transform = _transform_we_cannot_follow(x)
-        if transform is not None:
-            return self._transformed_forward(x, transform)
-        if x.is_cuda and x.dim() == 4:
+        if isinstance(x, Tensor) and x.is_cuda and x.dim() == 4:  # (an FX proxy is not a Tensor)
             # channels_last from here on: the GPU kernels work in NHWC, so an NCHW network would
             # convert every conv's input and write every output channel-strided; a network's
             # output (the classifier's) has no memory format to keep

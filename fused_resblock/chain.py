@@ -73,6 +73,12 @@ def hooks_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def pair_unfusable_reason(conv: nn.Module, norm: nn.Module) -> Optional[str]:
+    """None when a (conv, norm) pair can run as one fused step, else why not."""
+    return (conv_unfusable_reason(conv) or norms.unfusable_reason(norm)
+            or hooks_reason(conv) or hooks_reason(norm))
+
+
 def _conv_args(conv: nn.Conv2d) -> dict:
     return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 

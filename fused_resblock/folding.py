@@ -3,9 +3,10 @@
 conv(x, w) + b followed by BN with running statistics equals
 conv(x, w * s) + (b - mean) * s + beta, with s = gamma / sqrt(var + eps).
 The fold is cached per (conv, norm) pair and recomputed only when a parameter
-or buffer changed: the key holds each tensor's identity, storage, version
-counter, dtype and device, so an optimizer step, ``load_state_dict`` or
-``.to()`` invalidates it and nothing else does. When autograd needs gradients
+or buffer changed: an entry holds weak references to its modules and tensors
+(identity: a freed id or address reused by a new tensor cannot pass for the old
+one) and each tensor's storage pointer and version counter, so an in-place
+update, ``load_state_dict`` or ``.to()`` invalidates it and nothing else does. When autograd needs gradients
 through the fold (fine-tuning with frozen BN) it is recomputed, differentiably.
 
 A refold writes into the cached tensors when their shapes still fit, so a CUDA
@@ -19,8 +20,10 @@ does), through a NumPy view, or by torch's fused optimizers (``fused=True``:
 their kernels leave the version counters alone) bump no version counter: every
 optimizer step marks stale the folds that read its parameters (a global
 ``torch.optim`` step hook), the fused modules mark their folds stale on every
-``train()``/``eval()`` call, and ``refold(model, force=True)`` redoes them all. A hit costs a few microseconds (it is on every eval conv's path): the
-tensors are read from the modules' own dictionaries, not through
+``train()``/``eval()`` call, and ``refold(model, force=True)`` redoes them all.
+
+A hit costs a few microseconds (it is on every eval conv's path): the tensors
+are read from the modules' own dictionaries, not through
 ``nn.Module.__getattr__`` (~1 us each).
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .backends.reference import stat_dtype
 
 
 _ABSENT = object()
-# an entry's key once its module's mode was set (train()/eval()): the next lookup refolds, in place
+# an entry's key once marked stale (a mode switch, an optimizer step): the next lookup refolds, in place
 _STALE = object()
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -63,11 +66,10 @@ def _tensors(pairs) -> list:
 
 
 def _key(tensors, dtype: torch.dtype, pairs):
-    """What the fold depends on; None when it cannot be known (an inference tensor has no version).
-    A tensor's identity, storage and version counter: ``.to()``/``load_state_dict``/an optimizer
-    step change one of them (its dtype and device change its storage). Ids and addresses are
-    reused once freed (the CUDA caching allocator hands a freed block to the next tensor of its
-    size): an entry also holds weak references to its modules and tensors (``_anchors``)."""
+    """What the fold depends on besides its tensors' identity (``_anchors``); None when it cannot
+    be known (an inference tensor has no version). Each tensor's storage and version counter:
+    ``.to()``/``load_state_dict``/an in-place update change one of them (a dtype or device change
+    makes a new storage)."""
     parts = [dtype]
     parts.extend(norm.eps for norm in pairs[1::2])
     try:
@@ -75,7 +77,7 @@ def _key(tensors, dtype: torch.dtype, pairs):
             if t is None:
                 parts.append(None)
             else:
-                parts += (id(t), t.data_ptr(), t._version)
+                parts += (t.data_ptr(), t._version)
     except RuntimeError:  # an inference tensor's _version raises
         if any(t is not None and t.is_inference() for t in tensors):
             return None

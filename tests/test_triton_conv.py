@@ -376,7 +376,7 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Device)
-    on_device = triton_backend._entry_point(lambda x, y=None: (list(entered), y))
+    on_device = triton_backend._entry_point()(lambda x, y=None: (list(entered), y))
     on_gpu1 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=1))
     on_gpu0 = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
     assert on_device(on_gpu1, y=2) == ([1], 2) and entered == [1, None]
@@ -390,7 +390,7 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
         raise RuntimeError("Triton Error [CUDA]: operation not permitted when stream is capturing")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(autotune.FirstCallInCaptureError, match="warm-up"):
-        triton_backend._entry_point(load_in_capture)(on_gpu0)
+        triton_backend._entry_point()(load_in_capture)(on_gpu0)
 
 
 @needs_gpu

@@ -10,8 +10,9 @@ Selection, per call:
 * ``auto`` considers the backends of ``AUTO_ORDER`` that are available and
   support the configuration: one runs; of several, the faster per shape is
   measured once (``choice``, which also checks each against the reference on
-  those arguments) where the op layer passes its arguments, else the first runs. With none on a CUDA device the fall back to ``reference`` warns
-  once per configuration. On the CPU the reference is the intended path: no
+  those arguments) where the op layer passes its arguments, else the first runs.
+  With none on a CUDA device the fall back to ``reference`` warns once per
+  configuration. On the CPU the reference is the intended path: no
   warning.
 """
 from __future__ import annotations

@@ -138,12 +138,8 @@ class BackendChooser:
         device = torch.device(device)
         memo_key = (op, shape_key, tuple(by_name), device)
         name = self._memo.get(memo_key)
-        if reference is not None:
-            by_name_or_reference = {**by_name, reference.NAME: reference}
-        else:
-            by_name_or_reference = by_name
         if name is not None:
-            return by_name_or_reference[name]
+            return by_name[name] if name in by_name else reference
         if allowed is None:
             allowed = measurement_allowed()
             if allowed is None:  # capturing: answer now, remember nothing
@@ -165,7 +161,7 @@ class BackendChooser:
                     self._disk_entries()[file_key] = name
                     merge_entry(self.path, FORMAT, VERSION, file_key, name, _backend_name, what=WHAT)
             self._memo[memo_key] = name
-            return by_name_or_reference[name]
+            return by_name[name] if name in by_name else reference
 
     def _measure(self, op: str, shape_key: tuple, candidates: Sequence[ModuleType],
                  run: Callable[[ModuleType], object], reference: Optional[ModuleType]) -> tuple:

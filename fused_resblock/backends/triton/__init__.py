@@ -75,50 +75,59 @@ def supports(op: str, config: dict) -> Optional[str]:
     return conv_geometry_reason(config)
 
 
-def _dense_vector(value):
-    if isinstance(value, Tensor) and value.dim() == 1 and not value.is_contiguous():
-        return value.contiguous()
-    return value
+def _entry_point(*vectors: str):
+    """A backend function's common host work; ``vectors`` name its per-channel vector parameters.
 
-
-def _entry_point(fn):
-    """A backend function's common host work.
-
-    Per-channel vectors are made dense. It runs ``fn`` with its first tensor's GPU current: Triton launches on the current device and
-    stream, so a model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers.
-    And a kernel's first launch inside CUDA-graph capture (Triton loads it then, which CUDA forbids
+    Those arrive dense: the kernels read them at ptr + channel, so a strided or expanded view
+    (bias[::2], a statistics gradient through torch.stack) would be misread. The function runs
+    with its first tensor's GPU current: Triton launches on the current device and stream, so a
+    model on cuda:1 while cuda:0 is current would launch there with cuda:1's pointers. And a
+    kernel's first launch inside CUDA-graph capture (Triton loads it then, which CUDA forbids
     while a stream captures) becomes an error that says what to do.
     """
-    first_name = next(iter(inspect.signature(fn).parameters))
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+        positions = [names.index(name) for name in vectors]
 
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        # the kernels read per-channel vectors (bias, BN statistics and affine, their gradients) at
-        # ptr + channel: a strided or expanded view (bias[::2], a gradient through torch.stack)
-        # would be misread, so they arrive dense
-        args = tuple(_dense_vector(a) for a in args)
-        kwargs = {k: _dense_vector(v) for k, v in kwargs.items()}
-        first = args[0] if args else kwargs[first_name]
-        if not first.is_cuda:
-            return fn(*args, **kwargs)
-        try:
-            if first.device.index != torch.cuda.current_device():
-                with torch.cuda.device(first.device):
-                    return fn(*args, **kwargs)
-            return fn(*args, **kwargs)
-        except FirstCallInCaptureError:
-            raise
-        except RuntimeError as exc:
-            if "capturing" in str(exc) and torch.cuda.is_current_stream_capturing():
-                raise FirstCallInCaptureError(f"{fn.__name__} at these shapes") from exc
-            raise
-    return entry
+        @functools.wraps(fn)
+        def entry(*args, **kwargs):
+            args, kwargs = _dense_vectors(args, kwargs, positions, names)
+            first = args[0] if args else kwargs[names[0]]
+            if not first.is_cuda:
+                return fn(*args, **kwargs)
+            try:
+                if first.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(first.device):
+                        return fn(*args, **kwargs)
+                return fn(*args, **kwargs)
+            except FirstCallInCaptureError:
+                raise
+            except RuntimeError as exc:
+                if "capturing" in str(exc) and torch.cuda.is_current_stream_capturing():
+                    raise FirstCallInCaptureError(f"{fn.__name__} at these shapes") from exc
+                raise
+        return entry
+    return decorate
+
+
+def _dense_vectors(args: tuple, kwargs: dict, positions, names):
+    """``args``/``kwargs`` with the tensors at ``positions`` made contiguous (copies only where needed)."""
+    dense = None
+    for i in positions:
+        if i < len(args):
+            t = args[i]
+            if t is not None and not t.is_contiguous():
+                dense = dense or list(args)
+                dense[i] = t.contiguous()
+        elif kwargs.get(names[i]) is not None and not kwargs[names[i]].is_contiguous():
+            kwargs = {**kwargs, names[i]: kwargs[names[i]].contiguous()}
+    return (tuple(dense) if dense is not None else args), kwargs
 
 
 _forward = None
 
 
-@_entry_point
+@_entry_point("bias")
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -137,7 +146,7 @@ def conv_bias_act(
                     shortcut_x, shortcut_weight, shortcut_stride, relu)
 
 
-@_entry_point
+@_entry_point("bias", "in_mean", "in_invstd", "in_weight", "in_bias")
 def conv_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride, padding, dilation, groups: int,
@@ -152,7 +161,7 @@ def conv_stats(
                               in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats)
 
 
-@_entry_point
+@_entry_point("mean", "invstd", "weight", "bias", "res_mean", "res_invstd", "res_weight", "res_bias")
 def bn_add_act(
     y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
@@ -166,7 +175,7 @@ def bn_add_act(
                               res_weight, res_bias, residual_stride, residual_offset, relu)
 
 
-@_entry_point
+@_entry_point()
 def conv_bias_act_backward(
     grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
     stride, padding, dilation, groups: int,
@@ -183,7 +192,7 @@ def conv_bias_act_backward(
                 shortcut_stride, relu, needs)
 
 
-@_entry_point
+@_entry_point("grad_mean", "grad_var", "mean", "in_mean", "in_invstd", "in_weight", "in_bias")
 def conv_stats_backward(
     grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
     x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
@@ -199,7 +208,7 @@ def conv_stats_backward(
                 dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu, needs)
 
 
-@_entry_point
+@_entry_point("mean", "invstd", "weight", "res_mean", "res_invstd", "res_weight")
 def bn_add_act_backward(
     grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
