@@ -23,8 +23,14 @@ TORCHVISION=torchvision==0.26.0
 TRITON=triton==3.6.0
 CUTLASS=nvidia-cutlass==4.2.0.0
 
-PY312=${PY312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -n 1 || true)}
-[ -n "$PY312" ] && [ -x "$PY312" ] || { echo "no python 3.12 found: set PY312" >&2; exit 2; }
+# The first candidate that runs as 3.12: a pyenv shim is on PATH even when its version is not selected.
+is_py312() { [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
+if [ -z "${PY312:-}" ]; then
+    for candidate in "$(command -v python3.12 || true)" "$HOME"/.pyenv/versions/3.12*/bin/python3 /usr/bin/python3.12; do
+        if is_py312 "$candidate"; then PY312=$candidate; break; fi
+    done
+fi
+is_py312 "${PY312:-}" || { echo "no python 3.12 found: set PY312" >&2; exit 2; }
 VENV=${VENV:-/tmp/fused_resblock_gpu_stack}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 
