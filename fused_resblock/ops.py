@@ -13,7 +13,9 @@ traces a fused model without graph breaks:
 
 Each op picks its backend at run time (``backends.select``); the public
 functions below check their inputs, apply autocast, and call the op.
-Double backward is not supported and says so.
+Double backward (``create_graph=True``: gradient penalties, Hessian-vector
+products) recomputes the op with the reference's differentiable PyTorch ops
+(``_differentiable_grads``), with one warning where a kernel ran the forward.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._warnings import warn_once
+from .backends import reference
 from .backends.reference import memory_format_of, stat_dtype, weight_grad_format
 
 _NS = "fused_resblock"
@@ -82,9 +86,33 @@ def _by_needs(grads, needs) -> list:
     return [g if need else None for g, need in zip(grads, needs)]
 
 
-def _no_double_backward(op: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"fused_resblock::{op} does not support double backward (create_graph=True)")
+def _differentiable_grads(op: str, backend: str, inputs: tuple, needs: Sequence[bool], grads: tuple) -> list:
+    """The gradients of ``op`` as a graph of PyTorch ops, for a backward with ``create_graph=True``.
+
+    The fused backward kernels are not differentiable, so the op's forward is recomputed with the
+    reference backend (the same math in differentiable PyTorch ops) and differentiated by autograd:
+    torchvision's numbers, at its speed. A forced kernel backend has no such path and raises."""
+    name = backends.resolve_name(backend or None)
+    if name not in ("auto", "reference"):
+        raise backends.BackendUnsupportedError(
+            f"fused_resblock backend {name!r} (forced) has no double backward for {op} (create_graph=True): "
+            "its backward kernels are not differentiable; use backend='auto' or 'reference' for it")
+    if name == "auto" and inputs[0].device.type != "cpu":  # on the CPU auto is the reference anyway
+        warn_once(("double backward", op),
+                  f"fused_resblock: double backward (create_graph=True) of {op} recomputes it with the "
+                  "unfused reference ops", stacklevel=4)
+    # Differentiate with respect to fresh aliases: an input may also be an ancestor of another (a
+    # block's input is conv1's x and the last op's residual), and the gradient with respect to the
+    # tensor itself would add the paths through the other one.
+    inputs = tuple(t.view_as(t) if need else t for t, need in zip(inputs, needs))
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        outputs = getattr(reference, op)(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.numel()]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                     create_graph=True, allow_unused=True) if pairs and wrt else ())
+    return [next(found) if need else None for need in needs]
 
 
 # --------------------------------------------------------------------------- conv_bias_act
@@ -152,17 +180,20 @@ def _(grad, out, x, weight, has_bias, stride, padding, dilation, groups, residua
 def _conv_bias_act_setup(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
      shortcut_x, shortcut_weight, shortcut_stride, relu, backend) = inputs
-    ctx.save_for_backward(output, x, weight, residual, shortcut_x, shortcut_weight)
+    ctx.save_for_backward(output, x, weight, residual, shortcut_x, shortcut_weight, bias)
     ctx.args = (bias is not None, stride, padding, dilation, groups, residual_stride, residual_offset,
                 shortcut_stride, relu, backend)
 
 
 def _conv_bias_act_grad(ctx, grad):
-    _no_double_backward("conv_bias_act")
-    out, x, weight, residual, shortcut_x, shortcut_weight = ctx.saved_tensors
+    out, x, weight, residual, shortcut_x, shortcut_weight, bias = ctx.saved_tensors
     (has_bias, stride, padding, dilation, groups, residual_stride, residual_offset,
      shortcut_stride, relu, backend) = ctx.args
     ng = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_differentiable_grads("conv_bias_act", backend, (
+            x, weight, bias, stride, padding, dilation, groups, residual, residual_stride, residual_offset,
+            shortcut_x, shortcut_weight, shortcut_stride, relu), ng[:14], (grad,)), None)
     needs = [ng[0], ng[1], ng[2], ng[7], ng[10], ng[11]]
     gx, gw, gb, gr, gsx, gsw = _by_needs(_conv_bias_act_backward(
         grad.contiguous(memory_format=memory_format_of(out)), out, x, weight, has_bias,
@@ -233,17 +264,20 @@ def _conv_stats_setup(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
      in_relu, compute_stats, backend) = inputs
     y, mean, _ = output
-    ctx.save_for_backward(x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias)
+    ctx.save_for_backward(x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias, bias)
     ctx.args = (bias is not None, stride, padding, dilation, groups, in_relu, compute_stats, backend)
 
 
 def _conv_stats_grad(ctx, grad_y, grad_mean, grad_var):
-    _no_double_backward("conv_stats")
-    x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias = ctx.saved_tensors
+    x, y, mean, weight, in_mean, in_invstd, in_weight, in_bias, bias = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups, in_relu, compute_stats, backend = ctx.args
     if not compute_stats:
         grad_mean = grad_var = None
     ng = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_differentiable_grads("conv_stats", backend, (
+            x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
+            in_relu, compute_stats), ng[:13], (grad_y, grad_mean, grad_var)), None)
     needs = [ng[0], ng[1], ng[2], ng[7], ng[8], ng[9], ng[10]]
     gx, gw, gb, g_mean, g_invstd, g_weight, g_bias = _by_needs(_conv_stats_backward(
         grad_y.contiguous(memory_format=memory_format_of(y)), grad_mean, grad_var, x, y, mean, weight,
@@ -305,15 +339,19 @@ def _(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_we
 def _bn_add_act_setup(ctx, inputs, output):
     (y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
      residual_stride, residual_offset, relu, backend) = inputs
-    ctx.save_for_backward(output, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight)
+    ctx.save_for_backward(output, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+                          bias, res_bias)
     ctx.args = (residual_stride, residual_offset, relu, backend)
 
 
 def _bn_add_act_grad(ctx, grad):
-    _no_double_backward("bn_add_act")
-    out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight = ctx.saved_tensors
+    out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight, bias, res_bias = ctx.saved_tensors
     residual_stride, residual_offset, relu, backend = ctx.args
     needs = list(ctx.needs_input_grad[:10])
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_differentiable_grads("bn_add_act", backend, (
+            y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+            residual_stride, residual_offset, relu), ctx.needs_input_grad[:13], (grad,)), None)
     grads = _by_needs(_bn_add_act_backward(
         grad.contiguous(memory_format=memory_format_of(out)), out, y, mean, invstd, weight, residual,
         res_mean, res_invstd, res_weight, residual_stride, residual_offset, relu, needs, backend,

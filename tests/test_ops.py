@@ -12,7 +12,7 @@ from fused_resblock import backends, models, ops
 from fused_resblock import folding
 from fused_resblock.folding import fold_uncached
 from fused_resblock.backends import reference
-from helpers import randomize_norms
+from helpers import TRITON_INTERPRETING, randomize_norms
 
 F64 = torch.float64
 
@@ -107,20 +107,36 @@ def test_opcheck(name):
 @pytest.mark.parametrize("name", list(ALL_SAMPLES))
 def test_gradcheck(name):
     for op, args in ALL_SAMPLES[name](requires_grad=True):
-        def fn(*tensors, args=args):
-            it = iter(tensors)
-            full = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
-            out = op(*full)
-            return out if isinstance(out, torch.Tensor) else tuple(o for o in out if o.numel())
-        inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+        fn, inputs = _differentiable_inputs(op, args)
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_double_backward_is_a_clear_error():
+def _differentiable_inputs(op, args):
+    """(fn of the tensors that require grad, those tensors): what gradcheck and gradgradcheck take."""
+    def fn(*tensors):
+        it = iter(tensors)
+        full = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args]
+        out = op(*full)
+        return out if isinstance(out, torch.Tensor) else tuple(o for o in out if o.numel())
+    return fn, tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["conv_bias_act", "conv_stats", "bn_add_act"])
+def test_gradgradcheck(name):
+    """Double backward (create_graph=True: gradient penalties, Hessian-vector products) is exact.
+    fast_mode checks random projections of the Jacobians (the full ones take minutes here)."""
+    for op, args in ALL_SAMPLES[name](requires_grad=True):
+        fn, inputs = _differentiable_inputs(op, args)
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETING, reason="the triton backend on CPU tensors needs the interpreter")
+def test_double_backward_under_a_forced_kernel_backend_is_a_clear_error():
     op, args = _conv_bias_act_samples(requires_grad=True)[0]
-    out = op(*args)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), args[0], create_graph=True)
+    args = tuple(a.float().detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    args = (*args[:-1], "triton")
+    with pytest.raises(frb.BackendUnsupportedError, match="double backward"):
+        torch.autograd.grad(op(*args).sum(), args[0], create_graph=True)
     torch.autograd.grad(op(*args).sum(), args[0])  # a plain backward works
 
 

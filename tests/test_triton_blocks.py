@@ -165,3 +165,25 @@ def test_frozen_norm_eval_backward_on_triton(name, dtype, recwarn):
     x = torch.randn(2, reference.conv1.in_channels, 7, 7, device=DEVICE, dtype=dtype)
     assert_equivalent(fused, reference, x, train=False)
     assert not [w for w in recwarn if issubclass(w.category, frb.FusedResblockFallbackWarning)]
+
+
+# --------------------------------------------------------------------------- double backward
+@pytest.mark.skipif(DEVICE != "cuda", reason="auto runs the Triton kernels on a GPU only (on the CPU: the reference)")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_double_backward_after_kernels_ran_the_forward(train):
+    """auto on a GPU: Triton kernels run the forward; a create_graph=True backward recomputes each op
+    with the reference ops, warns once, and matches float64 (a gradient penalty's gradients)."""
+    from fused_resblock import _warnings
+    from test_equivalence import _gradient_penalty_grads
+
+    reference = randomize_norms(BLOCKS["basic-down"]()).to(DEVICE).train(train)
+    fused = frb.convert(copy.deepcopy(reference))
+    truth = copy.deepcopy(reference).double()
+    x = torch.randn(2, reference.conv1.in_channels, 8, 8, device=DEVICE)
+    _warnings.reset()
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="double backward"):
+        ours = _gradient_penalty_grads(fused, x, list(fused.parameters()))
+    expected = _gradient_penalty_grads(truth, x.double(), list(truth.parameters()))
+    for a, b in zip(ours, expected):  # loose: a ReLU kink may flip between fp32 paths (TF32 in torch)
+        scale = float(b.abs().max())
+        assert float((a.double() - b).abs().max()) <= 0.05 * scale, (float((a.double() - b).abs().max()), scale)
