@@ -86,7 +86,13 @@ def cmd_doctor(args) -> int:
         print(f"GPU         {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     else:
         print("GPU         none visible")
-    print(f"{backends.ENV_VAR}={os.environ.get(backends.ENV_VAR, '')!r} -> {backends.resolve_name(None)}")
+    try:
+        in_force = backends.resolve_name(None)
+    except ValueError as exc:  # what a user runs doctor for: say so, and go on with the report
+        in_force, status = f"invalid: {exc}", 1
+    else:
+        status = 0
+    print(f"{backends.ENV_VAR}={os.environ.get(backends.ENV_VAR, '')!r} -> {in_force}")
     print("backends:")
     for name, reason in backends.availability().items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -110,7 +116,7 @@ def cmd_doctor(args) -> int:
     for name in ("autotune.json", "backends.json"):
         path = cache_dir() / name
         print(f"cache       {path} ({'present' if path.is_file() else 'not written yet'})")
-    return 0
+    return status
 
 
 def cmd_bench(args) -> int:

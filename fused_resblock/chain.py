@@ -110,12 +110,24 @@ def _norm_weight_needs_grad(norm_modules) -> bool:
     return any(getattr(n, "weight", None) is not None and n.weight.requires_grad for n in norm_modules)
 
 
+def _check_weight_dtype(conv: nn.Conv2d, h: Tensor) -> None:
+    """A fold is cast to the input's dtype, so the ops never see a mismatch: name it here, as
+    torchvision's conv would (outside autocast, which casts both)."""
+    weight = conv._parameters["weight"]
+    if weight.dtype != h.dtype and ops.autocast_dtype(h.device.type) is None:
+        ops.check_same("weight", weight, h)
+
+
 def _run_eval(x, layers, shortcut, final_relu, cache, backend):
     h = x
     for conv, norm in layers[:-1]:
+        _check_weight_dtype(conv, h)
         weight, bias = cache.fold(conv, norm, h.dtype)
         h = ops.conv_bias_act(h, weight, bias, **_conv_args(conv), relu=True, backend=backend)
     conv, norm = layers[-1]
+    _check_weight_dtype(conv, h)
+    if shortcut.kind == "projection":
+        _check_weight_dtype(shortcut.conv, x)
     extra = {}
     if shortcut.kind == "projection" and _mergeable(shortcut.conv):
         weight, s_weight, bias = cache.fold_projection(conv, norm, shortcut.conv, shortcut.norm, h.dtype)

@@ -40,7 +40,8 @@ from .backends.reference import stat_dtype
 
 
 _ABSENT = object()
-# an entry's key once marked stale (a mode switch, an optimizer step): the next lookup refolds, in place
+# an entry's key once marked stale (a mode switch, an optimizer step) is (_STALE, its key): the next
+# lookup refolds, in place
 _STALE = object()
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -160,9 +161,15 @@ class FoldCache:
                 return compute()
             folded = compute()
             if entry is not None and _fits(entry[1], folded):
-                # in place: a CUDA graph captured with the old fold reads the new one
+                # in place: a CUDA graph captured with the old fold reads the new one. A refold only
+                # marked stale (its tensors' versions unchanged) bumps no version either: an earlier
+                # forward's graph saved the fold for its backward and, like torchvision's saved
+                # weights, reads the current values (an eval() between two forwards of a perceptual
+                # loss must not break the first one's backward); a real in-place update raises there,
+                # as it does in torchvision.
+                unversioned = entry[0][0] is _STALE and entry[0][1] == key
                 for old, new in zip(entry[1], folded):
-                    old.copy_(new)
+                    (old.data if unversioned else old).copy_(new)
                 folded = entry[1]
             else:
                 self._purge_dead()
@@ -175,7 +182,8 @@ class FoldCache:
         at its next lookup: for writes no version counter saw."""
         for slot, entry in self._entries.items():
             if tensor_ids is None or any(id(anchor()) in tensor_ids for anchor in entry[4] if anchor is not None):
-                self._entries[slot] = (_STALE, *entry[1:])
+                if entry[0][0] is not _STALE:
+                    self._entries[slot] = ((_STALE, entry[0]), *entry[1:])
 
     def refresh(self, force: bool = False) -> int:
         """Refold every entry whose tensors changed (``force``: every entry), in place where it fits;

@@ -70,7 +70,7 @@ def batch_params(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
 
     ``var`` is the biased variance over ``count`` elements per channel.
     """
-    if norm.training and count == 1:
+    if count == 1:  # batch statistics of one value (F.batch_norm's check, train mode or not)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} per channel"
         )
@@ -98,5 +98,7 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: int)
     else:
         factor, keep = norm.momentum, 1.0 - norm.momentum
     unbiased = var.detach() * (count / (count - 1))
-    running_mean.mul_(keep).add_(mean.detach().to(running_mean.dtype) * factor)
-    running_var.mul_(keep).add_(unbiased.to(running_var.dtype) * factor)
+    # one write per buffer, of a value computed from the batch's statistics: under FakeTensorMode
+    # with real buffers an in-place op on the buffer alone (mul_) would run for real
+    running_mean.copy_(running_mean * keep + mean.detach().to(running_mean.dtype) * factor)
+    running_var.copy_(running_var * keep + unbiased.to(running_var.dtype) * factor)

@@ -363,7 +363,16 @@ _bn_add_act.register_autograd(_bn_add_act_grad, setup_context=_bn_add_act_setup)
 
 
 # --------------------------------------------------------------------------- public functions
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+class InputShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong rank or channel count. Also a RuntimeError: torchvision's own modules
+    raise RuntimeError for these mistakes, and code written against them catches that."""
+
+
+class InputDtypeError(TypeError, RuntimeError):
+    """Tensors of mismatched or non-floating dtypes (a RuntimeError in torchvision too)."""
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -381,11 +390,12 @@ def check_activation(name: str, t: Tensor, channels: Optional[int] = None) -> No
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor (N, C, H, W), got {t.dim()}-D with shape {tuple(t.shape)}")
+        raise InputShapeError(
+            f"{name}: expected a 4-D tensor (N, C, H, W), got {t.dim()}-D with shape {tuple(t.shape)}")
     if channels is not None and t.shape[1] != channels:
-        raise ValueError(f"{name}: expected {channels} channels, got {t.shape[1]} (shape {tuple(t.shape)})")
+        raise InputShapeError(f"{name}: expected {channels} channels, got {t.shape[1]} (shape {tuple(t.shape)})")
     if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        raise InputDtypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
 def _check_device(name: str, t: Optional[Tensor], like: Tensor) -> None:
@@ -393,12 +403,12 @@ def _check_device(name: str, t: Optional[Tensor], like: Tensor) -> None:
         raise RuntimeError(f"{name} is on {t.device} but the input is on {like.device}; move them to one device")
 
 
-def _check_same(name: str, t: Optional[Tensor], like: Tensor) -> None:
+def check_same(name: str, t: Optional[Tensor], like: Tensor) -> None:
     if t is None:
         return
     _check_device(name, t, like)
     if t.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; use one dtype (or autocast)")
+        raise InputDtypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; use one dtype (or autocast)")
 
 
 def _pair(v) -> tuple:
@@ -414,22 +424,22 @@ def conv_bias_act(
     """act(conv(x, weight) + bias [+ conv1x1(shortcut_x, shortcut_weight)] [+ residual]); see reference.py."""
     check_activation("input", x)
     _check_device("weight", weight, x)
-    cast = _autocast_dtype(x.device.type)
+    cast = autocast_dtype(x.device.type)
     if cast is not None:
         x, weight, residual, shortcut_x, shortcut_weight = (
             _cast(t, cast) for t in (x, weight, residual, shortcut_x, shortcut_weight))
     check_activation("input", x, weight.shape[1] * groups)
-    _check_same("weight", weight, x)
+    check_same("weight", weight, x)
     if residual is not None:
         check_activation("residual", residual)
-        _check_same("residual", residual, x)
+        check_same("residual", residual, x)
     if residual_stride < 1 or shortcut_stride < 1:
         raise ValueError(f"residual_stride ({residual_stride}) and shortcut_stride ({shortcut_stride}) must be >= 1")
     if shortcut_x is not None or shortcut_weight is not None:
         if shortcut_x is None or shortcut_weight is None:
             raise ValueError("shortcut_x and shortcut_weight go together")
-        _check_same("shortcut input", shortcut_x, x)
-        _check_same("shortcut weight", shortcut_weight, x)
+        check_same("shortcut input", shortcut_x, x)
+        check_same("shortcut weight", shortcut_weight, x)
     if bias is not None:
         if bias.device != x.device:
             raise RuntimeError(f"bias is on {bias.device} but the input is on {x.device}")
@@ -473,14 +483,14 @@ def conv_stats(
     """(y, mean, var) with y = conv(relu?(BN_in(x))) + bias; ``in_norm`` = (mean, invstd, weight, bias)."""
     check_activation("input", x)
     _check_device("weight", weight, x)
-    cast = _autocast_dtype(x.device.type)
+    cast = autocast_dtype(x.device.type)
     x, weight = _cast(x, cast), _cast(weight, cast)
     if weight.is_cuda and weight.dim() == 4:
         # KRSC for the GPU kernels (an NCHW weight's taps are strided, gathered element by element);
         # free under autocast, whose cast copies anyway; the gradient flows back to the parameter
         weight = weight.contiguous(memory_format=torch.channels_last)
     check_activation("input", x, weight.shape[1] * groups)
-    _check_same("weight", weight, x)
+    check_same("weight", weight, x)
     sd = stat_dtype(x.dtype)
     bias = None if bias is None else bias.to(sd)
     return _conv_stats(
@@ -499,9 +509,9 @@ def bn_add_act(
         check_activation("residual", residual)
     if residual_stride < 1:
         raise ValueError(f"residual_stride ({residual_stride}) must be >= 1")
-    if residual is not None and residual.dtype != y.dtype and _autocast_dtype(y.device.type) is not None:
+    if residual is not None and residual.dtype != y.dtype and autocast_dtype(y.device.type) is not None:
         residual = residual.to(y.dtype)
-    _check_same("residual", residual, y)
+    check_same("residual", residual, y)
     sd = stat_dtype(y.dtype)
     return _bn_add_act(
         y, *_norm_args(norm, sd), residual, *_norm_args(residual_norm, sd), residual_stride,

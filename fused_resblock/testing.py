@@ -125,6 +125,22 @@ def assert_rule(name: str, out: Tensor, ref: Tensor, torch_out: Tensor,
 
 
 # --------------------------------------------------------------------------- module equivalence
+def randomize_norms(model: torch.nn.Module, spread: float = 0.5) -> torch.nn.Module:
+    """Random BN statistics and affine parameters, never the 0/1 defaults (with those, a fold that
+    ignores the running mean or variance passes every check): running mean and bias ~ N(0, spread),
+    running variance ~ U(0.5, 2), weight ~ U(0.5, 1.5). Batch norms and FrozenBatchNorm2d; in place."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d":
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.normal_(0, spread)
+                    m.running_var.uniform_(0.5, 2.0)
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, spread)
+    return model
+
+
 def _float64_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 

@@ -15,11 +15,13 @@ from torch import nn
 from . import models
 from .blocks import FusedModule
 from .convert import revert
-from .testing import equivalence_report
+from .testing import equivalence_report, randomize_norms
 
 # The input a builder is checked with: (batch, spatial size). Big enough that no BN in train
 # mode normalises over a handful of values (ill-conditioned), small enough for a CPU.
 DEFAULT_INPUT = {"cifar": (4, 32), "imagenet": (4, 64)}
+# BN statistics drawn with this spread: not the defaults, and small enough for deep nets to stay well scaled.
+NORM_SPREAD = 0.1
 
 
 @dataclass
@@ -35,11 +37,13 @@ class BlockResult:
 
 
 def build_pair(name: str, device: str = "cpu", backend=None):
-    """(fused model, torchvision-equivalent unfused model) with identical parameters."""
+    """(fused model, torchvision-equivalent unfused model) with identical parameters; random BN
+    statistics and affine parameters (with a builder's 0/1 defaults, eval mode could not tell a
+    fold that ignores them from a correct one)."""
     builder = getattr(models, name, None)
     if builder is None or not callable(builder):
         raise ValueError(f"unknown model {name!r}; see fused_resblock.models.__all__")
-    fused = builder(backend=backend).to(device)
+    fused = randomize_norms(builder(backend=backend), NORM_SPREAD).to(device)
     reference = revert(copy.deepcopy(fused))
     return fused, reference
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fused_resblock import backends
 from fused_resblock.__main__ import main
@@ -15,6 +16,24 @@ def test_doctor_names_every_backend(capsys):
         assert f"  {name} " in out
     assert "reference  available" in out
     assert "autotune.json" in out and "backends.json" in out and "FUSED_RESBLOCK_CUDA_PIPELINE" in out
+
+
+def test_doctor_reports_an_invalid_backend_variable(capsys, monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cudnn")
+    assert main(["doctor"]) == 1  # the report still comes, and says what is wrong
+    out = capsys.readouterr().out
+    assert "-> invalid: unknown fused_resblock backend 'cudnn'" in out and "reference  available" in out
+
+
+def test_verify_draws_batch_norm_statistics():
+    """With a builder's 0/1 defaults an eval fold that ignored the running statistics would pass."""
+    from fused_resblock import verify
+
+    fused, reference = verify.build_pair("cifar_resnet20")
+    norm = fused.layer1[0].bn1
+    assert not torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+    assert torch.equal(norm.running_mean, reference.layer1[0].bn1.running_mean)
 
 
 def test_verify_one_model_float64(capsys):

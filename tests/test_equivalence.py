@@ -361,6 +361,57 @@ def test_autocast_cpu_bfloat16():
         torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_mismatched_dtypes_raise_as_torchvision_does(train):
+    """Eval folds are cast to the input's dtype, so nothing below the block saw a float16 input
+    into a float32 model: it ran in float16 where torchvision raises."""
+    fused, reference = _pair(BLOCKS["basic-down"], torch.float32)
+    fused.train(train), reference.train(train)
+    x = _input_for(reference, dtype=torch.float16)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            reference(x)
+        with pytest.raises(RuntimeError, match="dtype torch.float32 but the input has torch.float16"):
+            fused(x)
+        with pytest.raises(TypeError):  # also a TypeError, as before
+            fused(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no error
+            assert fused(x).dtype == reference(x).dtype == torch.bfloat16
+
+
+def test_wrong_shapes_raise_runtime_errors_as_torchvision_does():
+    fused, reference = _pair(BLOCKS["basic"], torch.float32)
+    for bad in (torch.randn(2, 5, 8, 8), torch.randn(1, 2, 8, 8, 8)):
+        with pytest.raises(RuntimeError):
+            reference(bad)
+        with pytest.raises(RuntimeError, match="expected"):
+            fused(bad)
+
+
+def test_one_value_per_channel_with_batch_statistics_raises_in_eval_too():
+    """track_running_stats=False normalises with batch statistics in eval mode as well."""
+    reference = tv.BasicBlock(8, 8, norm_layer=lambda c: nn.BatchNorm2d(c, track_running_stats=False)).eval()
+    fused = frb.convert(copy.deepcopy(reference))
+    x = torch.randn(1, 8, 1, 1)
+    for block in (reference, fused):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            block(x)
+
+
+def test_fake_tensor_forward_leaves_real_running_statistics_alone():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fused, reference = _pair(BLOCKS["basic-down"], torch.float32)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    for block in (fused, reference):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            block.train()(mode.from_tensor(_input_for(reference, dtype=torch.float32)))
+    for (name, a), b in zip(fused.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+        if "running" in name:
+            torch.testing.assert_close(a, before[name], msg=name)
+
+
 def _gradient_penalty_grads(block, x, params):
     """Gradients of a gradient penalty (WGAN-GP, R1) and a Hessian-vector product: double backward."""
     x = x.clone().requires_grad_()

@@ -364,6 +364,33 @@ def test_writes_through_data_refold_after_a_mode_switch_or_a_forced_refold():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_a_mode_switch_between_forward_and_backward_keeps_the_first_graph():
+    """A perceptual loss through a frozen net whose helper calls eval() before each use: the second
+    eval() marks the folds stale and the second forward refolds them, in place, into the fold the
+    first forward saved for its backward. That refold bumps no version (the values are what the
+    versions say they are); a real in-place update still raises at backward, as in torchvision."""
+    reference = randomize_norms(models.cifar_resnet20(num_classes=4)).double().requires_grad_(False)
+    fused = frb.revert(copy.deepcopy(reference))
+    frb.convert(fused)
+    fake, real = _rand(2, 3, 8, 8), _rand(2, 3, 8, 8)
+    grads = []
+    for net in (fused, reference):
+        x = fake.clone().requires_grad_()
+        first = net.eval()(x)
+        loss = (first - net.eval()(real)).square().sum()
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    for net in (fused, reference):
+        x = fake.clone().requires_grad_()
+        out = net(x)
+        with torch.no_grad():
+            net.layer1[0].conv1.weight.mul_(2)
+        net(real)  # the fused net refolds here: a versioned write into the saved fold
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_a_fold_belongs_to_its_very_tensors():
     """Ids and addresses are reused once freed (the CUDA caching allocator hands a freed block to the
     next tensor of its size): a new weight whose id, address and version match the old key (forced
