@@ -28,8 +28,8 @@ from .folding import FoldCache
 
 def _transform_we_cannot_follow(x) -> Optional[str]:
     """The transform running a forward that the fused ops cannot serve, or None: FX symbolic tracing
-    cannot follow the fused path's Python decisions, and the custom ops have no vmap, jvp or
-    functorch-grad rules."""
+    cannot follow the fused path's Python decisions, and the custom ops have no jvp or
+    functorch-grad rules (their vmap rule is a loop over the batch: torchvision's ops do better)."""
     if isinstance(x, torch.fx.Proxy):
         return "FX symbolic tracing (create_feature_extractor, FX quantization)"
     if torch.compiler.is_compiling():

@@ -76,9 +76,10 @@ def _weight_grad_like(x: Tensor, weight: Tensor) -> Tensor:
                        memory_format=weight_grad_format(x, weight))
 
 
-def _fill_absent(grads, like: Tensor) -> list:
-    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
-    return [like.new_empty((0,)) if g is None else g for g in grads]
+def _fill_absent(grads, like: Tensor) -> tuple:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor. A tuple of fixed
+    arity, not a list: legacy vmap (``is_grads_batched=True``) can loop over an op only then."""
+    return tuple(like.new_empty((0,)) if g is None else g for g in grads)
 
 
 def _by_needs(grads, needs) -> list:
@@ -152,7 +153,7 @@ def _conv_bias_act_backward(
     residual: Optional[Tensor], residual_stride: int, residual_offset: int,
     shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
     relu: bool, needs: Sequence[bool], backend: str,
-) -> list[Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(x, weight, stride, padding, dilation, groups, merged_shortcut=shortcut_x is not None)
     impl = backends.select("conv_bias_act_backward", backend or None, config)
     return _fill_absent(impl.conv_bias_act_backward(
@@ -238,7 +239,7 @@ def _conv_stats_backward(
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
     in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
     in_bias: Optional[Tensor], in_relu: bool, needs: Sequence[bool], backend: str,
-) -> list[Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(x, weight, stride, padding, dilation, groups, prologue=in_mean is not None)
     impl = backends.select("conv_stats_backward", backend or None, config)
     return _fill_absent(impl.conv_stats_backward(
@@ -315,7 +316,7 @@ def _bn_add_act_backward(
     residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
     res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool,
     needs: Sequence[bool], backend: str,
-) -> list[Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.select("bn_add_act_backward", backend or None, _config(y, None))
     return _fill_absent(impl.bn_add_act_backward(
         grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
@@ -360,6 +361,29 @@ def _bn_add_act_grad(ctx, grad):
 
 
 _bn_add_act.register_autograd(_bn_add_act_grad, setup_context=_bn_add_act_setup)
+
+
+# --------------------------------------------------------------------------- batching (vmap)
+def _batching_by_loop(op):
+    """A vmap rule for ``op`` that calls it once per batch element and stacks the results: what
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (a Jacobian by vmap over the backward) and
+    ``torch.func.vmap`` of a direct op call need. Correct, not fast: one launch per element."""
+    def rule(info, in_dims, *args):
+        # in_dims: an int where an argument is batched (a list argument gets a list of Nones)
+        results = [op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        if isinstance(results[0], Tensor):
+            return torch.stack(results), 0
+        stacked = [torch.stack(parts) for parts in zip(*results)]
+        if isinstance(results[0], tuple):
+            return tuple(stacked), (0,) * len(stacked)
+        return stacked, [0] * len(stacked)
+    return rule
+
+
+for _op in (_conv_bias_act, _conv_bias_act_backward, _conv_stats, _conv_stats_backward,
+            _bn_add_act, _bn_add_act_backward):
+    torch.library.register_vmap(_op, _batching_by_loop(_op))
 
 
 # --------------------------------------------------------------------------- public functions
@@ -456,9 +480,9 @@ def conv_bias_act(
 
 
 def _eager_without_grad(args) -> bool:
-    """True when neither autograd nor a compiler needs to see the op: no input needs a gradient
-    (or grad mode is off) and nothing is being traced."""
-    if torch.compiler.is_compiling():
+    """True when neither autograd nor a compiler nor a torch.func transform needs to see the op: no
+    input needs a gradient (or grad mode is off) and nothing is being traced or transformed."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if not torch.is_grad_enabled():
         return True

@@ -130,6 +130,38 @@ def test_gradgradcheck(name):
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
+@pytest.mark.parametrize("name", ["conv_bias_act", "conv_stats", "bn_add_act"])
+def test_vmap_over_an_op_calls_it_per_element(name):
+    for op, args in ALL_SAMPLES[name]():
+        batched = torch.stack([args[0], torch.randn_like(args[0])])
+        got = torch.func.vmap(lambda first: op(first, *args[1:]))(batched)
+        expected = [op(first, *args[1:]) for first in batched]
+        if isinstance(got, torch.Tensor):
+            got, expected = (got,), (torch.stack(expected),)
+        else:
+            expected = [torch.stack(parts) for parts in zip(*expected)]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batched_gradients_through_a_model(train):
+    """is_grads_batched=True (legacy vmap over the backward ops) and jacobian(vectorize=True)."""
+    reference = randomize_norms(tv.BasicBlock(4, 6, 2, nn.Sequential(tv.conv1x1(4, 6, 2), nn.BatchNorm2d(6))))
+    reference = reference.double().train(train)
+    fused = frb.convert(copy.deepcopy(reference))
+    x = _rand(2, 4, 6, 6)
+    seeds = _rand(3, 2, 6, 3, 3)
+    found = []
+    for block in (fused, reference):
+        xx = x.clone().requires_grad_()
+        found.append(torch.autograd.grad(block(xx), xx, seeds, is_grads_batched=True)[0])
+    torch.testing.assert_close(found[0], found[1], rtol=1e-10, atol=1e-12)
+    if not train:  # running statistics: the function is the same at every call
+        jacobians = [torch.autograd.functional.jacobian(block, x[:1], vectorize=True) for block in (fused, reference)]
+        torch.testing.assert_close(jacobians[0], jacobians[1], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.skipif(not TRITON_INTERPRETING, reason="the triton backend on CPU tensors needs the interpreter")
 def test_double_backward_under_a_forced_kernel_backend_is_a_clear_error():
     op, args = _conv_bias_act_samples(requires_grad=True)[0]
