@@ -80,9 +80,20 @@ def _summarise(name: str, mode: str, dtype, reports) -> BlockResult:
                        all(r.passed for r in reports))
 
 
+# At 16 bits a whole network's gradients are decided by its ReLU kinks: in cifar_resnet20 ~2% (fp16)
+# and ~17% (bf16) of the inner ReLU elements lie within rounding of 0, thousands beyond the rule's
+# allowance (testing.MAX_INNER_KINKS), and torchvision's own model run channels_last fails that check
+# too. The whole model's row is then its forward (and buffers); every block's row checks gradients.
+WHOLE_MODEL_GRADIENTS = (torch.float32, torch.float64)
+FORWARD_ONLY = "(whole model, fwd)"
+FORWARD_ONLY_NOTE = (f"{FORWARD_ONLY}: at 16 bits the whole network's gradients hinge on thousands of ReLU "
+                     "kinks (within rounding of 0); its forward is checked here, gradients block by block")
+
+
 def verify_model(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *, train_modes=(False, True),
                  per_block: bool = True) -> list:
-    """BlockResults for the whole model and (optionally) each fused block, in eval and/or train mode."""
+    """BlockResults for the whole model and (optionally) each fused block, in eval and/or train mode
+    (the whole model's gradients at float32/float64 only: ``WHOLE_MODEL_GRADIENTS``)."""
     results = []
     blocks = _block_inputs(fused, x) if per_block else {}
     fused_modules = dict(fused.named_modules())
@@ -94,7 +105,9 @@ def verify_model(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *, tra
             reports = equivalence_report(f, r, block_x, train=train)
             results.append(_summarise(name, mode, x.dtype, reports))
         f, r = copy.deepcopy(fused), copy.deepcopy(reference)
-        results.append(_summarise("(whole model)", mode, x.dtype, equivalence_report(f, r, x, train=train)))
+        backward = x.dtype in WHOLE_MODEL_GRADIENTS
+        reports = equivalence_report(f, r, x, train=train, backward=backward)
+        results.append(_summarise("(whole model)" if backward else FORWARD_ONLY, mode, x.dtype, reports))
     return results
 
 
@@ -105,4 +118,6 @@ def format_table(title: str, results: list) -> str:
         dtype = str(r.dtype).replace("torch.", "")
         lines.append(f"{r.name:<22} {r.mode:<5} {dtype:<9} {r.out_err:>10.2e} {r.out_bound:>10.2e} "
                      f"{r.worst_ratio:>11.3f}  {r.worst_check[:32]:<33} {'ok' if r.passed else 'FAIL'}")
+    if any(r.name == FORWARD_ONLY for r in results):
+        lines.append(FORWARD_ONLY_NOTE)
     return "\n".join(lines)

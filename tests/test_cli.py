@@ -43,6 +43,12 @@ def test_verify_one_model_float64(capsys):
     assert " eval " in out and " train " in out
 
 
+def test_verify_at_16_bits_checks_the_whole_model_forward_and_says_so(capsys):
+    assert main(["verify", "cifar_resnet20", "--dtype", "bfloat16", "--whole", "--batch", "2", "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "(whole model, fwd)" in out and "gradients block by block" in out
+
+
 def test_verify_rejects_unknown_model():
     with pytest.raises(ValueError, match="unknown model"):
         main(["verify", "resnet9000", "--whole"])
