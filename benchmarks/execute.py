@@ -135,8 +135,9 @@ def run_case(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
             try:
                 cleanup()
             except Exception as exc:
-                if row["status"] == "ok":
-                    row.update(status="error", error=_error(exc))
+                if row["status"] == "ok":  # an asynchronous failure of the timed work, likely: drop it
+                    row.clear()
+                    row.update(base_row(case, "error"), error=_error(exc))
     row["warnings"] = _unique_messages(caught)
     row["wall_s"] = time.perf_counter() - started
     if row["status"] == "ok":

@@ -113,6 +113,8 @@ def rank(case: Case) -> int:
     score += _BATCH.get(case.batch, 1) + _IMPL.get(case.impl, 2) + (1 if case.mode == "train" else 0)
     if case.impl == "compile-default" and (case.mode == "train" or case.batch <= peers.SMALL_BATCH):
         score += 2  # a second full compile of the same model tells less than the first
+    if case.kind == "layer" and case.impl == "eager-folded":
+        score -= 1  # a conv layer's fair peer is a folded conv: it must come with the layer's row of ours
     return score
 
 

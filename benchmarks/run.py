@@ -106,6 +106,13 @@ def add_roofline_shares(rows: list, peaks: dict, cases: dict) -> None:
             row["roofline_share"] = roofline.share_of_roofline(cases[row["id"]], row["median_ms"], peaks)
 
 
+INTERRUPTED = "interrupted after"  # how the rows a time limit cut off begin their reason
+
+
+def was_interrupted(rows: list) -> bool:
+    return any(r["status"] == "skipped" and r["reason"].startswith(INTERRUPTED) for r in rows)
+
+
 def summary(rows: list, wall_s: float, complete: bool = True) -> dict:
     """Counts by status; ``complete`` is False in the checkpoints written while the run goes on."""
     counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "error", "skipped")}
@@ -136,36 +143,42 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
     with_ours = {case.group for case, _ in queue if case.is_ours}
     ours_ran: set = set()
     for index, (case, spare) in enumerate(queue, 1):
-        elapsed = time.perf_counter() - started
-        if interrupted is not None:
-            row = execute.skipped_row(case, interrupted)
-        elif dead is not None:
-            row = execute.skipped_row(case, f"device unusable after an earlier error: {dead}")
-        elif budget_s is not None and elapsed + estimator.cost_s(case) > budget_s:
-            row = execute.skipped_row(case, f"over budget: {elapsed:.0f} s of --budget-s {budget_s:g} spent, "
-                                            f"~{estimator.cost_s(case):.0f} s needed")
-        elif not case.is_ours and case.group in with_ours and case.group not in ours_ran:
-            row = execute.skipped_row(case, "over budget: none of ours ran in its group, so no comparison")
-        else:
-            if case.is_ours:
-                ours_ran.add(case.group)
-            estimator.commit(case)
-            injected = any(fnmatch.fnmatchcase(case.id, p) for p in inject)
-            try:
-                row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected)
-            except KeyboardInterrupt:  # a time limit: keep what was measured, write the JSON
-                interrupted = f"interrupted after {time.perf_counter() - started:.0f} s (SIGINT or SIGTERM)"
-                # not measured, and not a failure of the case: a time limit ran out
-                row = execute.skipped_row(case, f"{interrupted} while it ran")
-            except Exception as exc:  # run_case records its own failures; this is one of its cleanup
-                row = execute.error_row(case, exc)
-            if row["status"] == "error" and interrupted is None:
-                dead = execute.device_unusable(device)
-        rows.append(row)
-        if on_row is not None and row["status"] != "skipped":
-            on_row(rows)
-        if not spare or row["status"] != "skipped":  # thousands of spares would drown the log
-            log(_progress(index, len(queue), time.perf_counter() - started, row), flush=True)
+        row = None
+        try:
+            elapsed = time.perf_counter() - started
+            if interrupted is not None:
+                row = execute.skipped_row(case, interrupted)
+            elif dead is not None:
+                row = execute.skipped_row(case, f"device unusable after an earlier error: {dead}")
+            elif budget_s is not None and elapsed + estimator.cost_s(case) > budget_s:
+                row = execute.skipped_row(case, f"over budget: {elapsed:.0f} s of --budget-s {budget_s:g} spent, "
+                                                f"~{estimator.cost_s(case):.0f} s needed")
+            elif not case.is_ours and case.group in with_ours and case.group not in ours_ran:
+                row = execute.skipped_row(case, "over budget: none of ours ran in its group, so no comparison")
+            else:
+                if case.is_ours:
+                    ours_ran.add(case.group)
+                estimator.commit(case)
+                injected = any(fnmatch.fnmatchcase(case.id, p) for p in inject)
+                try:
+                    row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected)
+                except KeyboardInterrupt:  # a time limit: keep what was measured, write the JSON
+                    interrupted = f"{INTERRUPTED} {time.perf_counter() - started:.0f} s (SIGINT or SIGTERM)"
+                    # not measured, and not a failure of the case: a time limit ran out
+                    row = execute.skipped_row(case, f"{interrupted} while it ran")
+                except Exception as exc:  # run_case records its own failures; this is one of its cleanup
+                    row = execute.error_row(case, exc)
+                if row["status"] == "error" and interrupted is None:
+                    dead = execute.device_unusable(device)
+            rows.append(row)
+            if on_row is not None and row["status"] != "skipped":
+                on_row(rows)
+            if not spare or row["status"] != "skipped":  # thousands of spares would drown the log
+                log(_progress(index, len(queue), time.perf_counter() - started, row), flush=True)
+        except KeyboardInterrupt:  # outside the case itself (a budget check, a checkpoint, the log)
+            interrupted = interrupted or f"{INTERRUPTED} {time.perf_counter() - started:.0f} s (SIGINT or SIGTERM)"
+            if not rows or rows[-1] is not row:  # the row of this case, measured or not, is kept
+                rows.append(row if row is not None else execute.skipped_row(case, interrupted))
     return rows
 
 
@@ -254,7 +267,7 @@ def main(argv=None) -> int:
 
     with _sigterm_interrupts():
         rows = run_plan(plan, preset, device, budget_s, args.inject_failure, on_row=checkpoint)
-    result = result_of(rows, complete=True)
+    result = result_of(rows, complete=not was_interrupted(rows))
     write_json(result, out)  # before validating: a result that fails the schema is still kept
     print(f"wrote {out}", flush=True)
     problems = validate.errors(result)

@@ -271,6 +271,31 @@ def test_an_interrupt_keeps_the_rows_and_skips_the_rest(monkeypatch):
     assert all(r["status"] == "skipped" and "interrupted" in r["reason"] for r in ran[1:])
 
 
+def _summary_row(impl, median_ms, batch=1):
+    case = Case("model", "resnet50", "infer", "bf16", "channels_last", batch, impl)
+    row = execute.base_row(case, "ok")
+    row.update(median_ms=median_ms, images_per_s=batch / (median_ms * 1e-3), timings_ms=[median_ms])
+    return row
+
+
+def test_the_graphs_variant_is_the_headline_only_beside_the_graphs_peer():
+    """At batch 1 CUDA graphs save launches: against peers without graphs that is not the fusion's gain."""
+    rows = [_summary_row("ours:auto", 3.0), _summary_row("ours:auto+cudagraph", 1.0), _summary_row("eager", 4.0)]
+    (alone,) = report.group_summaries({"cases": rows})
+    assert alone["ours"]["impl"] == "ours:auto" and alone["speedup"] == pytest.approx(4.0 / 3.0)
+    (beside,) = report.group_summaries({"cases": rows + [_summary_row("compile-reduce-overhead", 2.0)]})
+    assert beside["ours"]["impl"] == "ours:auto+cudagraph" and beside["speedup"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("budget_s", [210, 480])
+def test_a_layer_is_planned_with_its_folded_eager_peer(budget_s):
+    """A conv layer's fair peer is a folded conv: eager alone (conv, then BN, add, ReLU) flatters us."""
+    plan = matrix.plan(matrix.FULL, torch.device("cuda"), budget_s=budget_s)
+    layer_ours = {c.group for c in plan.run if c.kind == "layer" and c.impl == "ours:auto"}
+    layer_folded = {c.group for c in plan.run if c.kind == "layer" and c.impl == "eager-folded"}
+    assert layer_ours and layer_ours <= layer_folded
+
+
 def test_list_prints_the_plan(capsys):
     assert run.main(["--tiny", "--device", "cpu", "--list"]) == 0
     assert "model:cifar_resnet20@16:infer:fp32:channels_last:b2:ours:reference" in capsys.readouterr().out
@@ -341,6 +366,33 @@ def test_a_failing_cleanup_is_recorded_and_the_run_goes_on(monkeypatch):
     ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
     assert len(ran) == len(plan.run) >= 2
     assert all(r["status"] == "error" and "illegal memory access" in r["error"]["message"] for r in ran)
+    # the failure may be the timed work's own (asynchronous): no timing survives beside the error
+    assert all(r["timings_ms"] == [] and r["median_ms"] is None and r["images_per_s"] is None for r in ran)
+    result = {"schema_version": run.SCHEMA_VERSION, "cases": rows}
+    assert not [p for p in validate.errors(result) if "has timings" in p]
+
+
+def test_an_interrupt_between_cases_keeps_the_rows_and_marks_the_run_partial(monkeypatch):
+    """SIGTERM while the driver writes a checkpoint or a log line, outside any case."""
+    def interrupting_log(*args, **kwargs):
+        raise KeyboardInterrupt
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=None, inject=[], log=interrupting_log)
+    assert len(rows) == len(plan.skipped) + len(plan.run) + len(plan.spare)  # every case has its row
+    ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
+    assert ran[0]["status"] == "ok"  # measured before the interrupt: kept
+    assert all(r["status"] == "skipped" and r["reason"].startswith(run.INTERRUPTED) for r in ran[1:])
+    assert run.was_interrupted(rows)
+
+
+def test_a_partial_result_says_so_in_the_table_and_the_summary(tiny):
+    _, result, _, _ = tiny
+    assert result["summary"]["complete"] is True
+    partial = copy.deepcopy(result)
+    partial["summary"]["complete"] = False
+    assert "A partial run" in report.render_table(partial)
+    assert "PARTIAL" in report.summary_text(partial)
+    assert "A partial run" not in report.render_table(result) and "PARTIAL" not in report.summary_text(result)
 
 
 def test_an_exception_escaping_a_case_becomes_its_error_row(monkeypatch):
