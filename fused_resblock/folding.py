@@ -181,9 +181,10 @@ class FoldCache:
         """Every entry (``tensor_ids``: every entry reading one of those tensors) refolds, in place,
         at its next lookup: for writes no version counter saw."""
         for slot, entry in self._entries.items():
+            if entry[0][0] is _STALE:  # already: every training step after an evaluation lands here
+                continue
             if tensor_ids is None or any(id(anchor()) in tensor_ids for anchor in entry[4] if anchor is not None):
-                if entry[0][0] is not _STALE:
-                    self._entries[slot] = ((_STALE, entry[0]), *entry[1:])
+                self._entries[slot] = ((_STALE, entry[0]), *entry[1:])
 
     def refresh(self, force: bool = False) -> int:
         """Refold every entry whose tensors changed (``force``: every entry), in place where it fits;
