@@ -20,7 +20,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 import fused_resblock as frb
 from fused_resblock import ops
 from fused_resblock.folding import FoldCache
-from fused_resblock.testing import randomize_norms
+from fused_resblock.testing import WELL_SCALED_SPREAD, randomize_norms
 
 from .cases import Case
 from .shapes import BlockSpec, ConvLayer, ModelSpec, input_size
@@ -90,10 +90,6 @@ def _plain_block(spec: BlockSpec) -> nn.Module:
     return cls(spec.inplanes, spec.planes, spec.stride, downsample)
 
 
-# Small random BN statistics (spread 0.1): folding is not the identity, and deep nets stay well scaled.
-NORM_SPREAD = 0.1
-
-
 def build_plain(spec, device) -> nn.Module:
     """A fresh plain module for ``spec``, built directly on ``device`` ("meta" for counting)."""
     torch.manual_seed(SEED)
@@ -105,7 +101,7 @@ def build_plain(spec, device) -> nn.Module:
         else:
             module = ConvLayerModule(spec)
     if torch.device(device).type != "meta":
-        randomize_norms(module, NORM_SPREAD)
+        randomize_norms(module, WELL_SCALED_SPREAD)
     return module
 
 

@@ -125,6 +125,11 @@ def assert_rule(name: str, out: Tensor, ref: Tensor, torch_out: Tensor,
 
 
 # --------------------------------------------------------------------------- module equivalence
+# A spread of random BN statistics that keeps a deep net's activations well scaled (benchmarks, verify);
+# the tests' blocks take the default, wider one.
+WELL_SCALED_SPREAD = 0.1
+
+
 def randomize_norms(model: torch.nn.Module, spread: float = 0.5) -> torch.nn.Module:
     """Random BN statistics and affine parameters, never the 0/1 defaults (with those, a fold that
     ignores the running mean or variance passes every check): running mean and bias ~ N(0, spread),

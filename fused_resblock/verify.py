@@ -15,13 +15,11 @@ from torch import nn
 from . import models
 from .blocks import FusedModule
 from .convert import revert
-from .testing import equivalence_report, randomize_norms
+from .testing import WELL_SCALED_SPREAD, equivalence_report, randomize_norms
 
 # The input a builder is checked with: (batch, spatial size). Big enough that no BN in train
 # mode normalises over a handful of values (ill-conditioned), small enough for a CPU.
 DEFAULT_INPUT = {"cifar": (4, 32), "imagenet": (4, 64)}
-# BN statistics drawn with this spread: not the defaults, and small enough for deep nets to stay well scaled.
-NORM_SPREAD = 0.1
 
 
 @dataclass
@@ -43,7 +41,7 @@ def build_pair(name: str, device: str = "cpu", backend=None):
     builder = getattr(models, name, None)
     if builder is None or not callable(builder):
         raise ValueError(f"unknown model {name!r}; see fused_resblock.models.__all__")
-    fused = randomize_norms(builder(backend=backend), NORM_SPREAD).to(device)
+    fused = randomize_norms(builder(backend=backend), WELL_SCALED_SPREAD).to(device)
     reference = revert(copy.deepcopy(fused))
     return fused, reference
 
