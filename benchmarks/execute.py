@@ -7,8 +7,11 @@ skipped with the library's reason, and the driver moves on.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import signal
 import statistics
+import threading
 import time
 import traceback
 import warnings
@@ -25,6 +28,31 @@ from .cases import Case
 TRACEBACK_LINES = 25
 MAX_WARNINGS = 10
 INJECTED = "injected failure (--inject-failure): this case fails on purpose"
+
+
+class CaseTimeLimit(BaseException):
+    """A case ran past its time limit. A BaseException, as KeyboardInterrupt is: the library's and
+    the tuners' ``except Exception`` (a failing tile config, say) must not swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise CaseTimeLimit in the main thread after ``seconds`` (SIGALRM); elsewhere, or None: no limit.
+    It fires between Python bytecodes, so a kernel that hangs the GPU is left to gpu_check's kill."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeLimit(f"over its time limit of {seconds:.0f} s; the run went on without it")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def base_row(case: Case, status: str) -> dict:
@@ -113,8 +141,9 @@ def _unique_messages(caught) -> list:
 
 
 def run_case(case: Case, device: torch.device, plan: timing.TimingPlan, rotation_cap: int,
-             inject_failure: bool = False) -> dict:
-    """Build, warm up and time ``case``; the row says ok, skipped (unsupported) or error."""
+             inject_failure: bool = False, time_limit_s: Optional[float] = None) -> dict:
+    """Build, warm up and time ``case``; the row says ok, skipped (unsupported) or error (one that
+    ran past ``time_limit_s`` too: a case is not allowed to spend the run's budget on its own)."""
     impl = peers.by_name()[case.impl]
     row = base_row(case, "ok")
     started = time.perf_counter()
@@ -122,9 +151,11 @@ def run_case(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
     frb_warnings.reset()  # each case reports its own fallback warnings
     caught = []
     try:
-        with warnings.catch_warnings(record=True) as caught, impl.context(case):
+        with warnings.catch_warnings(record=True) as caught, impl.context(case), time_limit(time_limit_s):
             warnings.simplefilter("always")
             row.update(_measure(case, device, plan, rotation_cap, impl, inject_failure))
+    except CaseTimeLimit as exc:
+        row.update(status="error", error=_error(exc))
     except BackendUnsupportedError as exc:
         row.update(status="skipped", reason=f"unsupported: {exc}")
     except Exception as exc:  # any failure is this case's result, not the run's end

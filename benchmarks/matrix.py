@@ -128,6 +128,19 @@ _FIRST_CALL_S = {  # compile / autotune / capture, by implementation family and 
 }
 
 
+# A case that runs far past its estimate (a tuner or compiler much slower than guessed) is cut
+# off rather than allowed to spend the budget of the cases after it.
+CASE_LIMIT_FACTOR = 3.0
+CASE_LIMIT_FLOOR_S = 60.0
+
+
+def case_time_limit_s(estimate_s: float, budget_left_s: Optional[float]) -> Optional[float]:
+    """CASE_LIMIT_FACTOR x the estimate, at least CASE_LIMIT_FLOOR_S, at most the budget left; no budget: none."""
+    if budget_left_s is None:
+        return None
+    return min(max(CASE_LIMIT_FACTOR * estimate_s, CASE_LIMIT_FLOOR_S), max(budget_left_s, 1.0))
+
+
 def _family(impl: str) -> str:
     """Our fused backends share one autotune cache per process: they are one family for first-call costs."""
     return "ours" if impl.startswith("ours:") and impl != "ours:reference" else impl

@@ -158,10 +158,13 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
             else:
                 if case.is_ours:
                     ours_ran.add(case.group)
+                limit_s = matrix.case_time_limit_s(estimator.cost_s(case),
+                                                   None if budget_s is None else budget_s - elapsed)
                 estimator.commit(case)
                 injected = any(fnmatch.fnmatchcase(case.id, p) for p in inject)
                 try:
-                    row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected)
+                    row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected,
+                                           time_limit_s=limit_s)
                 except KeyboardInterrupt:  # a time limit: keep what was measured, write the JSON
                     interrupted = f"{INTERRUPTED} {time.perf_counter() - started:.0f} s (SIGINT or SIGTERM)"
                     # not measured, and not a failure of the case: a time limit ran out

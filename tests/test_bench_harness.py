@@ -8,7 +8,9 @@ import copy
 import io
 import json
 import os
+import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -269,6 +271,46 @@ def test_an_interrupt_keeps_the_rows_and_skips_the_rest(monkeypatch):
     ran = [r for r in rows if r["id"] in {c.id for c in plan.run}]
     assert ran[0]["status"] == "skipped" and ran[0]["reason"].endswith("while it ran")
     assert all(r["status"] == "skipped" and "interrupted" in r["reason"] for r in ran[1:])
+
+
+def test_a_case_past_its_time_limit_is_an_error_and_the_rest_still_run(monkeypatch):
+    """One slow case (a tuner far slower than its estimate) must not spend the budget of the others."""
+    plan = matrix.plan(matrix.TINY, torch.device("cpu"), only=["model:*:infer:*"])
+    slow = plan.run[0].id
+    measure = execute._measure
+
+    def slow_first(case, *args, **kwargs):
+        if case.id == slow:
+            while True:  # busy Python code, as a tuner's loop is: the limit fires between bytecodes
+                time.sleep(0.01)
+        return measure(case, *args, **kwargs)
+    monkeypatch.setattr(execute, "_measure", slow_first)
+    monkeypatch.setattr(matrix, "CASE_LIMIT_FLOOR_S", 0.5)
+    started = time.perf_counter()
+    rows = run.run_plan(plan, matrix.TINY, torch.device("cpu"), budget_s=600, inject=[], log=lambda *a, **k: None)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[slow]["status"] == "error" and by_id[slow]["error"]["type"] == "CaseTimeLimit"
+    assert "time limit of 3 s" in by_id[slow]["error"]["message"]  # 3 x the CPU estimate of 1 s
+    assert all(by_id[c.id]["status"] == "ok" for c in plan.run[1:])
+    assert time.perf_counter() - started < 60
+
+
+def test_the_time_limit_is_cleared_when_the_case_ends():
+    with execute.time_limit(0.2):
+        pass
+    time.sleep(0.4)  # a timer left running would raise here
+    with pytest.raises(execute.CaseTimeLimit):
+        with execute.time_limit(0.05):
+            while True:
+                time.sleep(0.01)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_case_time_limits_scale_with_the_estimate_and_stay_within_the_budget():
+    assert matrix.case_time_limit_s(10.0, None) is None  # --budget-s 0: no budget, no per-case limit
+    assert matrix.case_time_limit_s(10.0, 1000.0) == matrix.CASE_LIMIT_FLOOR_S
+    assert matrix.case_time_limit_s(50.0, 1000.0) == 50.0 * matrix.CASE_LIMIT_FACTOR
+    assert matrix.case_time_limit_s(50.0, 70.0) == 70.0
 
 
 def _summary_row(impl, median_ms, batch=1):
