@@ -9,7 +9,27 @@ import time
 
 import torch
 
-from . import backends, verify
+from . import backends, models, verify
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N, and only a CUDA device that is there."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("no CUDA device is visible here")
+    return text
+
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -136,20 +156,21 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="convert ResNet-18/50 and CIFAR ResNet-56 and check every block")
-    demo.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "cifar_resnet56"])
+    demo.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "cifar_resnet56"],
+                      choices=models.BUILDERS, metavar="MODEL")
     demo.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     demo.set_defaults(func=cmd_demo)
 
     ver = sub.add_parser("verify", help="check one model, block by block")
-    ver.add_argument("model")
+    ver.add_argument("model", choices=models.BUILDERS, metavar="MODEL", help=", ".join(models.BUILDERS))
     ver.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     group = ver.add_mutually_exclusive_group()
     group.add_argument("--train", action="store_true", help="train mode only")
     group.add_argument("--eval", action="store_true", help="eval mode only")
-    ver.add_argument("--device")
+    ver.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     ver.add_argument("--backend", choices=["auto", *backends.NAMES])
-    ver.add_argument("--batch", type=int)
-    ver.add_argument("--size", type=int)
+    ver.add_argument("--batch", type=_positive_int)
+    ver.add_argument("--size", type=_positive_int)
     ver.add_argument("--whole", action="store_true", help="whole model only, no per-block rows")
     ver.set_defaults(func=cmd_verify)
 
@@ -161,7 +182,11 @@ def main(argv=None) -> int:
     bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except backends.BackendUnsupportedError as exc:  # --backend triton on the CPU, say: a message, not a traceback
+        print(f"python -m fused_resblock {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

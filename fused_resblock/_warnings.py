@@ -14,8 +14,8 @@ def warn_once(key, message: str, stacklevel: int = 3) -> None:
     """Warn with ``message`` the first time ``key`` is seen in this process."""
     if key in _seen:
         return
-    _seen.add(key)
     warnings.warn(message, FusedResblockFallbackWarning, stacklevel=stacklevel)
+    _seen.add(key)  # after: under warnings-as-errors every call raises, none runs on silently
 
 
 def reset() -> None:

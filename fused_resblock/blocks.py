@@ -127,6 +127,13 @@ class FusedModule:
             cache.clear()
         return result
 
+    def _replicate_for_data_parallel(self):
+        # DataParallel copies __dict__ per replica: each replica's folds are its own tensors', and
+        # replicas run in parallel threads, so they must not share (nor race on) the original's cache
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__.pop("_fold_cache", None)
+        return replica
+
     def _run_unfused(self, x: Tensor, reason: str) -> Tensor:
         name = backends.resolve_name(self.backend)
         if name != "auto":

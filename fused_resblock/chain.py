@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import norms, ops
-from .folding import FoldCache
+from .folding import FoldCache, member
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def _norm_weight_needs_grad(norm_modules) -> bool:
 def _check_weight_dtype(conv: nn.Conv2d, h: Tensor) -> None:
     """A fold is cast to the input's dtype, so the ops never see a mismatch: name it here, as
     torchvision's conv would (outside autocast, which casts both)."""
-    weight = conv._parameters["weight"]
+    if not isinstance(h, Tensor):  # a TypeError naming it, as torchvision's, not an AttributeError
+        ops.check_activation("input", h)
+    weight = member(conv, "weight")  # a plain tensor too (DataParallel's replicas hold those)
     if weight.dtype != h.dtype and ops.autocast_dtype(h.device.type) is None:
         ops.check_same("weight", weight, h)
 

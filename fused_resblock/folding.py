@@ -3,10 +3,15 @@
 conv(x, w) + b followed by BN with running statistics equals
 conv(x, w * s) + (b - mean) * s + beta, with s = gamma / sqrt(var + eps).
 The fold is cached per (conv, norm) pair and recomputed only when a parameter
-or buffer changed: an entry holds weak references to its modules and tensors
-(identity: a freed id or address reused by a new tensor cannot pass for the old
-one) and each tensor's storage pointer and version counter, so an in-place
-update, ``load_state_dict`` or ``.to()`` invalidates it and nothing else does. When autograd needs gradients
+or buffer changed: an entry holds weak references to its modules and to its
+tensors' storages, and each tensor's id, storage pointer and version counter, so
+an in-place update, ``load_state_dict``, ``.to()`` or a replaced tensor
+invalidates it and nothing else does. While a storage lives no other has its
+address, so an id or address reused after a free cannot pass for the old one
+(``p.data = new`` keeps the Parameter but frees its storage). No weak reference to
+the tensors themselves: ``torch.utils.swap_tensors`` (``.to()`` and
+``load_state_dict`` under ``torch.__future__.set_swap_module_params_on_conversion``,
+tensor-subclass parameters) refuses tensors that have one. When autograd needs gradients
 through the fold (fine-tuning with frozen BN) it is recomputed, differentiably.
 
 A refold writes into the cached tensors when their shapes still fit, so a CUDA
@@ -28,6 +33,7 @@ are read from the modules' own dictionaries, not through
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Optional
 
@@ -46,7 +52,7 @@ _STALE = object()
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _member(module: nn.Module, name: str):
+def member(module: nn.Module, name: str):
     """``getattr(module, name, None)`` without nn.Module.__getattr__ for parameters and buffers."""
     tensor = module._parameters.get(name, _ABSENT)
     if tensor is _ABSENT:
@@ -60,17 +66,17 @@ def _tensors(pairs) -> list:
     """Every tensor the folds of (conv, norm, conv, norm, ...) read, in order (None where absent)."""
     tensors = []
     for i in range(0, len(pairs), 2):
-        tensors.append(_member(pairs[i], "weight"))
-        tensors.append(_member(pairs[i], "bias"))
-        tensors.extend(_member(pairs[i + 1], name) for name in NORM_TENSORS)
+        tensors.append(member(pairs[i], "weight"))
+        tensors.append(member(pairs[i], "bias"))
+        tensors.extend(member(pairs[i + 1], name) for name in NORM_TENSORS)
     return tensors
 
 
 def _key(tensors, dtype: torch.dtype, pairs):
-    """What the fold depends on besides its tensors' identity (``_anchors``); None when it cannot
-    be known (an inference tensor has no version). Each tensor's storage and version counter:
-    ``.to()``/``load_state_dict``/an in-place update change one of them (a dtype or device change
-    makes a new storage)."""
+    """What the fold depends on besides its modules' identity and its storages' lives; None when it
+    cannot be known (an inference tensor has no version). Each tensor's id, storage pointer and
+    version counter: ``.to()``/``load_state_dict``/an in-place update change one of them (a dtype or
+    device change makes a new storage)."""
     parts = [dtype]
     parts.extend(norm.eps for norm in pairs[1::2])
     try:
@@ -78,7 +84,7 @@ def _key(tensors, dtype: torch.dtype, pairs):
             if t is None:
                 parts.append(None)
             else:
-                parts += (t.data_ptr(), t._version)
+                parts += (id(t), t.data_ptr(), t._version)
     except RuntimeError:  # an inference tensor's _version raises
         if any(t is not None and t.is_inference() for t in tensors):
             return None
@@ -88,6 +94,26 @@ def _key(tensors, dtype: torch.dtype, pairs):
 
 def _anchors(objects) -> tuple:
     return tuple(None if o is None else weakref.ref(o) for o in objects)
+
+
+def _storage_anchors(tensors) -> tuple:
+    # a storage's Python object lives as long as the storage (PyTorch preserves it), so a weak
+    # reference dies with the storage: ``p.data = new`` twice may reuse the first storage's address
+    return tuple(None if t is None else weakref.ref(t.untyped_storage()) for t in tensors)
+
+
+def _storages_alive(anchors: tuple) -> bool:
+    """While an entry's storages live, no other storage has their addresses: the key's pointers are theirs."""
+    for anchor in anchors:
+        if anchor is not None and anchor() is None:
+            return False
+    return True
+
+
+def _shared_cpu(tensors) -> bool:
+    """Tensors in shared memory (``model.share_memory()``, Hogwild training): another process writes
+    them and no version counter here sees it, so their folds are never cached."""
+    return any(t is not None and t.device.type == "cpu" and t.is_shared() for t in tensors)
 
 
 def _anchored(anchors: tuple, objects) -> bool:
@@ -115,9 +141,10 @@ class FoldCache:
     """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
     def __init__(self) -> None:
-        _LIVE_CACHES.add(self)
-        # slot (module ids) -> (key, folded tensors, weak refs to the modules, dtype, weak refs to the tensors)
+        # slot (module ids) -> (key, folded tensors, weak refs to the modules, dtype, the tensors' ids,
+        # weak refs to their storages)
         self._entries: dict = {}
+        _register(self)  # last: another thread's optimizer hook may visit it at once
 
     # A copy of a module (deepcopy, pickle, DataParallel's replicas through __dict__) starts empty:
     # the folds belong to the original's tensors.
@@ -129,7 +156,7 @@ class FoldCache:
 
     def __setstate__(self, state) -> None:
         self._entries = {}
-        _LIVE_CACHES.add(self)
+        _register(self)
 
     def fold(self, conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
         """(weight, bias) of ``conv`` followed by ``norm``."""
@@ -146,18 +173,20 @@ class FoldCache:
 
     def _cached(self, pairs, dtype: torch.dtype, compute):
         tensors = _tensors(pairs)
-        if torch.compiler.is_compiling() or (
+        # a compiler or jit.trace records the fold's ops, so the graph reads the weights, not a
+        # cached fold baked in as a constant
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         ):
             return compute()
         key = _key(tensors, dtype, pairs)
         slot = tuple(map(id, pairs))
         entry = self._entries.get(slot) if key is not None else None
-        if entry is not None and entry[0] == key and _anchored(entry[2], pairs) and _anchored(entry[4], tensors):
+        if entry is not None and entry[0] == key and _anchored(entry[2], pairs) and _storages_alive(entry[5]):
             return entry[1]  # the hot path: a hit enters no context
         # out of inference mode: a fold made under it could not be saved for a later backward
         with torch.inference_mode(False), torch.no_grad():
-            if key is None:
+            if key is None or _shared_cpu(tensors):
                 return compute()
             folded = compute()
             if entry is not None and _fits(entry[1], folded):
@@ -174,16 +203,17 @@ class FoldCache:
             else:
                 self._purge_dead()
         # weak references: an entry must not keep a module alive (DataParallel makes replicas per call)
-        self._entries[slot] = (key, folded, _anchors(pairs), dtype, _anchors(tensors))
+        ids = frozenset(id(t) for t in tensors if t is not None)  # for mark_stale
+        self._entries[slot] = (key, folded, _anchors(pairs), dtype, ids, _storage_anchors(tensors))
         return folded
 
     def mark_stale(self, tensor_ids: Optional[set] = None) -> None:
         """Every entry (``tensor_ids``: every entry reading one of those tensors) refolds, in place,
         at its next lookup: for writes no version counter saw."""
-        for slot, entry in self._entries.items():
+        for slot, entry in list(self._entries.items()):  # a snapshot: another thread may be folding
             if entry[0][0] is _STALE:  # already: every training step after an evaluation lands here
                 continue
-            if tensor_ids is None or any(id(anchor()) in tensor_ids for anchor in entry[4] if anchor is not None):
+            if tensor_ids is None or not entry[4].isdisjoint(tensor_ids):
                 self._entries[slot] = ((_STALE, entry[0]), *entry[1:])
 
     def refresh(self, force: bool = False) -> int:
@@ -193,21 +223,22 @@ class FoldCache:
         if force:
             self.mark_stale()
         count = 0
-        for slot, (key, _, refs, dtype, tensor_refs) in list(self._entries.items()):
+        for slot, (key, _, refs, dtype, _ids, storage_refs) in list(self._entries.items()):
             modules = [r() for r in refs]
             if any(m is None for m in modules):
                 del self._entries[slot]
                 continue
             tensors = _tensors(modules)
-            if _key(tensors, dtype, modules) != key or not _anchored(tensor_refs, tensors):
+            if _key(tensors, dtype, modules) != key or not _storages_alive(storage_refs):
                 with torch.no_grad():
                     (self.fold if len(modules) == 2 else self.fold_projection)(*modules, dtype)
                 count += 1
         return count
 
     def _purge_dead(self) -> None:
-        for slot in [s for s, entry in self._entries.items() if any(r() is None for r in entry[2])]:
-            del self._entries[slot]
+        for slot, entry in list(self._entries.items()):
+            if any(r() is None for r in entry[2]):
+                self._entries.pop(slot, None)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -221,8 +252,18 @@ def _fits(old: tuple, new: tuple) -> bool:
                for o, n in zip(old, new))
 
 
-# Every cache, for the optimizer hook below (weakly: a cache lives as long as its module).
+# Every cache, for the optimizer hook below (weakly: a cache lives as long as its module). The lock:
+# a thread training while another copies and evaluates a model adds caches during the hook's loop.
 _LIVE_CACHES: "weakref.WeakSet[FoldCache]" = weakref.WeakSet()
+_LIVE_CACHES_LOCK = threading.Lock()
+
+
+def _register(cache: FoldCache) -> None:
+    if torch.compiler.is_compiling():  # a module's first call under torch.compile; dynamo traces no lock
+        _LIVE_CACHES.add(cache)
+        return
+    with _LIVE_CACHES_LOCK:
+        _LIVE_CACHES.add(cache)
 
 
 @torch.compiler.disable  # a compiled optimizer step runs it eagerly, untraced
@@ -230,7 +271,9 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """Torch's fused optimizers (``fused=True``) write parameters without bumping their version
     counters: after any optimizer step, the folds that read its parameters refold."""
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for cache in list(_LIVE_CACHES):
+    with _LIVE_CACHES_LOCK:
+        caches = list(_LIVE_CACHES)
+    for cache in caches:
         cache.mark_stale(stepped)
 
 

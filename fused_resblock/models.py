@@ -160,4 +160,6 @@ IMAGENET_BUILDERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 PLAIN_BUILDERS = ("plain18", "plain34")
 CIFAR_BUILDERS = tuple(f"cifar_resnet{d}" for d in CIFAR_DEPTHS) + tuple(f"cifar_plain{d}" for d in CIFAR_DEPTHS[:5])
 
-__all__ = ["FusedResNet", "CifarResNet", "FusedCifarResNet", *IMAGENET_BUILDERS, *PLAIN_BUILDERS, *CIFAR_BUILDERS]
+BUILDERS = IMAGENET_BUILDERS + PLAIN_BUILDERS + CIFAR_BUILDERS
+
+__all__ = ["FusedResNet", "CifarResNet", "FusedCifarResNet", *BUILDERS]

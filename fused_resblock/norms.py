@@ -71,6 +71,9 @@ def batch_params(norm: nn.Module, mean: Tensor, var: Tensor, count: int):
     ``var`` is the biased variance over ``count`` elements per channel.
     """
     if count == 1:  # batch statistics of one value (F.batch_norm's check, train mode or not)
+        tracked = norm.num_batches_tracked if norm.training and norm.track_running_stats else None
+        if tracked is not None:  # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
+            tracked.add_(1)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {count} per channel"
         )

@@ -38,17 +38,17 @@ def build_pair(name: str, device: str = "cpu", backend=None):
     """(fused model, torchvision-equivalent unfused model) with identical parameters; random BN
     statistics and affine parameters (with a builder's 0/1 defaults, eval mode could not tell a
     fold that ignores them from a correct one)."""
-    builder = getattr(models, name, None)
-    if builder is None or not callable(builder):
-        raise ValueError(f"unknown model {name!r}; see fused_resblock.models.__all__")
-    fused = randomize_norms(builder(backend=backend), WELL_SCALED_SPREAD).to(device)
+    if name not in models.BUILDERS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(models.BUILDERS)}")
+    fused = randomize_norms(getattr(models, name)(backend=backend), WELL_SCALED_SPREAD).to(device)
     reference = revert(copy.deepcopy(fused))
     return fused, reference
 
 
 def default_input(name: str, batch=None, size=None, dtype=torch.float32, device="cpu"):
     b, s = DEFAULT_INPUT["cifar" if name.startswith("cifar") else "imagenet"]
-    return torch.randn(batch or b, 3, size or s, size or s, dtype=dtype, device=device)
+    b, s = b if batch is None else batch, s if size is None else size
+    return torch.randn(b, 3, s, s, dtype=dtype, device=device)
 
 
 def _block_inputs(model: nn.Module, x: torch.Tensor) -> dict:

@@ -49,14 +49,25 @@ def test_verify_at_16_bits_checks_the_whole_model_forward_and_says_so(capsys):
     assert "(whole model, fwd)" in out and "gradients block by block" in out
 
 
-def test_verify_rejects_unknown_model():
+@pytest.mark.parametrize("argv", [
+    ["verify", "resnet9000"], ["verify", "Tensor"],  # a name in fused_resblock.models is not a builder
+    ["demo", "--models", "resnet9000"], ["verify", "cifar_resnet20", "--batch", "0"],
+    ["verify", "cifar_resnet20", "--device", "meta"], ["verify", "cifar_resnet20", "--device", "nonsense"],
+])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    """Usage errors, not tracebacks (nor a silent default in place of --batch 0)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+    from fused_resblock import verify
     with pytest.raises(ValueError, match="unknown model"):
-        main(["verify", "resnet9000", "--whole"])
+        verify.build_pair("Tensor")
 
 
-def test_demo_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "fused_resblock", "demo", "--models", "cifar_resnet20", "--cpu"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "all checks passed" in proc.stdout
-    assert "float32" in proc.stdout and "float64" in proc.stdout
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs here")
+def test_a_backend_that_cannot_run_here_is_a_message(capsys):
+    assert main(["verify", "cifar_resnet20", "--device", "cpu", "--backend", "cuda", "--whole", "--eval",
+                 "--batch", "2", "--size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "verify:" in err and "cuda" in err and "Traceback" not in err

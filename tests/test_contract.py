@@ -175,6 +175,16 @@ def test_convert_leaves_user_subclasses_alone():
     assert type(blk) is MyBlock
 
 
+def test_backend_names_are_checked(monkeypatch):
+    from fused_resblock import backends
+    with pytest.raises(ValueError, match="must be a string"):
+        backends.resolve_name(3)
+    monkeypatch.setenv(backends.ENV_VAR, "  ")  # blank is unset, as empty is
+    assert backends.resolve_name(None) == "auto"
+    monkeypatch.setenv(backends.ENV_VAR, " Triton ")
+    assert backends.resolve_name(None) == "triton"
+
+
 def test_convert_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown fused_resblock backend"):
         frb.convert(tv.resnet18(), backend="tpu")

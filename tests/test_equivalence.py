@@ -1,5 +1,6 @@
 """Fused blocks and models against torchvision through the reference backend, by the numerical rule."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -386,6 +387,38 @@ def test_wrong_shapes_raise_runtime_errors_as_torchvision_does():
             reference(bad)
         with pytest.raises(RuntimeError, match="expected"):
             fused(bad)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("make", [
+    lambda: tv.BasicBlock(8, 16),  # no downsample for a channel change
+    lambda: tv.BasicBlock(8, 8, stride=2),  # nor for a stride
+    lambda: tv.Bottleneck(32, 4),  # 16 channels out, 32 in
+    lambda: tv.Bottleneck(16, 4, downsample=nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))),
+], ids=["basic-channels", "basic-stride", "bottleneck-channels", "projection-channels"])
+def test_a_shortcut_of_another_shape_raises_as_torchvision_does(make, train):
+    """torchvision's ``out += identity`` raises; a residual padded or cropped to fit would be a silent wrong answer."""
+    reference = make().train(train)
+    fused = frb.convert(copy.deepcopy(reference))
+    x = torch.randn(2, reference.conv1.in_channels, 6, 6)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(RuntimeError):
+                reference(x)
+            with pytest.raises(RuntimeError, match="does not match|must match"):
+                fused(x)
+
+
+def test_warnings_as_errors_raise_on_every_call():
+    """Under ``warnings.simplefilter("error")`` the fallback warning raises each time, as torchvision
+    never warns; it must not raise once and then let the fallback run silently."""
+    block = frb.convert(tv.BasicBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c)))
+    x = torch.randn(2, 8, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(frb.FusedResblockFallbackWarning):
+                block(x)
 
 
 def test_one_value_per_channel_with_batch_statistics_raises_in_eval_too():

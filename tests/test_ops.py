@@ -213,6 +213,9 @@ def test_bad_input_errors(block, x, error, match):
 def test_not_a_tensor(block):
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.conv_bias_act([1.0], block.conv1.weight)
+    for mode in (False, True):  # a TypeError, as torchvision's conv raises, in eval (folded) too
+        with torch.no_grad(), pytest.raises(TypeError, match="torch.Tensor"):
+            block.train(mode)([torch.randn(1, 8, 5, 5)])
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -220,6 +223,16 @@ def test_not_a_tensor(block):
     (dict(residual=torch.randn(1, 8, 5, 5), residual_stride=0), "residual_stride"),
     (dict(shortcut_x=torch.randn(1, 8, 5, 5), shortcut_weight=torch.randn(8, 8, 1, 1), shortcut_stride=0),
      "shortcut_stride"),
+    # a residual of another shape than the output: padded or cropped it would be a silent wrong answer
+    (dict(residual=torch.randn(1, 4, 5, 5)), r"residual of shape \(1, 4, 5, 5\) does not match"),
+    (dict(residual=torch.randn(1, 16, 5, 5)), "does not match the output's shape"),
+    (dict(residual=torch.randn(1, 8, 9, 9)), "does not match the output's shape"),
+    (dict(residual=torch.randn(2, 8, 5, 5)), "does not match the output's shape"),
+    (dict(residual=torch.randn(1, 4, 5, 5), residual_offset=5), "from channel 5"),
+    (dict(shortcut_x=torch.randn(1, 8, 5, 5), shortcut_weight=torch.randn(4, 8, 1, 1)),
+     "projection shortcut of shape"),
+    (dict(shortcut_x=torch.randn(1, 8, 5, 5), shortcut_weight=torch.randn(8, 8, 1, 1), shortcut_stride=2),
+     "projection shortcut of shape"),
 ])
 def test_bad_residual_and_shortcut_arguments(kwargs, match):
     x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
@@ -232,9 +245,29 @@ def test_bad_residual_and_shortcut_arguments(kwargs, match):
 
 
 def test_batch_norm_needs_more_than_one_value():
-    blk = frb.convert(tv.BasicBlock(8, 8)).train()
-    with pytest.raises(ValueError, match="more than 1 value"):
-        blk(torch.randn(1, 8, 1, 1))
+    """As nn.BatchNorm2d, the batch is counted before it is refused (the count is momentum=None's
+    average: code that catches the error and goes on must see torchvision's statistics)."""
+    reference = tv.Bottleneck(16, 4).train()
+    fused = frb.convert(copy.deepcopy(reference))
+    x = torch.randn(1, 16, 2, 2)  # bn1 sees 4 values per channel; bn2, after the stride... 1x1 at stride 2
+    reference.conv2.stride = fused.conv2.stride = (2, 2)
+    for m in (reference, fused):
+        with pytest.raises(ValueError, match="more than 1 value"):
+            m(x)
+    for (name, a), b in zip(reference.named_buffers(), fused.buffers()):
+        assert torch.equal(a, b), name
+    assert fused.bn2.num_batches_tracked == 1 and fused.bn3.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_an_input_smaller_than_the_kernel_is_a_runtime_error(train):
+    """torch's conv raises a RuntimeError; every backend says the same before it launches."""
+    x = torch.randn(2, 8, 2, 6)
+    weight = torch.randn(8, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="smaller than the"):
+        ops.conv_bias_act(x, weight)
+    with pytest.raises(RuntimeError, match="smaller than the"):
+        ops.conv_stats(x, weight)
 
 
 # --------------------------------------------------------------------------- backend selection
@@ -492,6 +525,146 @@ def test_fold_follows_an_optimizer_step():
         after, expected = model(x), reference(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def _pair_f64(block=None):
+    reference = randomize_norms(block or tv.BasicBlock(4, 4)).double().eval()
+    return frb.convert(copy.deepcopy(reference)), reference
+
+
+def test_a_storage_replaced_through_data_is_refolded_at_a_reused_address():
+    """``p.data = new`` keeps the Parameter and its version; after two such writes the allocator may
+    hand back the first storage's address (forced here: the key is made to match): the dead storage
+    still tells the fold is stale (vector_to_parameters, MoCo-style EMA)."""
+    fused, reference = _pair_f64()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    with torch.no_grad():
+        fused(x)
+        new = torch.randn_like(fused.conv1.weight)
+        fused.conv1.weight.data = new.clone()
+        reference.conv1.weight.data = new.clone()
+        pairs = (fused.conv1, fused.bn1)
+        slot = tuple(map(id, pairs))
+        entry = fused.fold_cache._entries[slot]
+        fused.fold_cache._entries[slot] = (folding._key(folding._tensors(pairs), F64, pairs), *entry[1:])
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_jit_trace_reads_the_weights_not_a_cached_fold():
+    """A trace after an eager forward must not bake that forward's folds in as constants."""
+    fused, reference = _pair_f64()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings about our Python control flow
+        fused(x)
+        traced, traced_reference = torch.jit.trace(fused, (x,)), torch.jit.trace(reference, (x,))
+        for t in (traced, traced_reference):
+            for p in t.parameters():
+                p.mul_(1.5)
+            t.bn1.running_mean.add_(1.0)
+        torch.testing.assert_close(traced(x), traced_reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_swapped_after_an_evaluation():
+    """swap_tensors (``.to()`` and ``load_state_dict`` under the swap future flag, tensor-subclass
+    parameters) refuses a tensor with a weak reference: the fold cache holds none to the tensors."""
+    fused, reference = _pair_f64()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    state = copy.deepcopy(randomize_norms(tv.BasicBlock(4, 4)).double().state_dict())
+    with torch.no_grad():
+        fused(x)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for m in (fused, reference):
+            m.float().double()
+            m.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def test_shared_memory_folds_are_not_cached():
+    """model.share_memory() (Hogwild): another process writes the weights and no version counter
+    here sees it (simulated with a write through .data), so every eval forward folds afresh."""
+    fused, reference = _pair_f64()
+    fused.share_memory()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    with torch.no_grad():
+        fused(x)
+        for m in (fused, reference):
+            m.conv2.weight.data.mul_(1.5)
+            m.bn1.running_var.data.add_(1.0)
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert len(fused.fold_cache) == 0
+
+
+def test_dataparallel_replicas_fold_their_own_tensors():
+    """DataParallel's replicas (torch's replicate(), the GPU broadcast replaced by a copy) hold
+    their weights as plain tensors and copy the module's __dict__: each gets its own fold cache."""
+    import sys
+    import torch.nn.parallel  # noqa: F401
+    replicate_module = sys.modules["torch.nn.parallel.replicate"]  # the package's name is its function
+
+    def copies(tensors, devices, detach):
+        return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+    fused, reference = _pair_f64()
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    with torch.no_grad():
+        fused(x)
+    original = replicate_module._broadcast_coalesced_reshape
+    replicate_module._broadcast_coalesced_reshape = copies
+    try:
+        replicas = replicate_module.replicate(fused, [0, 1], detach=True)
+    finally:
+        replicate_module._broadcast_coalesced_reshape = original
+    assert all(r.fold_cache is not fused.fold_cache for r in replicas)
+    with torch.no_grad():
+        for replica in replicas:
+            torch.testing.assert_close(replica(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_an_optimizer_step_while_another_thread_makes_models():
+    """The step hook visits every live fold cache; another thread evaluating fresh copies adds caches
+    meanwhile (a trainer thread beside an evaluator thread)."""
+    import sys
+    import threading
+
+    errors, stop = [], threading.Event()
+    w = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.1)  # unrelated to the models: its hook still visits every cache
+
+    def stepper():
+        try:
+            while not stop.is_set():
+                w.grad = torch.ones(1)
+                opt.step()
+        except Exception as exc:
+            errors.append(exc)
+            stop.set()
+
+    base = nn.Sequential(*[tv.BasicBlock(4, 4) for _ in range(30)]).eval()
+    x = torch.randn(1, 4, 4, 4)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows within a second when present
+    thread = threading.Thread(target=stepper)
+    thread.start()
+    try:
+        keep = []
+        for _ in range(150):
+            model = frb.convert(copy.deepcopy(base))
+            with torch.no_grad():
+                model(x)
+            keep = keep[-20:] + [model]
+            if stop.is_set():
+                break
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors
 
 
 def test_torch_export_eval():

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet as torchvision_resnet
 
 import fused_resblock as frb
 from fused_resblock import models, ops
@@ -128,6 +129,31 @@ def test_block_train_forward_backward_on_triton(name, dtype):
         _check_bias_before_batch_norm(fused, reference, x)
     else:
         assert_equivalent(fused, reference, x, train=True)
+
+
+def test_empty_batch_train_backward_on_triton():
+    """Sums over no elements: every BN gradient is 0, as PyTorch's (the empty batch's NaN invstd
+    must not reach them), and the buffers match."""
+    fused, reference = _triton_pair("bottleneck-down", torch.float32)
+    x = torch.randn(0, reference.conv1.in_channels, 7, 7, device=DEVICE, requires_grad=True)
+    for m in (fused, reference):
+        m.train()(x).sum().backward()
+    for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    for (name, a), b in zip(reference.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, a, equal_nan=True, msg=name)
+
+
+def test_input_errors_on_triton_are_torchvision_errors():
+    """An input smaller than the kernel, a shortcut of the wrong shape: a RuntimeError, as
+    torchvision raises (InputShapeError is one), before any kernel launches."""
+    too_small, _ = _triton_pair("basic", torch.float32)
+    strided = frb.convert(torchvision_resnet.BasicBlock(8, 8, stride=2), backend="triton").to(DEVICE)
+    for block, x, match in ((too_small, torch.randn(2, 8, 0, 4, device=DEVICE), "smaller than the"),
+                            (strided, torch.randn(2, 8, 6, 6, device=DEVICE), "does not match")):
+        for mode in (False, True):
+            with pytest.raises(ops.InputShapeError, match=match):
+                block.train(mode)(x)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -188,15 +188,19 @@ def _bn_add_act_bwd_kernel(
 
 # --------------------------------------------------------------------------- host
 def finalize_channel_grads(part: Tensor, s1_off: int, s2_off: int, channels: int, col_offset: int,
-                           invstd: Tensor, weight: Optional[Tensor], needs) -> list:
+                           invstd: Tensor, weight: Optional[Tensor], needs, empty: bool = False) -> list:
     """[mean, invstd, weight, bias] gradients from partial sums ``part`` ([T, stride_t] fp32).
 
     ``needs`` = [mean, invstd, weight, bias]; the weight gradient exists only
-    with a weight. Returns a list of 4 (None where not needed).
+    with a weight. Returns a list of 4 (None where not needed). ``empty``: the
+    sums are over no elements, so every gradient is 0, as PyTorch's (the kernel's
+    products with an empty batch's NaN invstd would be NaN).
     """
     needs = [bool(needs[0]), bool(needs[1]), bool(needs[2]) and weight is not None, bool(needs[3])]
     dev = invstd.device
     outs = [new_output((channels,), torch.float32, dev) if nd else None for nd in needs]
+    if empty:
+        return [None if o is None else o.zero_() for o in outs]
     if not any(needs) or channels == 0:
         return outs
     dummy = invstd
@@ -316,11 +320,11 @@ def bn_add_act_backward(
 
     main = [None] * 4
     if any(needs[1:5]):
-        main = finalize_channel_grads(part, 0, c, c, 0, invstd, weight, needs[1:5])
+        main = finalize_channel_grads(part, 0, c, c, 0, invstd, weight, needs[1:5], empty=m == 0)
     rest = [gr, None, None, None, None]
     if res_bn and any(needs[6:10]):
         rest[1:] = finalize_channel_grads(part, 2 * c, 3 * c, c_res, residual_offset,
-                                          res_invstd, res_weight, needs[6:10])
+                                          res_invstd, res_weight, needs[6:10], empty=m == 0)
     if residual is None:
         rest = [None] * 5
     return (gy, *main, *rest)

@@ -517,7 +517,8 @@ def conv_stats_backward(
     if needs[0] or part_sums:
         gx, part = _dgrad(src, weight, x, geometry, oh, ow, prologue, store_gx=needs[0], part_sums=part_sums)
         if part_sums:
-            p_grads = finalize_channel_grads(part, 0, x.shape[1], x.shape[1], 0, in_invstd, in_weight, p_needs)
+            p_grads = finalize_channel_grads(part, 0, x.shape[1], x.shape[1], 0, in_invstd, in_weight, p_needs,
+                                             empty=x.numel() == 0)
     gw = gb = None
     bias_grad = has_bias and needs[2]
     if needs[1] or bias_grad:
