@@ -123,19 +123,27 @@ def cmd_doctor(args) -> int:
         print("CUDA extension: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     except (ImportError, AttributeError) as exc:
         print(f"CUDA extension: no build information ({exc})")
+    from .backends import cache_file, choice
     from .backends import cuda as cuda_backend
-    from .backends.cache_file import cache_dir
+    from .backends.triton import autotune
 
-    print(f"FUSED_RESBLOCK_AUTOTUNE={os.environ.get('FUSED_RESBLOCK_AUTOTUNE', '')!r} "
-          f"(tile tuning and auto's backend measurement {'off' if os.environ.get('FUSED_RESBLOCK_AUTOTUNE') == '0' else 'on'})")
+    tuning = "on" if cache_file.measurements_enabled() else "off"
+    if tuning == "on" and autotune.interpreter_requested():
+        tuning = "on for auto's measurement; tile tuning off under TRITON_INTERPRET"
+    print(f"{cache_file.AUTOTUNE_ENV}={os.environ.get(cache_file.AUTOTUNE_ENV, '')!r} "
+          f"(tile tuning and auto's backend measurement: {tuning})")
     print(f"{cuda_backend.PIPELINE_ENV}={os.environ.get(cuda_backend.PIPELINE_ENV, '')!r} "
           f"(the CUDA kernel and its main loop)")
-    threads = os.environ.get("FUSED_RESBLOCK_COMPILE_THREADS", "")
-    print(f"FUSED_RESBLOCK_COMPILE_THREADS={threads!r} (threads compiling a shape's candidate tiles; "
-          f"default the CPU count up to 16)")
-    for name in ("autotune.json", "backends.json"):
-        path = cache_dir() / name
-        print(f"cache       {path} ({'present' if path.is_file() else 'not written yet'})")
+    threads = os.environ.get(autotune.COMPILE_THREADS_ENV, "")
+    problem = autotune.compile_threads_problem(threads)
+    print(f"{autotune.COMPILE_THREADS_ENV}={threads!r} (threads compiling a shape's candidate tiles; default "
+          f"the CPU count up to 16){'' if problem is None else ' -> invalid: ' + problem + ', the default is used'}")
+    if problem is not None:
+        status = 1
+    for path, fmt, version, parse in (
+            (autotune.cache_path(), autotune.FORMAT, autotune.VERSION, autotune.Config.from_dict),
+            (choice.cache_path(), choice.FORMAT, choice.VERSION, choice.parse_entry)):
+        print(f"cache       {path}: {cache_file.describe(path, fmt, version, parse)}")
     return status
 
 

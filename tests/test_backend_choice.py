@@ -254,6 +254,23 @@ def test_a_candidate_that_disagrees_with_the_reference_is_not_chosen(tmp_path):
                           reference=REFERENCE) is SLOW
 
 
+@pytest.mark.parametrize("degenerate", ["zeros", "constant", "nan"])
+def test_a_check_on_degenerate_outputs_is_not_kept(tmp_path, degenerate):
+    """Agreeing on all zeros (a warm-up call on torch.zeros), one value or all NaN proves nothing:
+    the verdict serves this process but another one checks again."""
+    expected = {"zeros": torch.zeros(2, 8, 5, 5), "constant": torch.full((2, 8, 5, 5), 3.0),
+                "nan": torch.full((2, 8, 5, 5), float("nan"))}[degenerate]
+    run, benchmark, ran = _outputs({"reference": expected, "fast": expected.clone(), "slow": expected.clone()})
+    chooser = make_chooser(tmp_path / "backends.json", benchmark)
+    assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True, reference=REFERENCE) is FAST
+    assert not (tmp_path / "backends.json").exists()
+    informative = torch.randn(2, 8, 5, 5)
+    run, benchmark, ran = _outputs({"reference": informative, "fast": informative.clone(), "slow": informative})
+    chooser = make_chooser(tmp_path / "backends.json", benchmark)
+    assert chooser.choose("conv_bias_act", KEY, (FAST, SLOW), run, "cuda", allowed=True, reference=REFERENCE) is FAST
+    assert (tmp_path / "backends.json").exists()
+
+
 @pytest.mark.parametrize("bad", ["nan", "shape"])
 def test_with_no_candidate_agreeing_the_reference_runs(tmp_path, bad):
     expected = torch.randn(4, 6, dtype=torch.bfloat16)

@@ -25,6 +25,20 @@ def test_doctor_reports_an_invalid_backend_variable(capsys, monkeypatch):
     assert "-> invalid: unknown fused_resblock backend 'cudnn'" in out and "reference  available" in out
 
 
+def test_doctor_reports_bad_settings_and_caches(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSED_RESBLOCK_COMPILE_THREADS", "abc")
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", " OFF ")
+    (tmp_path / "autotune.json").write_bytes(b"\xff\xfe not text")
+    (tmp_path / "backends.json").mkdir()
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "measurement: off" in out
+    assert "FUSED_RESBLOCK_COMPILE_THREADS='abc'" in out and "invalid" in out
+    assert "autotune.json: unusable, ignored" in out
+    assert "backends.json: a directory, not a file" in out
+
+
 def test_verify_draws_batch_norm_statistics():
     """With a builder's 0/1 defaults an eval fold that ignored the running statistics would pass."""
     from fused_resblock import verify

@@ -19,7 +19,6 @@ reference runs. Such verdicts are not saved, so every process checks again.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import threading
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Callable, Dict, Hashable, Optional, Sequence
 import torch
 
 from .._warnings import warn_once
-from .cache_file import cache_dir, merge_entry, read_entries
+from .cache_file import cache_dir, measurements_enabled, merge_entry, read_entries
 
 # A candidate agrees with the reference when no element differs by more than this many rounding
 # steps of the dtype times max|reference|: generous for a correct kernel (fp32 accumulation both
@@ -71,6 +70,8 @@ def _versions(by_name: dict, device: torch.device) -> str:
     except Exception:
         triton_version = "none"
     parts = [f"torch-{torch.__version__}", f"triton-{triton_version}"]
+    if "triton" in by_name:  # a changed Triton kernel deserves a new check and measurement too
+        parts.append(f"kernels-{by_name['triton'].kernel_digest()}")
     if "cuda" in by_name:
         info = by_name["cuda"].build_info()
         parts.append(f"cuda-ext-{info.get('sources_digest')}-pipeline{by_name['cuda'].PIPELINE}")
@@ -101,7 +102,7 @@ def disagreement(out, expected) -> Optional[str]:
 
 def measurement_allowed() -> Optional[bool]:
     """True to measure, False to take the first candidate, None while capturing a CUDA graph."""
-    if os.environ.get("FUSED_RESBLOCK_AUTOTUNE", "1") == "0":
+    if not measurements_enabled():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
@@ -126,7 +127,7 @@ class BackendChooser:
 
     def _disk_entries(self) -> Dict[str, str]:
         if self._disk is None:
-            self._disk = read_entries(self.path, FORMAT, VERSION, _backend_name, what=WHAT)
+            self._disk = read_entries(self.path, FORMAT, VERSION, parse_entry, what=WHAT)
         return self._disk
 
     def choose(self, op: str, shape_key: tuple, candidates: Sequence[ModuleType],
@@ -159,7 +160,7 @@ class BackendChooser:
                     name, lasting = self._measure(op, shape_key, candidates, run, reference)
                 if lasting:  # a candidate that failed by chance (out of memory) may win in a later process
                     self._disk_entries()[file_key] = name
-                    merge_entry(self.path, FORMAT, VERSION, file_key, name, _backend_name, what=WHAT)
+                    merge_entry(self.path, FORMAT, VERSION, file_key, name, parse_entry, what=WHAT)
             self._memo[memo_key] = name
             return by_name[name] if name in by_name else reference
 
@@ -174,6 +175,10 @@ class BackendChooser:
                 expected = run(reference)
             except Exception:  # out of memory, say: measure unchecked, keep nothing
                 lasting = False
+            else:
+                # all zeros, one value or no finite one (a warm-up call on torch.zeros): agreeing
+                # there proves little, so the verdict is used now but not kept for other processes
+                lasting = _informative(expected)
         for module in candidates:
             try:
                 if expected is not None:
@@ -196,7 +201,15 @@ class BackendChooser:
         return best, lasting
 
 
-def _backend_name(value) -> str:
+def _informative(expected) -> bool:
+    """Whether an output can tell a broken kernel from a correct one: two finite values at least."""
+    if not isinstance(expected, torch.Tensor):
+        return True
+    finite = expected[torch.isfinite(expected)]
+    return finite.numel() > 1 and bool(finite.amax() != finite.amin())
+
+
+def parse_entry(value) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"not a backend name: {value!r}")
     return value

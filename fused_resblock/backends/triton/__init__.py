@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import FirstCallInCaptureError, conv_geometry_reason
-from .autotune import interpreter_requested
+from .autotune import interpreter_requested, kernel_digest  # noqa: F401  (kernel_digest: for auto's cache key)
 
 NAME = "triton"
 

@@ -20,8 +20,11 @@ does one lookup) and in a JSON file, so a second process pays no tuning.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .. import FirstCallInCaptureError
-from ..cache_file import cache_dir, merge_entry, read_entries, write_entries
+from ..cache_file import cache_dir, measurements_enabled, merge_entry, read_entries, write_entries
 
 FORMAT = "fused_resblock.autotune"
 VERSION = 1
@@ -60,7 +63,9 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in fields(cls)}
-        if set(d) != names or not all(isinstance(v, int) and v > 0 for v in d.values()):
+        # type(v) is int: JSON's true is a Python int too; blocks are powers of two (tl.arange's rule)
+        if set(d) != names or not all(type(v) is int and 0 < v <= 1024 for v in d.values()) or not all(
+                d[b] & (d[b] - 1) == 0 for b in ("block_m", "block_n", "block_k")):
             raise ValueError(f"not a Config: {d!r}")
         return cls(**d)
 
@@ -232,14 +237,28 @@ def save_cache_file(path: Path, entries: Dict[str, Config]) -> None:
 
 
 # --------------------------------------------------------------------------- the tuner
+_KERNEL_SOURCES = ("autotune.py", "conv_fwd.py", "conv_bwd.py", "bn_act.py", "bn_act_bwd.py", "precision.py")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_digest() -> str:
+    """A digest of the Triton kernels' sources and their candidate tiles: a changed kernel may want
+    other tiles, or no longer fit an old one (more shared memory), so its measurements start over."""
+    digest = hashlib.sha256()
+    for name in _KERNEL_SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _file_key(key: ShapeKey, device_name: str) -> str:
-    """Stable text key: the GPU model and Triton version take the device's place."""
+    """Stable text key: the GPU model, Triton version and our kernels' digest take the device's place."""
     import triton
 
     shape = "|".join(str(v) for v in key[2:-1])
-    if key.fusion:  # eval keys stay as they were before train mode existed
+    if key.fusion:
         shape += f"|{key.fusion}"
-    return f"{device_name}|triton-{triton.__version__}|{str(key.dtype).replace('torch.', '')}|{shape}"
+    return (f"{device_name}|triton-{triton.__version__}|kernels-{kernel_digest()}|"
+            f"{str(key.dtype).replace('torch.', '')}|{shape}")
 
 
 # --------------------------------------------------------------------------- parallel compiles
@@ -262,12 +281,24 @@ def compiling_only() -> bool:
 
 def compile_threads() -> int:
     """Threads compiling a key's candidates: FUSED_RESBLOCK_COMPILE_THREADS, else the CPU count (at most 16)."""
+    default = max(1, min(16, os.cpu_count() or 1))
     value = os.environ.get(COMPILE_THREADS_ENV, "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{COMPILE_THREADS_ENV}={value!r}: expected a positive integer")
-        return int(value)
-    return max(1, min(16, os.cpu_count() or 1))
+    if not value:
+        return default
+    reason = compile_threads_problem(value)
+    if reason is not None:  # a speed knob: say so and go on (raising here took triton out of auto's race)
+        from ..._warnings import warn_once
+        warn_once(("compile threads", value), f"fused_resblock: {reason}; compiling in {default} threads")
+        return default
+    return int(value)
+
+
+def compile_threads_problem(value: str) -> Optional[str]:
+    """None when ``value`` is a valid FUSED_RESBLOCK_COMPILE_THREADS, else what is wrong (doctor says it too)."""
+    value = value.strip()
+    if not value or (value.isascii() and value.isdigit() and int(value) >= 1):
+        return None
+    return f"{COMPILE_THREADS_ENV}={value!r} is not a positive integer"
 
 
 def precompile(key: ShapeKey, launch: Callable[[Config], None], configs: List[Config], threads: int) -> None:
@@ -344,6 +375,8 @@ class Autotuner:
                 device_name = torch.cuda.get_device_name(key.device)
             fkey = _file_key(key, device_name)
             cfg = self._disk_entries().get(fkey)
+            if cfg is not None and cfg not in candidate_configs(key):
+                cfg = None  # an entry edited by hand, or from candidates since changed: tuned again
             if cfg is None:
                 cfg, lasting = self._tune(key, launch)
                 if lasting:
@@ -387,7 +420,7 @@ def _tuning_allowed(key: ShapeKey) -> Optional[bool]:
     """True to time candidates, False for the default, None while capturing a CUDA graph."""
     if interpreter_requested() or key.device.type != "cuda":
         return False
-    if os.environ.get("FUSED_RESBLOCK_AUTOTUNE", "1") == "0":
+    if not measurements_enabled():
         return False
     if torch.cuda.is_current_stream_capturing():
         return None
