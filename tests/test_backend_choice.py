@@ -86,7 +86,7 @@ def test_the_cuda_extensions_build_is_part_of_the_verdicts_key(tmp_path):
         return speed[module.NAME]
 
     def cuda_build(digest):
-        return types.SimpleNamespace(NAME="cuda", PIPELINE=0, build_info=lambda: {"sources_digest": digest})
+        return types.SimpleNamespace(NAME="cuda", PIPELINE=0, sources_digest=lambda: digest)
     assert chooser.choose("conv_bias_act", KEY, (cuda_build("aaaa"), SLOW), run, "cuda", allowed=True).NAME == "cuda"
     keys = list(json.loads((tmp_path / "backends.json").read_text())["entries"])
     assert len(keys) == 1 and "cuda-ext-aaaa-pipeline0" in keys[0]

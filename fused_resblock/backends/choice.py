@@ -73,8 +73,7 @@ def _versions(by_name: dict, device: torch.device) -> str:
     if "triton" in by_name:  # a changed Triton kernel deserves a new check and measurement too
         parts.append(f"kernels-{by_name['triton'].kernel_digest()}")
     if "cuda" in by_name:
-        info = by_name["cuda"].build_info()
-        parts.append(f"cuda-ext-{info.get('sources_digest')}-pipeline{by_name['cuda'].PIPELINE}")
+        parts.append(f"cuda-ext-{by_name['cuda'].sources_digest()}-pipeline{by_name['cuda'].PIPELINE}")
     if device.type == "cuda" and torch.cuda.is_available():
         parts.append(f"sms-{torch.cuda.get_device_properties(device).multi_processor_count}")
     return "|".join(parts)
