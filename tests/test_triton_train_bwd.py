@@ -333,6 +333,32 @@ def test_backend_supports_backward_ops():
     assert "float64" in triton_backend.supports("bn_add_act_backward", dict(base, dtype=torch.float64))
 
 
+def test_gradient_formats_of_non_dense_inputs_follow_the_inputs():
+    """A channel slice of a channels_last tensor is neither format: every backend's gradients are
+    NCHW for it, as the ops' fake kernels say (torch.compile plans strides from those), not the
+    format of a dense copy made inside (the reference's prologue output, its fp32 residual)."""
+    big = torch.randn(2, 7, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x = big[:, 2:6]
+    assert reference.memory_format_of(x) == torch.contiguous_format
+    weight = torch.randn(3, 4, 3, 3, device=DEVICE) * 0.2
+    im, ii = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE) + 0.5
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    y, mean, _ = reference.conv_stats(x, weight, None, *geo, im, ii, None, None, True, True)
+    conv_args = [torch.randn(y.shape, device=DEVICE), None, None, x, y, mean, weight, False, *geo, im, ii, None,
+                 None, True, [True, True] + [False] * 5]
+    rbig = torch.randn(2, 7, 6, 5, device=DEVICE).half().contiguous(memory_format=torch.channels_last)
+    residual = rbig[:, 1:5]
+    yb = torch.randn(2, 4, 6, 5, device=DEVICE).half()
+    m, inv = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE) + 0.5
+    out = reference.bn_add_act(yb, m, inv, None, None, residual, None, None, None, None, 1, 0, True)
+    bn_args = [torch.randn(yb.shape, device=DEVICE).half(), out, yb, m, inv, None, residual, None, None, None,
+               1, 0, True, [False] * 5 + [True] + [False] * 4]
+    for backend in (reference, triton_backend):
+        gx, gw = backend.conv_stats_backward(*conv_args)[:2]
+        assert gx.is_contiguous() and gw.is_contiguous(), backend.__name__
+        assert backend.bn_add_act_backward(*bn_args)[5].is_contiguous(), backend.__name__
+
+
 def test_backend_functions_match_module():
     case = ConvCase(1, 4, 5, 5, 4)
     args = _conv_inputs(case, torch.float32) + [[True] * 7]

@@ -167,13 +167,31 @@ def test_conv_stats_large_mean(dtype, monkeypatch):
     assert float((var.double().cpu() - var64).abs().max()) < 0.1 * float((naive.double().cpu() - var64).abs().max())
 
 
+def test_batch_mean_near_zero_keeps_fp32_precision():
+    """|mean| << std (no bias, zero-centred data): the mean must be as precise as an fp32 sum,
+    within half a rounding step of the spread. A sample of y as each tile's shift (before v0.8)
+    rounded the mean at ulp(|sample|) ~ ulp(std): 5-50x fp32's sum."""
+    torch.manual_seed(0)
+    c = 8
+    x = torch.randn(3, c, 9, 9, dtype=torch.float64, device=DEVICE) * 100
+    x = (x - x.mean((0, 2, 3), keepdim=True) + 1e-3 * torch.randn(1, c, 1, 1, dtype=torch.float64, device=DEVICE))
+    args = dict(x=x.float(), weight=torch.eye(c, device=DEVICE).view(c, c, 1, 1), bias=None, stride=(1, 1),
+                padding=(0, 0), dilation=(1, 1), groups=1, in_mean=None, in_invstd=None, in_weight=None,
+                in_bias=None, in_relu=False, compute_stats=True)
+    y, mean, _ = conv_fwd.conv_stats_forward(**args, config=SMALL_TILES)
+    mean64 = y.double().mean((0, 2, 3))
+    err = float((mean.double() - mean64).abs().max())
+    assert err <= 0.5 * torch.finfo(torch.float32).eps * float(y.double().std()), err
+
+
 def _tile_partials(y: torch.Tensor, tile_m: int):
     """Per-tile (shift, mean - shift, M2) of y's rows, as the conv epilogue writes them (fp32)."""
     shifts, means, m2s = [], [], []
     for start in range(0, y.shape[0], tile_m):
         tile = y[start:start + tile_m]
-        shifts.append(tile[0])
-        means.append(tile.mean(0) - tile[0])
+        shift = tile.float().mean(0).to(tile.dtype)  # the tile's plain fp32 mean
+        shifts.append(shift)
+        means.append(tile.mean(0) - shift)
         m2s.append(((tile - tile.mean(0)) ** 2).sum(0))
     return [torch.stack(v).float().contiguous() for v in (shifts, means, m2s)]
 

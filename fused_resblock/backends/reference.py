@@ -270,6 +270,12 @@ def conv_stats_backward(
         if in_relu:
             ga = _relu_backward(ga, a)
         gx, *prologue_grads = _normalize_backward(ga, x, in_mean, in_invstd, in_weight, [needs[0], *needs[3:7]])
+    # the formats follow x, as the ops' fake kernels say, not the prologue's dense copy of it (a
+    # channel slice of a channels_last x is neither format: its copy is channels_last)
+    if gx is not None:
+        gx = gx.contiguous(memory_format=memory_format_of(x))
+    if gw is not None and needs[1]:
+        gw = gw.contiguous(memory_format=weight_grad_format(x, weight))
     return (gx, gw if needs[1] else None, gb, *prologue_grads)
 
 
@@ -318,4 +324,6 @@ def bn_add_act_backward(
         elif needs[5]:
             rest = (gm.to(residual.dtype), None, None, None, None)
     gy = main[0].contiguous(memory_format=memory_format_of(y)) if main[0] is not None else None
+    if rest[0] is not None:  # the residual's own format, not its dense fp32 copy's
+        rest = (rest[0].contiguous(memory_format=memory_format_of(residual)), *rest[1:])
     return (gy, *main[1:], *rest)
