@@ -622,6 +622,8 @@ def replace_key(**changes) -> autotune.ShapeKey:
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
     assert autotune.cache_path() == tmp_path / "autotune.json"
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", "~/frb-cache")
+    assert autotune.cache_path() == Path.home() / "frb-cache" / "autotune.json"
     monkeypatch.delenv("FUSED_RESBLOCK_CACHE_DIR")
     assert autotune.cache_path().parts[-2:] == ("fused_resblock", "autotune.json")
 

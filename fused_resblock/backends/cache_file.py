@@ -34,7 +34,7 @@ def cache_dir() -> Path:
     """The directory of every cache file (see the module docstring)."""
     root = os.environ.get("FUSED_RESBLOCK_CACHE_DIR")
     if root:
-        return Path(root)
+        return Path(root).expanduser()  # "~/x" from a config file, where no shell expanded it
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "fused_resblock"
 
