@@ -11,6 +11,7 @@ import torch
 
 from . import backends, models, verify
 
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -274,7 +274,7 @@ def conv_stats_backward(
     # channel slice of a channels_last x is neither format: its copy is channels_last)
     if gx is not None:
         gx = gx.contiguous(memory_format=memory_format_of(x))
-    if gw is not None and needs[1]:
+    if gw is not None:
         gw = gw.contiguous(memory_format=weight_grad_format(x, weight))
     return (gx, gw if needs[1] else None, gb, *prologue_grads)
 

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..._warnings import warn_once
 from .. import FirstCallInCaptureError
 from ..cache_file import cache_dir, measurements_enabled, merge_entry, read_entries, write_entries
 
@@ -287,7 +287,6 @@ def compile_threads() -> int:
         return default
     reason = compile_threads_problem(value)
     if reason is not None:  # a speed knob: say so and go on (raising here took triton out of auto's race)
-        from ..._warnings import warn_once
         warn_once(("compile threads", value), f"fused_resblock: {reason}; compiling in {default} threads")
         return default
     return int(value)
