@@ -110,6 +110,16 @@ def test_no_measurement_when_disabled_or_capturing(tmp_path, monkeypatch):
     assert not (tmp_path / "other.json").exists(), "nothing remembered while capturing"
 
 
+def test_a_shape_seen_while_measurement_was_off_is_measured_once_it_is_on(tmp_path):
+    """FUSED_RESBLOCK_AUTOTUNE=0 then 1 in one process: the first candidate taken while measurement
+    was off is not kept as the shape's verdict."""
+    timer = FakeTimer()
+    chooser = make_chooser(tmp_path / "backends.json", timer)
+    assert chooser.choose("conv_bias_act", KEY, (SLOW, FAST), timer.run, "cuda", allowed=False) is SLOW
+    assert chooser.choose("conv_bias_act", KEY, (SLOW, FAST), timer.run, "cuda", allowed=True) is FAST
+    assert sorted(timer.ran) == ["fast", "slow"]
+
+
 def test_bad_file_is_ignored_with_one_warning(tmp_path):
     path = tmp_path / "backends.json"
     path.write_text(json.dumps({"format": choice.FORMAT, "version": 1, "entries": {"k": 3}}))

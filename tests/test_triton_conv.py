@@ -481,6 +481,22 @@ def test_a_first_call_inside_capture_says_to_warm_up(tmp_path, monkeypatch):
     assert tuner.choose(KEY, lambda c: None, device_name="Fake GPU") is cfg  # then capture finds it
 
 
+def test_a_shape_seen_while_tuning_was_off_is_tuned_once_it_is_on(tmp_path, monkeypatch):
+    """FUSED_RESBLOCK_AUTOTUNE=0 then 1 in one process (a notebook): the default a shape ran with
+    while tuning was off is not kept as its verdict; a capture in between still finds it."""
+    bench = FakeBench()
+    tuner = autotune.Autotuner(tmp_path / "autotune.json", benchmark=bench)
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: False)
+    default = tuner.choose(KEY, bench.launcher(), device_name="Fake GPU")
+    assert default == autotune.default_config(KEY) and bench.calls == 0
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: None)  # capturing: the default it ran with
+    assert tuner.choose(KEY, lambda c: None, device_name="Fake GPU") is default
+    monkeypatch.setattr(autotune, "_tuning_allowed", lambda key: True)
+    tuned = tuner.choose(KEY, bench.launcher(), device_name="Fake GPU")
+    assert bench.calls == len(autotune.candidate_configs(KEY))
+    assert tuned == max(autotune.candidate_configs(KEY), key=lambda c: c.block_m * c.block_n) != default
+
+
 class OutOfResources(Exception):
     """Named as Triton's: a tile that does not fit this GPU."""
 

@@ -116,7 +116,7 @@ class BackendChooser:
         self._path = path
         self._benchmark = benchmark
         self._device_name = device_name
-        self._memo: Dict[Hashable, str] = {}
+        self._memo: Dict[Hashable, str] = {}  # measured verdicts; with measurement off, nothing is kept
         self._disk: Optional[Dict[str, str]] = None
         self._lock = threading.Lock()
 
@@ -144,8 +144,7 @@ class BackendChooser:
             allowed = measurement_allowed()
             if allowed is None:  # capturing: answer now, remember nothing
                 return candidates[0]
-        if not allowed:
-            self._memo[memo_key] = candidates[0].NAME
+        if not allowed:  # not remembered: once measurement is switched on, this shape is measured
             return candidates[0]
         with self._lock:
             file_key = "|".join([self._device_name(device), _versions(by_name, device), op, "/".join(by_name),

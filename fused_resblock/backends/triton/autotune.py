@@ -338,6 +338,9 @@ class Autotuner:
         self._benchmark = benchmark
         self._threads = threads  # None: compile_threads() when tuning
         self._memo: Dict[ShapeKey, Config] = {}
+        # defaults handed out while tuning was off (FUSED_RESBLOCK_AUTOTUNE=0, the interpreter): apart
+        # from _memo, so a shape first seen then is still tuned once tuning is switched on
+        self._untuned: Dict[ShapeKey, Config] = {}
         self._disk: Optional[Dict[str, Config]] = None
         self._lock = threading.Lock()
 
@@ -362,12 +365,16 @@ class Autotuner:
             return cfg
         if tune is None:
             tune = _tuning_allowed(key)
+            if tune is None and key in self._untuned:  # capturing: the default this shape ran with
+                return self._untuned[key]
             if tune is None:  # capturing a CUDA graph: nothing can be timed, nor a kernel loaded
                 raise FirstCallInCaptureError(
                     f"a convolution ({key.fusion or 'forward'}, {key.batch}x{key.in_channels}x{key.height}x"
                     f"{key.width} -> {key.out_channels} channels, {key.kernel[0]}x{key.kernel[1]} kernel)")
         if not tune:
-            cfg = self._memo[key] = default_config(key)
+            cfg = self._untuned.get(key)
+            if cfg is None:
+                cfg = self._untuned[key] = default_config(key)
             return cfg
         with self._lock:
             if device_name is None:
