@@ -37,12 +37,35 @@ def _config(x: Tensor, weight: Optional[Tensor], stride=(1, 1), padding=(0, 0), 
             groups: int = 1, merged_shortcut: bool = False, prologue: bool = False) -> dict:
     config = {"device": x.device, "dtype": x.dtype}
     if weight is not None:
+        x_shape, w_shape = x.shape, weight.shape  # each .shape read builds a torch.Size (~0.3 us)
         config.update(
-            kernel=tuple(weight.shape[2:]), stride=tuple(stride), padding=tuple(padding),
-            dilation=tuple(dilation), groups=groups, in_channels=x.shape[1],
-            out_channels=weight.shape[0], merged_shortcut=merged_shortcut, prologue=prologue,
+            kernel=tuple(w_shape[2:]), stride=tuple(stride), padding=tuple(padding),
+            dilation=tuple(dilation), groups=groups, in_channels=x_shape[1],
+            out_channels=w_shape[0], merged_shortcut=merged_shortcut, prologue=prologue,
         )
+        # a cheap bound first (the padded input's pixels >= the output's rows); a key only when
+        # needed: one in every config would lengthen every warning
+        if (x_shape[0] * (x_shape[2] + 2 * padding[0]) * (x_shape[3] + 2 * padding[1]) > _INDEX_LIMIT
+                or w_shape[1] * w_shape[2] * w_shape[3] > _INDEX_LIMIT):
+            beyond = _beyond_32bit_indexing(x_shape, w_shape, stride, padding, dilation)
+            if beyond:
+                config["indexing"] = beyond
     return config
+
+
+# The kernels index GEMM rows (output pixels) and depth (taps x channels per group) in 32 bits; the
+# margin covers a last tile's overshoot. Element offsets are 64-bit: a tensor may pass 2**31 elements.
+_INDEX_LIMIT = 2 ** 31 - 1 - 4096
+
+
+def _beyond_32bit_indexing(x_shape, w_shape, stride, padding, dilation) -> Optional[str]:
+    n, _, h, w = x_shape
+    rows = (n * _conv_out_size(h, w_shape[2], stride[0], padding[0], dilation[0])
+            * _conv_out_size(w, w_shape[3], stride[1], padding[1], dilation[1]))
+    depth = w_shape[1] * w_shape[2] * w_shape[3]
+    if rows > _INDEX_LIMIT or depth > _INDEX_LIMIT:
+        return f"{rows} output pixels x {depth} taps x channels: beyond the kernels' 32-bit indexing"
+    return None
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -435,6 +458,19 @@ def check_same(name: str, t: Optional[Tensor], like: Tensor) -> None:
         raise InputDtypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; use one dtype (or autocast)")
 
 
+def check_per_channel(name: str, v: Optional[Tensor], like: Tensor, channels: int) -> None:
+    """A per-channel vector (a conv's bias, a BN's mean/invstd/weight/bias) holds one value per
+    channel, on the input's device: the kernels read it at ptr + channel, so a broadcastable (1,)
+    or (C, 1) would be read past its end on a GPU while the CPU's reference broadcast it."""
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(v).__name__}")
+    _check_device(name, v, like)
+    if v.shape != (channels,):
+        raise InputShapeError(f"{name}: expected one value per channel, shape ({channels},), got {tuple(v.shape)}")
+
+
 def _pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -502,8 +538,7 @@ def conv_bias_act(
         projected = (shortcut_x.shape[0], shortcut_weight.shape[0], *shortcut_x.shape[2:])
         check_residual("projection shortcut", projected, shortcut_stride, 0, out_shape)
     if bias is not None:
-        if bias.device != x.device:
-            raise RuntimeError(f"bias is on {bias.device} but the input is on {x.device}")
+        check_per_channel("bias", bias, x, w_shape[0])
         if bias.dtype != stat_dtype(x.dtype):
             bias = bias.to(stat_dtype(x.dtype))
     args = (x, weight, bias, stride, padding, dilation, groups,
@@ -524,6 +559,9 @@ def _eager_without_grad(args) -> bool:
     if not torch.is_grad_enabled():
         return True
     return not any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+_NORM_PARTS = ("mean", "invstd", "weight", "bias")
 
 
 def _norm_args(norm: Optional[tuple], sd: torch.dtype) -> tuple:
@@ -554,6 +592,9 @@ def conv_stats(
     check_same("weight", weight, x)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    check_per_channel("bias", bias, x, weight.shape[0])
+    for label, v in zip(_NORM_PARTS, in_norm or ()):
+        check_per_channel(f"in_norm {label}", v, x, x.shape[1])
     sd = stat_dtype(x.dtype)
     bias = None if bias is None else bias.to(sd)
     return _conv_stats(
@@ -567,9 +608,13 @@ def bn_add_act(
     residual_stride: int = 1, residual_offset: int = 0, relu: bool = False, backend: Optional[str] = None,
 ) -> Tensor:
     """act(BN(y) + (BN_res(residual) | mapped residual)); each BN given as (mean, invstd, weight, bias)."""
-    check_activation("input", y, norm[0].shape[0])
+    check_activation("input", y)
+    for label, v in zip(_NORM_PARTS, norm):
+        check_per_channel(f"norm {label}", v, y, y.shape[1])
     if residual is not None:
         check_activation("residual", residual)
+        for label, v in zip(_NORM_PARTS, residual_norm or ()):
+            check_per_channel(f"residual_norm {label}", v, y, residual.shape[1])
     if residual_stride < 1:
         raise ValueError(f"residual_stride ({residual_stride}) must be >= 1")
     if residual is not None:

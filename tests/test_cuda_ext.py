@@ -262,6 +262,8 @@ _CONFIG = dict(device=torch.device("cuda"), dtype=torch.float16, kernel=(3, 3), 
     ("conv_bias_act", {"prologue": True}, "prologue"),
     ("conv_bias_act", {"groups": 3}, "does not divide"),
     ("conv_bias_act", {"stride": (0, 1)}, "not a valid convolution"),
+    ("conv_bias_act", {"in_channels": 1, "out_channels": 65535 * 16 + 1}, "output channels per group"),
+    ("conv_bias_act", {"indexing": "2147483648 output pixels: beyond 32-bit indexing"}, "32-bit"),
 ])
 def test_supports_reasons(op, change, expected):
     reason = cuda_backend.supports(op, dict(_CONFIG, **change))
@@ -276,6 +278,26 @@ def test_supports_reasons(op, change, expected):
 def test_supports_accepts(change):
     """Configurations the kernel handles are refused only for want of a GPU or build here."""
     assert cuda_backend.supports("conv_bias_act", dict(_CONFIG, **change)) == cuda_backend.available()
+
+
+def test_supports_judges_the_tensors_gpu_not_the_current_one(monkeypatch):
+    """A machine with an sm_70 and an sm_90 GPU: x on the sm_90 runs whichever device is current,
+    x on the sm_70 is refused (the binding would raise); availability says usable on some GPU."""
+    old_gpu = "the cuda backend needs compute capability 8.0 or newer; this GPU is 7.0"
+    monkeypatch.setattr(cuda_backend, "_extension", lambda: (object(), None))
+    monkeypatch.setattr(cuda_backend, "_device_reason", lambda index: old_gpu if index == 0 else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for current in (0, 1):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda current=current: current)
+        assert cuda_backend.available() is None
+        assert cuda_backend.supports("conv_bias_act", dict(_CONFIG, device=torch.device("cuda", 1))) is None
+        assert cuda_backend.supports("conv_bias_act", dict(_CONFIG, device=torch.device("cuda", 0))) == old_gpu
+        on_current = cuda_backend.supports("conv_bias_act", dict(_CONFIG, device=torch.device("cuda")))
+        assert on_current == (old_gpu if current == 0 else None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cuda_backend.available() == old_gpu
 
 
 # --------------------------------------------------------------------------- binding checks

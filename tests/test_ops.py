@@ -244,6 +244,43 @@ def test_bad_residual_and_shortcut_arguments(kwargs, match):
             ops.bn_add_act(x, (mean, invstd, None, None), **kwargs)
 
 
+@pytest.mark.parametrize("vector", [torch.ones(1), torch.ones(8, 1), torch.tensor(1.0), torch.ones(9)])
+def test_per_channel_vectors_hold_one_value_per_channel(vector):
+    """A broadcastable bias or BN vector: the CPU's reference would broadcast it, a GPU kernel read
+    it at ptr + channel (past its end); every backend refuses it before dispatch."""
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
+    vec = torch.randn(8)
+    match = r"expected one value per channel, shape \(8,\)"
+    with pytest.raises(ops.InputShapeError, match="bias: " + match):
+        ops.conv_bias_act(x, w, vector, padding=1)
+    with pytest.raises(ops.InputShapeError, match="bias: " + match):
+        ops.conv_stats(x, w, vector, padding=1)
+    with pytest.raises(ops.InputShapeError, match="in_norm invstd: " + match):
+        ops.conv_stats(x, w, padding=1, in_norm=(vec, vector, vec, vec))
+    with pytest.raises(ops.InputShapeError, match="norm weight: " + match):
+        ops.bn_add_act(x, (vec, vec.abs(), vector, None))
+    with pytest.raises(ops.InputShapeError, match="residual_norm bias: " + match):
+        ops.bn_add_act(x, (vec, vec.abs(), None, None), residual=x, residual_norm=(vec, vec.abs(), vec, vector))
+    ops.bn_add_act(x, (vec, vec.abs(), vec, vec), residual=x, residual_norm=(vec, vec.abs(), None, None))  # valid
+
+
+def test_sizes_past_32_bit_row_or_depth_indexing_leave_the_kernels():
+    """The kernels index output pixels and taps x channels in 32 bits: such a configuration says so,
+    and both kernel backends refuse it (auto runs the reference, a forced kernel raises)."""
+    from fused_resblock.backends import conv_geometry_reason
+
+    def config(x_shape, w_shape, padding=1):
+        x, w = torch.empty(x_shape, device="meta"), torch.empty(w_shape, device="meta")
+        return ops._config(x, w, (1, 1), (padding, padding), (1, 1), 1)
+    assert "indexing" not in config((1024, 64, 224, 224), (64, 64, 3, 3))  # 51M rows: fine
+    assert "indexing" not in config((128, 8, 4094, 4094), (8, 8, 3, 3))  # padded 4096^2 x 128: the bound
+    past = config((128, 8, 4096, 4096), (8, 8, 3, 3))  # 2^31 output pixels
+    assert "2147483648 output pixels" in past["indexing"]
+    assert conv_geometry_reason(past) == past["indexing"]
+    deep = config((1, 2 ** 28, 3, 3), (8, 2 ** 28, 3, 3), padding=0)  # depth 9 * 2^28
+    assert "2415919104 taps" in deep["indexing"]
+
+
 def test_batch_norm_needs_more_than_one_value():
     """As nn.BatchNorm2d, the batch is counted before it is refused (the count is momentum=None's
     average: code that catches the error and goes on must see torchvision's statistics)."""

@@ -62,7 +62,7 @@ def conv_geometry_reason(config: dict) -> Optional[str]:
                 f"and out_channels={config['out_channels']}")
     if groups > 65535:  # both backends put the group on a grid axis limited to 65535
         return f"groups={groups} exceeds the CUDA grid limit of 65535"
-    return None
+    return config.get("indexing")  # set only for sizes past 32-bit row or depth indices (ops._config)
 
 
 def _environment_value() -> Optional[str]:

@@ -44,6 +44,8 @@ JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
 # applies, else WMMA with cp.async where operands allow, else WMMA register-staged), or forced for an
 # A/B measurement with FUSED_RESBLOCK_CUDA_PIPELINE=registers|cp_async|tma_wgmma|wmma (a forced kernel
 # that cannot run a call raises; "wmma" is auto without CUTLASS's kernel, as before sm_90).
+# The binding's limit (csrc/bindings.cpp): 65535 grid rows of the narrowest, 16-channel tile.
+MAX_OUT_CHANNELS_PER_GROUP = 65535 * 16
 PIPELINES = {"auto": 0, "registers": 1, "cp_async": 2, "tma_wgmma": 3, "wmma": 4}
 PIPELINE_ENV = "FUSED_RESBLOCK_CUDA_PIPELINE"
 
@@ -178,7 +180,10 @@ def available() -> Optional[str]:
         return reason
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return _device_reason(torch.cuda.current_device())
+    reasons = [_device_reason(index) for index in range(torch.cuda.device_count())]
+    if None in reasons:  # usable on some GPU here; supports() judges the tensors' own (a mixed machine)
+        return None
+    return reasons[torch.cuda.current_device()]
 
 
 def _require() -> ModuleType:
@@ -211,9 +216,12 @@ def supports(op: str, config: dict) -> Optional[str]:
     reason = conv_geometry_reason(config)
     if reason is not None:
         return reason
+    if config["out_channels"] // config["groups"] > MAX_OUT_CHANNELS_PER_GROUP:
+        return (f"{config['out_channels'] // config['groups']} output channels per group exceed the kernel's grid "
+                f"limit of {MAX_OUT_CHANNELS_PER_GROUP}")
     reason = available()
-    if reason is None and device.index is not None and device.index != torch.cuda.current_device():
-        reason = _device_reason(device.index)
+    if reason is None:
+        reason = _device_reason(torch.cuda.current_device() if device.index is None else device.index)
     return reason
 
 
