@@ -64,7 +64,7 @@ def base_row(case: Case, status: str) -> dict:
         "timings_ms": [], "median_ms": None, "images_per_s": None, "iterations": 0, "rotation_buffers": 0,
         "first_call_s": None, "peak_memory_bytes": None, "first_call_peak_memory_bytes": None, "resident_bytes": None,
         "flops": flops, "min_bytes": min_bytes, "achieved_tflops": None, "roofline_share": None,
-        "ratio_to_peers": {}, "warnings": [], "wall_s": 0.0,
+        "ratio_to_peers": {}, "warnings": [], "wall_s": 0.0, "output_abs_mean": None,
     }
 
 
@@ -112,6 +112,9 @@ def _measure(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
         step = _failing(step)
     resident = _memory(device, peak=False)
     measured = timing.measure(step, inputs, device, plan)
+    peak = _memory(device, peak=True)
+    # once more, untimed: a fast wrong answer must not read as a speedup (run.check_agreement)
+    output_abs_mean = _output_abs_mean(step(inputs[0]))
     timings = [round(t, 6) for t in measured.timings_ms]  # ns resolution is plenty; the median is of these
     median = statistics.median(timings)
     return {
@@ -120,9 +123,26 @@ def _measure(case: Case, device: torch.device, plan: timing.TimingPlan, rotation
         "rotation_buffers": count, "first_call_s": measured.first_call_s,
         # the steady state's peak (after the warm-up); the first call's own holds tuning buffers
         # (Triton's cache flush, cuDNN's benchmark workspaces) that a model in use does not
-        "peak_memory_bytes": _memory(device, peak=True), "first_call_peak_memory_bytes": measured.first_call_peak,
-        "resident_bytes": resident,
+        "peak_memory_bytes": peak, "first_call_peak_memory_bytes": measured.first_call_peak,
+        "resident_bytes": resident, "output_abs_mean": output_abs_mean,
     }
+
+
+class NonFiniteOutput(RuntimeError):
+    """A step whose output (or loss) holds NaN or infinity: a broken kernel, not a result."""
+
+
+def _output_abs_mean(output) -> float:
+    """mean |output| (a forward's output, a training step's loss) in float64, after checking that
+    every element is finite."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    output = output.detach()
+    finite = torch.isfinite(output)
+    if not bool(finite.all()):
+        raise NonFiniteOutput(f"{int(finite.numel() - finite.sum())} of {finite.numel()} output elements "
+                              "are NaN or infinite")
+    return float(output.abs().sum(dtype=torch.float64)) / max(output.numel(), 1)
 
 
 def _error(exc: BaseException) -> dict:

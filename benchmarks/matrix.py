@@ -182,8 +182,19 @@ class Plan:
     estimated_s: float = 0.0
 
 
+def matches(case_id: str, patterns) -> bool:
+    """Whether a glob (or the exact id: ``ours:cuda[wmma]`` would be read as a character class) names it."""
+    return any(case_id == p or fnmatch.fnmatchcase(case_id, p) for p in patterns)
+
+
 def _matches(case: Case, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(case.id, p) for p in patterns)
+    return matches(case.id, patterns)
+
+
+def unmatched(preset: Preset, patterns) -> list:
+    """The patterns that name no case of ``preset``: a typo would otherwise run nothing, successfully."""
+    ids = [case.id for case in expand(preset)]
+    return [p for p in patterns if not any(matches(case_id, [p]) for case_id in ids)]
 
 
 def _skip_reason(preset: Preset, case: Case, device: torch.device, impls: dict) -> Optional[str]:

@@ -4,9 +4,13 @@ FLOPs count 2 per multiply-add of every conv and linear layer (BN, ReLU, adds
 and pooling are noise next to them). Minimum bytes assume each fused conv
 reads its input, weights, bias and residual (or shortcut input) once and
 writes its output once, at the case's dtype: the floor for per-layer fusion.
-A training step is counted as 3x the forward (dgrad + wgrad per conv), the
-usual approximation. The peaks are *measured* in the same run (a large matmul
-per dtype, a device-to-device copy), not taken from a data sheet.
+A projection shortcut is merged into the block's last GEMM (its output is never
+written, nor read back as the residual), and a 1x1 conv at stride s reads one
+input pixel in s*s. A training step counts 3x the forward's FLOPs (dgrad +
+wgrad per conv) less the dgrad of the convs that read the step's input (it
+needs no gradient), and 3x the forward's bytes, the usual approximation. The
+peaks are *measured* in the same run (a large matmul per dtype, a
+device-to-device copy), not taken from a data sheet.
 """
 from __future__ import annotations
 
@@ -45,17 +49,41 @@ def layer_min_bytes(spec: ConvLayer, batch: int, element_bytes: int) -> int:
     elements += out
     if spec.residual == "identity":
         elements += out
-    elif spec.residual == "projection":
-        elements += batch * spec.shortcut_in_channels * spec.shortcut_height * spec.shortcut_width
+    elif spec.residual == "projection":  # the 1x1 conv at shortcut_stride reads one pixel per output pixel
+        elements += batch * spec.shortcut_in_channels * spec.out_height * spec.out_width
         elements += spec.out_channels * spec.shortcut_in_channels
     return elements * element_bytes + spec.out_channels * BIAS_BYTES
 
 
 # --------------------------------------------------------------------------- whole modules
-def _count_hooks(module: nn.Module, totals: dict):
+def _shortcut(block: nn.Module) -> Optional[nn.Module]:
+    return block.shortcut if isinstance(block, frb.CifarBasicBlock) else block.downsample
+
+
+def _is_projection(shortcut: Optional[nn.Module]) -> bool:
+    """The Sequential(conv1x1, BN) that the fused blocks merge into their last conv's GEMM."""
+    return (isinstance(shortcut, nn.Sequential) and len(shortcut) > 0 and isinstance(shortcut[0], nn.Conv2d)
+            and shortcut[0].kernel_size == (1, 1))
+
+
+def _count_hooks(module: nn.Module, totals: dict, step_input: torch.Tensor):
+    merged = set()  # the projection convs: their output stays on chip
+    blocks = [m for m in module.modules() if isinstance(m, RESIDUAL_BLOCKS)]
+    for block in blocks:
+        if _is_projection(_shortcut(block)):
+            merged.add(_shortcut(block)[0])
+
     def conv(m, args, out):
-        totals["macs"] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        totals["activations"] += args[0].numel() + out.numel()
+        macs = out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        totals["macs"] += macs
+        if args[0] is step_input:  # no gradient for the step's input: this conv's dgrad is not run
+            totals["input_macs"] += macs
+        if m.kernel_size == (1, 1) and m.padding == (0, 0):  # at stride s: one pixel in s*s is read
+            totals["activations"] += out.numel() // m.out_channels * m.in_channels
+        else:
+            totals["activations"] += args[0].numel()
+        if m not in merged:
+            totals["activations"] += out.numel()
         totals["weights"] += m.weight.numel()
 
     def linear(m, args, out):
@@ -64,7 +92,12 @@ def _count_hooks(module: nn.Module, totals: dict):
         totals["weights"] += m.weight.numel()
 
     def residual(m, args, out):
-        totals["activations"] += out.numel()
+        shortcut = _shortcut(m)
+        if isinstance(m, frb.CifarBasicBlock) and shortcut is None:
+            return  # a plain block: no shortcut
+        if not _is_projection(shortcut):  # the identity, or option A's subsampled input (its zeros are not read)
+            x = args[0]
+            totals["activations"] += x.shape[0] * x.shape[1] * out.shape[2] * out.shape[3]
 
     handles = []
     for m in module.modules():
@@ -72,26 +105,26 @@ def _count_hooks(module: nn.Module, totals: dict):
             handles.append(m.register_forward_hook(conv))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear))
-        elif isinstance(m, RESIDUAL_BLOCKS):
-            handles.append(m.register_forward_hook(residual))
+    handles += [block.register_forward_hook(residual) for block in blocks]
     return handles
 
 
 @functools.lru_cache(maxsize=None)
 def module_cost(kind: str, target: str) -> tuple:
-    """(MACs per image, activation elements moved per image, weight elements per pass) of one forward
-    pass, counted on the meta device."""
+    """(MACs per image, activation elements moved per image, weight elements per pass, MACs per image
+    of the convs that read the step's input) of one forward pass, counted on the meta device."""
     spec = shapes.target_spec(kind, target)
     module = workloads.build_plain(spec, "meta").eval()
-    totals = {"macs": 0, "activations": 0, "weights": 0}
-    handles = _count_hooks(module, totals)
+    totals = {"macs": 0, "activations": 0, "weights": 0, "input_macs": 0}
+    x = torch.empty((1,) + shapes.input_size(spec), device="meta")
+    handles = _count_hooks(module, totals, x)
     try:
         with torch.no_grad():
-            module(torch.empty((1,) + shapes.input_size(spec), device="meta"))
+            module(x)
     finally:
         for handle in handles:
             handle.remove()
-    return totals["macs"], totals["activations"], totals["weights"]
+    return totals["macs"], totals["activations"], totals["weights"], totals["input_macs"]
 
 
 def case_cost(case: Case) -> tuple:
@@ -99,13 +132,15 @@ def case_cost(case: Case) -> tuple:
     element_bytes = DTYPES[case.dtype].itemsize
     spec = shapes.target_spec(case.kind, case.target)
     if isinstance(spec, ConvLayer):
-        flops = 2 * layer_macs(spec, case.batch)
+        macs, input_macs = layer_macs(spec, case.batch), layer_macs(spec, case.batch)
         min_bytes = layer_min_bytes(spec, case.batch, element_bytes)
     else:
-        macs, activations, weights = module_cost(case.kind, case.target)
-        flops, min_bytes = 2 * macs * case.batch, (activations * case.batch + weights) * element_bytes
-    factor = TRAIN_FACTOR if case.mode == "train" else 1
-    return flops * factor, min_bytes * factor
+        macs, activations, weights, input_macs = module_cost(case.kind, case.target)
+        macs, input_macs = macs * case.batch, input_macs * case.batch
+        min_bytes = (activations * case.batch + weights) * element_bytes
+    if case.mode != "train":
+        return 2 * macs, min_bytes
+    return 2 * (TRAIN_FACTOR * macs - input_macs), TRAIN_FACTOR * min_bytes
 
 
 def roofline_time_s(flops: float, min_bytes: float, peak_flops: float, peak_bytes_per_s: float) -> float:

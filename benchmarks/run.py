@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import os
 import signal
@@ -100,6 +99,35 @@ def add_ratios(rows: list) -> None:
                                       for p in peers}
 
 
+# How far ours' mean |output| may be from eager's: rounding moves a mean over thousands of
+# elements far less (TF32 for fp32); a broken kernel (garbage, zeros, a wrong layout) far more.
+AGREEMENT_REL = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
+AGREEMENT_PEERS = ("eager", "eager-folded")  # the model at ours' precision, without autocast
+
+
+def check_agreement(rows: list) -> None:
+    """Each ok inference row of ours whose mean |output| differs from eager's in its group (the same
+    seeded weights and first input) beyond rounding becomes an error: a fast wrong answer is no speedup."""
+    reference = {}
+    for name in reversed(AGREEMENT_PEERS):  # the first name wins
+        for r in rows:
+            if r["impl"] == name and r["status"] == "ok" and r["output_abs_mean"] is not None:
+                reference[r["group"]] = r
+    for row in rows:
+        peer = reference.get(row["group"])
+        if (peer is None or row["status"] != "ok" or row["mode"] != "infer"
+                or not row["impl"].startswith(OURS_PREFIX) or row["output_abs_mean"] is None):
+            continue
+        ours, theirs = row["output_abs_mean"], peer["output_abs_mean"]
+        if abs(ours - theirs) <= AGREEMENT_REL[row["dtype"]] * theirs:
+            continue
+        message = (f"mean |output| {ours:.6g}, {peer['impl']}@{peer['memory_format']} gives {theirs:.6g} "
+                   f"(more than {AGREEMENT_REL[row['dtype']]:.0%} apart): not timed as a result")
+        row.update(status="error", error={"type": "OutputMismatch", "message": message, "traceback_tail": ""},
+                   timings_ms=[], median_ms=None, images_per_s=None, achieved_tflops=None, roofline_share=None,
+                   ratio_to_peers={})
+
+
 def add_roofline_shares(rows: list, peaks: dict, cases: dict) -> None:
     for row in rows:
         if row["status"] == "ok":
@@ -161,7 +189,7 @@ def run_plan(plan: matrix.Plan, preset: matrix.Preset, device: torch.device, bud
                 limit_s = matrix.case_time_limit_s(estimator.cost_s(case),
                                                    None if budget_s is None else budget_s - elapsed)
                 estimator.commit(case)
-                injected = any(fnmatch.fnmatchcase(case.id, p) for p in inject)
+                injected = matrix.matches(case.id, inject)
                 try:
                     row = execute.run_case(case, device, preset.timing, preset.rotation_cap, inject_failure=injected,
                                            time_limit_s=limit_s)
@@ -215,6 +243,11 @@ def main(argv=None) -> int:
     preset = matrix.PRESETS[args.preset or ("full" if device.type == "cuda" else "tiny")]
     budget_s = preset.budget_s if args.budget_s is None else (args.budget_s or None)
     configure_device(device, args.cpu_threads)
+    unknown = matrix.unmatched(preset, args.only + args.inject_failure)
+    if unknown:  # exit 2 (usage), before any device time is spent
+        print(f"no case of the {preset.name} preset matches {', '.join(map(repr, unknown))} "
+              "(ids: kind:target:mode:dtype:format:bBATCH:impl; see --list)", file=sys.stderr)
+        return 2
     plan = matrix.plan(preset, device, only=args.only, budget_s=budget_s)
     if args.list:
         estimator = matrix.Estimator(device)
@@ -242,6 +275,7 @@ def main(argv=None) -> int:
     cases = {case.id: case for case in plan.run + plan.spare}
 
     def result_of(rows: list, complete: bool) -> dict:
+        check_agreement(rows)
         add_ratios(rows)
         add_roofline_shares(rows, peaks, cases)
         return {

@@ -116,15 +116,29 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
+_NUMBERS = ("median_ms", "images_per_s", "first_call_s", "achieved_tflops", "roofline_share", "wall_s",
+            "output_abs_mean")
+
+
 def _row_errors(row: dict) -> list:
     where = f"case {row.get('id')!r}"
     expected_id = (f"{row['kind']}:{row['target']}:{row['mode']}:{row['dtype']}:{row['memory_format']}:"
                    f"b{row['batch']}:{row['impl']}")
     errors = [] if row["id"] == expected_id else [f"{where}: id does not match its fields ({expected_id!r})"]
     status = row["status"]
+    not_finite = [k for k in _NUMBERS if isinstance(row.get(k), float) and not math.isfinite(row[k])]
+    not_finite += ["timings_ms"] if any(not math.isfinite(t) for t in row["timings_ms"]) else []
+    not_finite += ["ratio_to_peers"] if any(not math.isfinite(v) for v in row["ratio_to_peers"].values()) else []
+    if not_finite:  # NaN passes every "minimum" of the schema
+        return errors + [f"{where}: {', '.join(not_finite)} not finite"]
     if status == "ok":
-        if not row["timings_ms"] or row["median_ms"] is None or row["first_call_s"] is None:
-            errors.append(f"{where}: ok without timings, median or first-call time")
+        if (not row["timings_ms"] or row["median_ms"] is None or row["first_call_s"] is None
+                or row["images_per_s"] is None):
+            errors.append(f"{where}: ok without timings, median, images/s or first-call time")
+        elif row["median_ms"] <= 0:
+            errors.append(f"{where}: ok with a median of {row['median_ms']} ms")
+        elif row["iterations"] != len(row["timings_ms"]):
+            errors.append(f"{where}: iterations ({row['iterations']}) is not the number of timings")
         elif not _close(row["median_ms"], statistics.median(row["timings_ms"])):
             errors.append(f"{where}: median_ms is not the median of timings_ms")
         elif not _close(row["images_per_s"], row["batch"] / (row["median_ms"] * 1e-3)):
@@ -143,11 +157,15 @@ def _row_errors(row: dict) -> list:
 
 def _ratio_errors(row: dict, peers_by_key: dict) -> list:
     errors = []
+    if row["status"] == "ok" and row["impl"].startswith("ours:"):
+        missing = [key for group, key in peers_by_key if group == row["group"] and key not in row["ratio_to_peers"]]
+        if missing:
+            errors.append(f"case {row['id']!r}: no ratio to the ok peer rows {missing} of its group")
     for key, ratio in row["ratio_to_peers"].items():
         peer = peers_by_key.get((row["group"], key))
         if peer is None:
             errors.append(f"case {row['id']!r}: ratio to {key!r}, which is no ok peer row of its group")
-        elif not _close(ratio, peer["median_ms"] / row["median_ms"]):
+        elif row["median_ms"] and not _close(ratio, peer["median_ms"] / row["median_ms"]):  # a 0 is _row_errors
             errors.append(f"case {row['id']!r}: ratio to {key!r} is not the medians' quotient")
     return errors
 

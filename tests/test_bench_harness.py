@@ -22,7 +22,9 @@ REPO = str(Path(__file__).resolve().parents[1])
 if REPO not in sys.path:  # benchmarks/ is not an installed package: import it from the checkout
     sys.path.insert(0, REPO)
 
-from benchmarks import environment, execute, matrix, report, roofline, run, shapes, validate, workloads  # noqa: E402
+from benchmarks import (  # noqa: E402
+    environment, execute, matrix, peers, report, roofline, run, shapes, validate, workloads,
+)
 from benchmarks.cases import Case  # noqa: E402
 from benchmarks.peers import fold_batchnorms  # noqa: E402
 
@@ -371,10 +373,40 @@ def test_resnet50_costs_4_09_gmac_per_image():
     macs = sum(roofline.layer_macs(spec, 1) * spec.count for spec in shapes.RESNET50_LAYERS)
     macs += shapes.RESNET50_FC[0] * shapes.RESNET50_FC[1]
     assert macs / 1e9 == pytest.approx(shapes.RESNET50_GMAC, abs=0.005)
-    counted, _, weights = roofline.module_cost("model", "resnet50")
+    counted, _, weights, _ = roofline.module_cost("model", "resnet50")
     assert counted == macs
     assert weights == sum(p.numel() for name, p in workloads.build_plain(shapes.model("resnet50"), "meta")
                           .named_parameters() if name.endswith("weight") and p.dim() > 1)
+
+
+def _fused_floor(names, batch=256, element_bytes=2):
+    return sum(roofline.layer_min_bytes(spec, batch, element_bytes) * spec.count
+               for spec in shapes.RESNET50_LAYERS if spec.name in names)
+
+
+def test_model_and_block_bytes_are_the_sums_of_their_fused_convs_floors():
+    """The hooks' count of a whole module agrees with the per-layer floors: a merged projection's
+    output is neither written nor read back, a strided 1x1 shortcut reads one pixel in four."""
+    every_layer = {spec.name for spec in shapes.RESNET50_LAYERS}
+    fc_in, fc_out = shapes.RESNET50_FC
+    _, model_bytes = roofline.case_cost(Case("model", "resnet50", "infer", "bf16", "channels_last", 256, "eager"))
+    expected = _fused_floor(every_layer) - sum(spec.out_channels * roofline.BIAS_BYTES * spec.count
+                                               for spec in shapes.RESNET50_LAYERS)
+    expected += (fc_in * fc_out + 256 * (fc_in + fc_out)) * 2  # the classifier: weights once, features, logits
+    assert model_bytes == expected  # the layer floors' fp32 biases are not in the module count
+    for block, names in [("resnet50.layer1.0", ("layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3+downsample")),
+                         ("resnet50.layer2.0", ("layer2.0.conv1", "layer2.0.conv2", "layer2.0.conv3+downsample"))]:
+        _, block_bytes = roofline.case_cost(Case("block", block, "infer", "bf16", "channels_last", 256, "eager"))
+        specs = [s for s in shapes.RESNET50_LAYERS if s.name in names]
+        assert block_bytes == sum(roofline.layer_min_bytes(s, 256, 2) - s.out_channels * roofline.BIAS_BYTES
+                                  for s in specs), block
+
+
+def test_a_training_step_skips_the_dgrad_of_the_convs_reading_its_input():
+    infer = Case("model", "resnet50", "infer", "bf16", "channels_last", 64, "eager")
+    train = Case("model", "resnet50", "train", "bf16", "channels_last", 64, "eager")
+    stem = next(spec for spec in shapes.RESNET50_LAYERS if spec.name == "conv1")
+    assert roofline.case_cost(train)[0] == 3 * roofline.case_cost(infer)[0] - 2 * roofline.layer_macs(stem, 64)
 
 
 def test_eager_folded_computes_what_eager_computes():
@@ -501,3 +533,71 @@ def test_the_source_state_stands_in_for_git_in_a_copy_without_it(tmp_path, monke
     assert (commit, dirty) == ("unknown", None) and "does not match" in source
     (tmp_path / ".source_state.json").unlink()
     assert environment.git_state(str(tmp_path)) == ("unknown", None, None)
+
+
+# --------------------------------------------------------------------------- wrong answers are no results
+def test_a_non_finite_output_is_an_error_row(monkeypatch):
+    """A fast kernel that writes NaN must not read as a speedup."""
+    impl = type(peers.by_name()["ours:reference"])
+    built = impl.build
+
+    def build_nan(self, module, spec, case, device):
+        step = built(self, module, spec, case, device)
+        return lambda inputs: step(inputs) * float("nan")
+    monkeypatch.setattr(impl, "build", build_nan)
+    case = Case("block", "cifar.layer3.1", "infer", "fp32", "channels_last", 2, "ours:reference")
+    row = execute.run_case(case, torch.device("cpu"), matrix.TINY.timing, matrix.TINY.rotation_cap)
+    assert row["status"] == "error" and row["error"]["type"] == "NonFiniteOutput", row
+    assert "are NaN or infinite" in row["error"]["message"] and row["timings_ms"] == []
+
+
+def test_ours_agree_with_eager_in_the_tiny_run(tiny):
+    _, result, _, _ = tiny
+    checked = 0
+    for row in _rows(result, status="ok", mode="infer"):
+        eager = _rows(result, group=row["group"], impl="eager-folded")[0]
+        assert row["output_abs_mean"] == pytest.approx(eager["output_abs_mean"], rel=1e-5), row["id"]
+        checked += row["impl"].startswith("ours:")
+    assert checked >= 4
+
+
+def test_an_output_that_differs_from_eager_makes_ours_an_error(tiny):
+    _, result, _, _ = tiny
+    rows = copy.deepcopy(result["cases"])
+    group = "model:cifar_resnet20@16:infer:fp32:b2"
+    wrong = _rows({"cases": rows}, group=group, impl="ours:reference")[0]
+    close = _rows({"cases": rows}, group=group, impl="ours:auto")[0]
+    eager = _rows({"cases": rows}, group=group, impl="eager")[0]
+    wrong["output_abs_mean"] = eager["output_abs_mean"] * 1.03  # 3%: past fp32's 1%
+    close["output_abs_mean"] = eager["output_abs_mean"] * 1.005
+    run.check_agreement(rows)
+    assert wrong["status"] == "error" and wrong["error"]["type"] == "OutputMismatch"
+    assert wrong["timings_ms"] == [] and wrong["ratio_to_peers"] == {}
+    assert close["status"] == "ok"
+    run.add_ratios(rows)
+    doc = dict(copy.deepcopy(result), cases=rows)
+    doc["summary"] = run.summary(rows, result["summary"]["wall_s"])
+    assert validate.errors(doc) == []
+
+
+def test_an_only_pattern_that_names_no_case_is_a_usage_error(capsys):
+    assert run.main(["--tiny", "--device", "cpu", "--only", "model:resnet50:infer:bf16:b256:*"]) == 2
+    assert "no case of the tiny preset matches 'model:resnet50:infer:bf16:b256:*'" in capsys.readouterr().err
+    assert matrix.unmatched(matrix.FULL, ["model:resnet50:infer:bf16:channels_last:b256:ours:cuda[wmma]"]) == [], \
+        "an exact id names its case, brackets and all"
+    assert matrix.matches("a:ours:cuda[wmma]", ["a:ours:cuda[wmma]"]) and not matrix.matches("a:b", ["a:c"])
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("roofline_share", float("nan"), "not finite"),
+    ("images_per_s", None, "ok without"),
+    ("iterations", 999, "is not the number of timings"),
+    ("ratio_to_peers", {}, "no ratio to the ok peer rows"),
+])
+def test_the_validator_refuses_what_the_schema_lets_through(tiny, field, value, expected):
+    _, result, _, _ = tiny
+    doc = copy.deepcopy(result)
+    row = _rows(doc, group="model:cifar_resnet20@16:infer:fp32:b2", impl="ours:auto")[0]
+    row[field] = value
+    found = validate.errors(doc)
+    assert any(expected in problem for problem in found), found
