@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from . import backends
 from ._warnings import warn_once
 from .chain import IDENTITY, NONE, Shortcut, hooks_reason, pair_unfusable_reason, run_chain
-from .folding import FoldCache
+from .folding import TRACING_CACHE, FoldCache
 
 
 def _transform_we_cannot_follow(x) -> Optional[str]:
@@ -69,6 +69,8 @@ class FusedModule:
     def fold_cache(self) -> FoldCache:
         cache = self.__dict__.get("_fold_cache")
         if cache is None:
+            if torch.compiler.is_compiling():
+                return TRACING_CACHE  # no module state written while tracing (folding.TRACING_CACHE)
             cache = self.__dict__["_fold_cache"] = FoldCache()
         return cache
 

@@ -140,11 +140,12 @@ def fold_uncached(conv: nn.Conv2d, norm: nn.Module, dtype: torch.dtype):
 class FoldCache:
     """Folded tensors per (conv, norm) pair, valid while their tensors are unchanged."""
 
-    def __init__(self) -> None:
+    def __init__(self, register: bool = True) -> None:
         # slot (module ids) -> (key, folded tensors, weak refs to the modules, dtype, the tensors' ids,
         # weak refs to their storages)
         self._entries: dict = {}
-        _register(self)  # last: another thread's optimizer hook may visit it at once
+        if register:
+            _register(self)  # last: another thread's optimizer hook may visit it at once
 
     # A copy of a module (deepcopy, pickle, DataParallel's replicas through __dict__) starts empty:
     # the folds belong to the original's tensors.
@@ -256,6 +257,13 @@ def _fits(old: tuple, new: tuple) -> bool:
 # a thread training while another copies and evaluates a model adds caches during the hook's loop.
 _LIVE_CACHES: "weakref.WeakSet[FoldCache]" = weakref.WeakSet()
 _LIVE_CACHES_LOCK = threading.Lock()
+
+
+# What a block whose cache does not exist yet hands its chain while torch.compile traces: traced
+# code never reads or writes folds (``_cached`` computes them), and creating a block's own cache
+# there would add to _LIVE_CACHES: a global side effect that a traced torch.utils.checkpoint refuses
+# (a graph break, its recomputation then updating BN's running stats twice) and a guard on the set.
+TRACING_CACHE = FoldCache(register=False)
 
 
 def _register(cache: FoldCache) -> None:

@@ -93,15 +93,19 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: int)
     running_mean, running_var = norm.running_mean, norm.running_var
     if count == 0 or running_mean is None or running_var is None:  # an empty batch only counts
         return
+    # computed in fp32 at least and rounded once into the buffer, as PyTorch's kernel does: fp16
+    # buffers would round 1/n, 1 - 1/n and each product (5-8x torch's error under update_bn's
+    # momentum=None), and count past 2048 inexactly
+    acc = torch.promote_types(running_mean.dtype, torch.float32)
     if norm.momentum is None:  # cumulative moving average (no average at all without a count)
         if tracked is None:
             return
-        factor = tracked.to(running_mean.dtype).reciprocal()
+        factor = tracked.to(acc).reciprocal()
         keep = 1.0 - factor
     else:
         factor, keep = norm.momentum, 1.0 - norm.momentum
     unbiased = var.detach() * (count / (count - 1))
     # one write per buffer, of a value computed from the batch's statistics: under FakeTensorMode
     # with real buffers an in-place op on the buffer alone (mul_) would run for real
-    running_mean.copy_(running_mean * keep + mean.detach().to(running_mean.dtype) * factor)
-    running_var.copy_(running_var * keep + unbiased.to(running_var.dtype) * factor)
+    running_mean.copy_(running_mean.to(acc) * keep + mean.detach().to(acc) * factor)
+    running_var.copy_(running_var.to(acc) * keep + unbiased.to(acc) * factor)

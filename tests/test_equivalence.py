@@ -578,3 +578,46 @@ def test_inner_kink_allowance_covers_a_flipped_derivative_and_nothing_more():
         assert not testing.check_rule(name, wrong, ref, ref, torch.float16, allowance=allowance[name]).passed
     _, _, _, none = testing._run_first(mlp, x, True, torch.float64)
     assert none == {}  # no kink has width at float64
+
+
+# --------------------------------------------------------------------------- BN statistics: rounding, tracing
+def test_cumulative_running_stats_of_a_half_model_round_once_as_torch():
+    """momentum=None (what swa_utils.update_bn sets) on an fp16 model: the average is computed in
+    fp32 and rounded once into the buffers, as PyTorch's kernel does (not 5x its error)."""
+    from torch.optim.swa_utils import update_bn
+
+    base = tv.BasicBlock(8, 8)
+    loader = [torch.randn(4, 8, 4, 4) + 1.0 for _ in range(200)]  # |mean| ~ std: the average matters
+    truth = copy.deepcopy(base).double()
+    update_bn([x.double() for x in loader], truth)
+    torch_model, fused = copy.deepcopy(base).half(), frb.convert(copy.deepcopy(base).half())
+    for model in (torch_model, fused):
+        update_bn([x.half() for x in loader], model)
+    for name in ("bn1", "bn2"):
+        for buffer in ("running_mean", "running_var"):
+            expected = getattr(getattr(truth, name), buffer)
+            err = {label: float((getattr(getattr(m, name), buffer).double() - expected).abs().max())
+                   for label, m in (("fused", fused), ("torch", torch_model))}
+            assert err["fused"] <= 2 * err["torch"] + 1e-5 * float(expected.abs().max()), (name, buffer, err)
+        assert getattr(fused, name).num_batches_tracked == getattr(torch_model, name).num_batches_tracked == 200
+
+
+def test_compiled_checkpoint_of_a_fresh_fused_block_updates_bn_once():
+    """torch.compile around torch.utils.checkpoint, the block's first call ever: tracing it writes no
+    module state (a fold cache, a memo), so the checkpoint compiles whole (fullgraph) and BN's
+    running stats update once, as torchvision's do (a graph break recomputed them eagerly: twice)."""
+    from torch.utils.checkpoint import checkpoint
+
+    reference = randomize_norms(tv.BasicBlock(8, 8)).double().train()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    buffers = {}
+    for label, block in (("torch", copy.deepcopy(reference)), ("fused", frb.convert(copy.deepcopy(reference)))):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t, block=block: checkpoint(block, t, use_reentrant=False),
+                                 backend="aot_eager", fullgraph=True)
+        compiled(x).sum().backward()
+        buffers[label] = dict(block.named_buffers())
+    torch._dynamo.reset()
+    for name, value in buffers["torch"].items():
+        torch.testing.assert_close(buffers["fused"][name], value, rtol=1e-12, atol=1e-12, msg=name)
+    assert buffers["fused"]["bn1.num_batches_tracked"] == 1

@@ -22,6 +22,8 @@ import os
 from types import ModuleType
 from typing import Callable, Optional, Tuple
 
+import torch
+
 from .._warnings import warn_once
 
 NAMES = ("reference", "triton", "cuda")
@@ -87,7 +89,8 @@ def resolve_name(requested: Optional[str]) -> str:
     name = (requested or env or "").strip().lower() or "auto"  # blank: unset
     if name != "auto" and name not in NAMES:
         raise ValueError(f"unknown fused_resblock backend {name!r}; expected one of auto, {', '.join(NAMES)}")
-    _resolved[(requested, env)] = name
+    if not torch.compiler.is_compiling():  # a write to module state would break a traced checkpoint
+        _resolved[(requested, env)] = name
     return name
 
 
