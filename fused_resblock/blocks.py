@@ -289,7 +289,7 @@ class CifarBasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
+            out += self.shortcut(x)  # in place, as torchvision's blocks: out's dtype under autocast
         return self.relu(out)
 
 

@@ -621,3 +621,15 @@ def test_compiled_checkpoint_of_a_fresh_fused_block_updates_bn_once():
     for name, value in buffers["torch"].items():
         torch.testing.assert_close(buffers["fused"][name], value, rtol=1e-12, atol=1e-12, msg=name)
     assert buffers["fused"]["bn1.num_batches_tracked"] == 1
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cifar_blocks_keep_the_dtype_autocast_gives(train):
+    """Under autocast a float32 input's option-A shortcut meets a bf16 conv output: the result is
+    bf16, as torchvision's ``out += identity`` gives, unfused and fused alike."""
+    for shortcut in ("A", "B", None):
+        plain = frb.CifarBasicBlock(8, 16, 2, shortcut).train(train)
+        fused = frb.convert(copy.deepcopy(plain))
+        x = torch.randn(2, 8, 6, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert plain(x).dtype == fused(x).dtype == torch.bfloat16, shortcut
