@@ -1,7 +1,4 @@
 """The command line: doctor, verify, demo (tiny)."""
-import subprocess
-import sys
-
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models import resnet as tv
 

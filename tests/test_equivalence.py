@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models import resnet as tv
 from torchvision.ops import FrozenBatchNorm2d
