@@ -3,9 +3,10 @@
 Every implementation starts from a freshly built *plain* module with eager
 PyTorch semantics: torchvision's ResNet and blocks, our CIFAR ResNet, or for a
 single layer conv -> BN -> (+ shortcut) -> ReLU (``ConvLayerModule``). Weights
-come from one seed and BN statistics are random (not 0/1), so every member of
-a case group computes the same function. ``fuse`` turns a plain module into
-ours.
+come from one seed, BN's affine parameters are random and its running
+statistics are those of a random batch (not 0/1; see ``calibrate_norms``), so
+every member of a case group computes the same function. ``fuse`` turns a
+plain module into ours.
 """
 from __future__ import annotations
 
@@ -102,7 +103,36 @@ def build_plain(spec, device) -> nn.Module:
             module = ConvLayerModule(spec)
     if torch.device(device).type != "meta":
         randomize_norms(module, WELL_SCALED_SPREAD)
+        calibrate_norms(module, spec, device)
     return module
+
+
+CALIBRATION_BATCH = 4
+
+
+def calibrate_norms(module: nn.Module, spec, device) -> None:
+    """Running statistics as a trained network has them: each BN's from one training-mode pass over
+    a random batch. With fixed statistics a deep random ResNet's activations grow ~2x per residual
+    block: ResNet-101's reach 2e5, past fp16's range (inf in every fp16 case); a trained network's
+    BNs keep them near 1. In place; momentum and num_batches_tracked as they were."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None  # the cumulative average of one batch: that batch's statistics
+    training = module.training
+    module.train()
+    try:
+        # cudnn's benchmark mode would time every conv at this throwaway batch size
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=False):
+            module(*module_args(spec, CALIBRATION_BATCH, torch.float32, device))
+    finally:
+        module.train(training)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.zero_()
 
 
 def fuse(plain: nn.Module, backend: str) -> nn.Module:
@@ -127,18 +157,22 @@ def prepare(module: nn.Module, case: Case, precision: Precision) -> nn.Module:
     return module.train(case.mode == "train")
 
 
-def _activation(shape, case: Case, dtype: torch.dtype, device) -> Tensor:
-    return torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=case.torch_format)
+def module_args(spec, batch: int, dtype: torch.dtype, device,
+                memory_format: torch.memory_format = torch.contiguous_format) -> list:
+    """Random arguments of the module for ``spec``: its input, and a single layer's shortcut input."""
+    def activation(*shape):
+        return torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    args = [activation(batch, *input_size(spec))]
+    if isinstance(spec, ConvLayer) and spec.residual == "identity":
+        args.append(activation(batch, spec.out_channels, spec.out_height, spec.out_width))
+    elif isinstance(spec, ConvLayer) and spec.residual == "projection":
+        args.append(activation(batch, spec.shortcut_in_channels, spec.shortcut_height, spec.shortcut_width))
+    return args
 
 
 def make_input(spec, case: Case, dtype: torch.dtype, device) -> tuple:
     """One input tuple: the module's arguments, then (training a model) the labels."""
-    args = [_activation((case.batch,) + input_size(spec), case, dtype, device)]
-    if isinstance(spec, ConvLayer) and spec.residual == "identity":
-        args.append(_activation((case.batch, spec.out_channels, spec.out_height, spec.out_width), case, dtype, device))
-    elif isinstance(spec, ConvLayer) and spec.residual == "projection":
-        args.append(_activation((case.batch, spec.shortcut_in_channels, spec.shortcut_height, spec.shortcut_width),
-                                case, dtype, device))
+    args = module_args(spec, case.batch, dtype, device, case.torch_format)
     if case.mode == "train" and isinstance(spec, ModelSpec):
         args.append(torch.randint(0, spec.num_classes, (case.batch,), device=device))
     return tuple(args)
