@@ -22,7 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 from . import backends
 from ._warnings import warn_once
-from .chain import IDENTITY, NONE, Shortcut, hooks_reason, pair_unfusable_reason, run_chain
+from .chain import IDENTITY, NONE, Shortcut, hooks_reason, own_forward_reason, pair_unfusable_reason, run_chain
 from .folding import TRACING_CACHE, FoldCache
 
 
@@ -152,14 +152,18 @@ class FusedModule:
             return IDENTITY
         if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
             conv, norm = downsample[0], downsample[1]
-            reason = hooks_reason(downsample) or pair_unfusable_reason(conv, norm)
+            reason = (own_forward_reason(downsample, nn.Sequential) or hooks_reason(downsample)
+                      or pair_unfusable_reason(conv, norm))
             if reason is None:
                 return Shortcut("projection", conv=conv, norm=norm)
         else:
             reason = f"downsample {type(downsample).__name__} is not Sequential(Conv2d, BatchNorm2d)"
-        warn_once((type(self).__name__, "downsample", reason),
-                  f"fused_resblock: {type(self).__name__}'s downsample runs unfused (as given): {reason}")
-        return Shortcut("module", module=downsample)
+        return self._shortcut_as_given(downsample, "downsample", reason)
+
+    def _shortcut_as_given(self, module: nn.Module, what: str, reason: str) -> Shortcut:
+        warn_once((type(self).__name__, what, reason),
+                  f"fused_resblock: {type(self).__name__}'s {what} runs unfused (as given): {reason}")
+        return Shortcut("module", module=module)
 
 
 # --------------------------------------------------------------------------- torchvision blocks
@@ -300,10 +304,12 @@ class FusedCifarBasicBlock(FusedModule, CifarBasicBlock):
         s = self.shortcut
         if s is None:
             return NONE
-        if isinstance(s, nn.Identity):
-            return IDENTITY
-        if isinstance(s, ZeroPadShortcut):
-            return Shortcut("mapped", stride=s.stride, offset=s.offset)
+        for base in (nn.Identity, ZeroPadShortcut):
+            if isinstance(s, base):  # fused only as its class computes it, where its hooks need no call
+                reason = own_forward_reason(s, base) or hooks_reason(s)
+                if reason is not None:
+                    return self._shortcut_as_given(s, "shortcut", reason)
+                return IDENTITY if base is nn.Identity else Shortcut("mapped", stride=s.stride, offset=s.offset)
         return self._downsample_shortcut(s)
 
     def _unfused_forward(self, x):

@@ -73,6 +73,14 @@ def hooks_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def own_forward_reason(module: nn.Module, base: type) -> Optional[str]:
+    """None when ``module`` computes what ``base`` does, else why not: a subclass with a forward of
+    its own (a scaled downsample) is not the container it derives from."""
+    if type(module).forward is not base.forward:
+        return f"its {type(module).__name__} overrides {base.__name__}.forward"
+    return None
+
+
 def pair_unfusable_reason(conv: nn.Module, norm: nn.Module) -> Optional[str]:
     """None when a (conv, norm) pair can run as one fused step, else why not."""
     return (conv_unfusable_reason(conv) or norms.unfusable_reason(norm)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
+from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
 
 from .blocks import (
     FusedBasicBlock, FusedBottleneck, FusedCifarBasicBlock, FusedPlainBasicBlock, FusedStem,
@@ -37,8 +38,8 @@ def _set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 
 def _resnet(block, layers, weights, progress: bool, backend: Optional[str], **kwargs: Any) -> FusedResNet:
-    if weights is not None:
-        kwargs["num_classes"] = len(weights.meta["categories"])
+    if weights is not None:  # torchvision's check: another num_classes with weights is an error
+        _ovewrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
     model = FusedResNet(block, layers, **kwargs)
     if weights is not None:
         model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True), strict=True)
@@ -49,14 +50,14 @@ def _imagenet_builder(name: str, block, layers, weights_enum, doc: str, **fixed:
     def builder(*, weights=None, progress: bool = True, backend: Optional[str] = None, **kwargs: Any):
         weights = weights_enum.verify(weights)
         for key, value in fixed.items():
-            if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"{name}: {key} is fixed at {value}, got {kwargs[key]}")
-            kwargs[key] = value
+            _ovewrite_named_param(kwargs, key, value)  # torchvision's error for another value
         return _resnet(block, layers, weights, progress, backend, **kwargs)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"{doc}, fused. Same arguments as ``torchvision.models.{name}`` plus ``backend``."
-    return builder
+    # torchvision's legacy calls still work, with its deprecation warning: pretrained=True/False,
+    # weights and progress passed positionally
+    return handle_legacy_interface(weights=("pretrained", weights_enum.IMAGENET1K_V1))(builder)
 
 
 resnet18 = _imagenet_builder("resnet18", FusedBasicBlock, [2, 2, 2, 2], tv.ResNet18_Weights, "ResNet-18")

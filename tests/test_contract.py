@@ -1,5 +1,6 @@
 """The torchvision contract: classes, constructors, init, state_dicts, builders, convert/revert."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -95,8 +96,28 @@ def test_builders_accept_torchvision_weights(monkeypatch):
 
 
 def test_builder_fixed_arguments_rejected():
-    with pytest.raises(ValueError, match="groups"):
-        models.resnext50_32x4d(groups=8)
+    for build in (models.resnext50_32x4d, tv.resnext50_32x4d):  # torchvision's error, word for word
+        with pytest.raises(ValueError, match="The parameter 'groups' expected value 32 but got 8"):
+            build(groups=8)
+
+
+def test_weights_with_another_num_classes_is_an_error_as_in_torchvision(monkeypatch):
+    """A 10-class model asked with ImageNet weights: torchvision refuses; a silent 1000-class model
+    would surprise whoever fine-tunes it."""
+    monkeypatch.setattr(tv.ResNet18_Weights, "get_state_dict", lambda self, *a, **k: tv.resnet18().state_dict())
+    for build in (models.resnet18, tv.resnet18):
+        with pytest.raises(ValueError, match="'num_classes' expected value 1000 but got 10"):
+            build(weights="DEFAULT", num_classes=10)
+
+
+def test_builders_take_torchvisions_legacy_calls():
+    """pretrained=..., weights and progress positionally: deprecated in torchvision, still accepted."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for call in (lambda b: b(pretrained=False), lambda b: b(None, True),
+                     lambda b: b(pretrained=False, num_classes=10)):
+            ours, theirs = call(models.wide_resnet50_2), call(tv.wide_resnet50_2)
+            assert isinstance(ours, models.FusedResNet) and ours.fc.out_features == theirs.fc.out_features
 
 
 # --------------------------------------------------------------------------- CIFAR
