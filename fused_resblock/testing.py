@@ -26,6 +26,7 @@ of tests/test_triton_blocks.py's fp16 tests failed one gradient check on a flip.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,10 +61,12 @@ class RuleReport:
 
     @property
     def passed(self) -> bool:
-        return self.err <= self.bound
+        # torch's own inf or NaN (an fp16 overflow) would make the bound infinite: nothing checked
+        return math.isfinite(self.torch_err) and self.err <= self.bound
 
     def __str__(self) -> str:
-        verdict = "ok" if self.passed else "FAIL"
+        verdict = "ok" if self.passed else ("FAIL" if math.isfinite(self.torch_err) else
+                                            "FAIL (torch's own result is not finite: nothing to compare)")
         allowance = f", inner-kink allowance up to {self.kink_allowance:.3e}" if self.kink_allowance else ""
         return (
             f"{self.name} [{str(self.dtype).replace('torch.', '')}]: err {self.err:.3e} "
@@ -291,34 +294,79 @@ def equivalence_report(fused: torch.nn.Module, reference: torch.nn.Module, x: Te
     for m in (fused, reference, ref64):
         m.train(train)
         m.zero_grad(set_to_none=True)
+    params = _same_names(prefix + "parameters", fused.named_parameters(), reference.named_parameters())
+    buffers = _same_names(prefix + "buffers", fused.named_buffers(), reference.named_buffers())
+    before = {name: b.detach().clone() for name, (b, _) in buffers.items()}
     out64, x64, grad_out, allowance = _run_first(ref64, x.to("cpu", torch.float64), backward, x.dtype)
     out_t, x_t = _run(reference, x, grad_out)
     out_f, x_f = _run(fused, x, grad_out)
     dtype = x.dtype
+    _check_like(prefix + "out", out_f, out_t, layout=True)
     reports = [check_rule(prefix + "out", out_f, out64, out_t, dtype)]
     if not train:
         with torch.no_grad():
             out_inference = fused(x)
+        _check_like(prefix + "out (no_grad)", out_inference, out_t, layout=True)
         reports.append(check_rule(prefix + "out (no_grad)", out_inference, out64, out_t, dtype))
     if backward:
+        _check_like(prefix + "grad input", x_f.grad, x_t.grad)
         reports.append(check_rule(prefix + "grad input", x_f.grad, x64.grad, x_t.grad, dtype,
                                   allowance=allowance.get("input")))
-        for (name, p_f), p_t, p64 in zip(fused.named_parameters(), reference.parameters(), ref64.parameters()):
+        params64 = dict(ref64.named_parameters())
+        for name, (p_f, p_t) in params.items():
+            p64 = params64[name]
             if p64.grad is None:
+                if p_f.grad is not None and p_f.grad.abs().max() > 0:
+                    raise AssertionError(f"{prefix}grad {name}: the fused module produced a gradient torch does not")
                 continue
             if p_f.grad is None:
                 raise AssertionError(f"{prefix}grad {name}: the fused module produced no gradient")
+            _check_like(f"{prefix}grad {name}", p_f.grad, p_t.grad)
             reports.append(check_rule(f"{prefix}grad {name}", p_f.grad, p64.grad, p_t.grad, dtype,
                                       allowance=allowance.get(name)))
-    if train:
-        buffers64 = dict(ref64.named_buffers())
-        for (name, b_f), b_t, b64 in zip(fused.named_buffers(), reference.buffers(), ref64.buffers()):
-            if b_f.is_floating_point():
-                reports.append(check_rule(f"{prefix}buffer {name}", b_f, b64, b_t, b_f.dtype,
-                                          _buffer_scale(name, b64, buffers64)))
-            elif not torch.equal(b_f.cpu(), b64.cpu()):
-                raise AssertionError(f"{prefix}buffer {name}: {b_f.tolist()} != {b64.tolist()}")
+    buffers64 = dict(ref64.named_buffers())
+    for name, (b_f, b_t) in buffers.items():
+        b64 = buffers64[name]
+        if not train:  # an eval forward changes no running statistic and counts no batch
+            if not torch.equal(b_f, before[name]):
+                raise AssertionError(f"{prefix}buffer {name}: changed by an eval-mode forward")
+        elif b_f.is_floating_point():
+            _check_like(f"{prefix}buffer {name}", b_f, b_t)
+            reports.append(check_rule(f"{prefix}buffer {name}", b_f, b64, b_t, b_t.dtype,
+                                      _buffer_scale(name, b64, buffers64)))
+        elif not torch.equal(b_f.cpu(), b64.cpu()):
+            raise AssertionError(f"{prefix}buffer {name}: {b_f.tolist()} != {b64.tolist()}")
     return reports
+
+
+def _same_names(what: str, fused_items, reference_items) -> dict:
+    """{name: (fused tensor, reference tensor)}; the two modules must hold the same names (a tensor
+    missing on one side, not registered, would otherwise go unchecked)."""
+    fused, reference = dict(fused_items), dict(reference_items)
+    if set(fused) != set(reference):
+        raise AssertionError(f"{what} differ: only fused {sorted(set(fused) - set(reference))}, "
+                             f"only reference {sorted(set(reference) - set(fused))}")
+    return {name: (fused[name], reference[name]) for name in reference}
+
+
+def _check_like(name: str, got: Tensor, expected: Tensor, layout: bool = False) -> None:
+    """The dtype and device torch gives (and for an output, its memory format): a result in another
+    dtype or layout is not a drop-in, however close its values."""
+    problems = []
+    if got.dtype != expected.dtype:
+        problems.append(f"dtype {got.dtype}, torch's {expected.dtype}")
+    if got.device != expected.device:
+        problems.append(f"device {got.device}, torch's {expected.device}")
+    if layout and _memory_format(got) != _memory_format(expected):
+        problems.append(f"memory format {_memory_format(got)}, torch's {_memory_format(expected)}")
+    if problems:
+        raise AssertionError(f"{name}: " + "; ".join(problems))
+
+
+def _memory_format(t: Tensor) -> str:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return "channels_last"
+    return "contiguous"
 
 
 def _buffer_scale(name: str, value: Tensor, buffers: dict) -> float:

@@ -234,6 +234,41 @@ def test_an_inner_module_with_hooks_runs_as_given(where):
     assert not seen
 
 
+@pytest.mark.parametrize("make", ["cifar-A-identity", "cifar-A"])
+def test_a_hook_on_a_cifar_shortcut_fires_and_takes_effect(make):
+    """The identity or option-A shortcut with a hook (one that changes its output, too) runs as given."""
+    fused, reference = _pair(BLOCKS[make])
+    for block in (fused, reference):
+        block.shortcut.register_forward_hook(lambda m, args, out: out * 0.5)
+    x = _input_for(reference, size=8)
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="shortcut runs unfused"):  # once
+        for train in (False, True):
+            assert_equivalent(fused, reference, x, train=train)
+
+
+class _HalfSequential(nn.Sequential):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _HalfIdentity(nn.Identity):
+    def forward(self, x):
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("block", ["basic-down", "cifar-A-identity"])
+def test_a_shortcut_subclass_with_its_own_forward_runs_as_given(block):
+    """A Sequential or Identity subclass that computes something else is not the plain container."""
+    reference = randomize_norms(BLOCKS[block]()).double()
+    if block == "basic-down":
+        reference.downsample = _HalfSequential(*reference.downsample)
+    else:
+        reference.shortcut = _HalfIdentity()
+    fused = frb.convert(copy.deepcopy(reference))
+    with pytest.warns(frb.FusedResblockFallbackWarning, match="overrides"):
+        assert_equivalent(fused, reference, _input_for(reference, size=8), train=True)
+
+
 def test_a_forward_replaced_on_an_instance_runs_its_block_as_given():
     fused, reference = _pair(BLOCKS["basic"])
     for block in (fused, reference):
@@ -577,6 +612,62 @@ def test_inner_kink_allowance_covers_a_flipped_derivative_and_nothing_more():
         assert not testing.check_rule(name, wrong, ref, ref, torch.float16, allowance=allowance[name]).passed
     _, _, _, none = testing._run_first(mlp, x, True, torch.float64)
     assert none == {}  # no kink has width at float64
+
+
+# --------------------------------------------------------------------------- what the module check must catch
+def _unregister_buffers(block):
+    bn = block.downsample[1]
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        object.__setattr__(bn, key, bn._buffers.pop(key))  # a plain attribute: never checked by position
+    bn.momentum = 0.0
+
+
+def _unregister_bias(block):
+    bn = block.downsample[1]
+    object.__setattr__(bn, "bias", bn._parameters.pop("bias").detach())  # no gradient, no optimizer
+
+
+def _eval_counts_batches(block):
+    def count(mod, args, out):
+        if not mod.training:
+            mod.num_batches_tracked.add_(1)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(count)
+
+
+def _float64_channels_last_output(block):
+    block.register_forward_hook(lambda mod, a, out: out.double().contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("break_it, train, match", [
+    (_unregister_buffers, True, "buffers differ"),
+    (_unregister_bias, True, "parameters differ"),
+    (_eval_counts_batches, False, "changed by an eval-mode forward"),
+    (_float64_channels_last_output, True, "dtype torch.float64, torch's torch.float32; memory format"),
+    (_float64_channels_last_output, False, "dtype torch.float64"),
+])
+def test_the_module_check_catches_structural_mistakes(break_it, train, match):
+    """Values alone are not a drop-in: a tensor the fused side does not register (a pairing by position
+    silently dropped it), an eval forward that moves a buffer, an output in another dtype or layout."""
+    reference = randomize_norms(BLOCKS["bottleneck-down"]())
+    fused = copy.deepcopy(reference)
+    break_it(fused)
+    x = torch.randn(3, 8, 7, 7)
+    with pytest.raises(AssertionError, match=match):
+        assert_equivalent(fused, reference, x, train=train)
+    assert_equivalent(copy.deepcopy(reference), reference, x, train=train)  # the unbroken copy passes
+
+
+def test_torchs_own_non_finite_result_fails_the_rule():
+    """An fp16 overflow in torch's result would make the bound infinite: nothing would be compared."""
+    from fused_resblock import testing
+
+    ref = torch.randn(100, dtype=torch.float64)
+    torch_out = ref.half()
+    torch_out[7] = float("inf")
+    report = testing.check_rule("out", torch.randn(100).half(), ref, torch_out, torch.float16)
+    assert not report.passed and "not finite" in str(report)
 
 
 # --------------------------------------------------------------------------- BN statistics: rounding, tracing
