@@ -14,6 +14,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
 from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
+from torchvision.models.resnet import (  # re-exported: frb.models.ResNet50_Weights reads as torchvision's
+    ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights, ResNet152_Weights,
+    ResNeXt50_32X4D_Weights, ResNeXt101_32X8D_Weights, ResNeXt101_64X4D_Weights,
+    Wide_ResNet50_2_Weights, Wide_ResNet101_2_Weights,
+)
 
 from .blocks import (
     FusedBasicBlock, FusedBottleneck, FusedCifarBasicBlock, FusedPlainBasicBlock, FusedStem,
@@ -77,13 +82,21 @@ wide_resnet101_2 = _imagenet_builder("wide_resnet101_2", FusedBottleneck, [3, 4,
                                      tv.Wide_ResNet101_2_Weights, "Wide ResNet-101-2", width_per_group=128)
 
 
-def plain18(*, backend: Optional[str] = None, **kwargs: Any) -> FusedResNet:
-    """The 18-layer plain net of He et al. (ResNet-18 without shortcuts), fused."""
+def _no_pretrained(name: str, weights) -> None:
+    if weights is not None:
+        raise ValueError(f"{name}: no pretrained weights exist for the plain nets (weights must be None)")
+
+
+def plain18(*, weights=None, progress: bool = True, backend: Optional[str] = None, **kwargs: Any) -> FusedResNet:
+    """The 18-layer plain net of He et al. (ResNet-18 without shortcuts), fused; the ImageNet
+    builders' arguments (``weights`` only None: no checkpoint exists)."""
+    _no_pretrained("plain18", weights)
     return _set_backend(FusedResNet(FusedPlainBasicBlock, [2, 2, 2, 2], **kwargs), backend)
 
 
-def plain34(*, backend: Optional[str] = None, **kwargs: Any) -> FusedResNet:
-    """The 34-layer plain net of He et al. (ResNet-34 without shortcuts), fused."""
+def plain34(*, weights=None, progress: bool = True, backend: Optional[str] = None, **kwargs: Any) -> FusedResNet:
+    """The 34-layer plain net of He et al. (ResNet-34 without shortcuts), fused (``weights`` only None)."""
+    _no_pretrained("plain34", weights)
     return _set_backend(FusedResNet(FusedPlainBasicBlock, [3, 4, 6, 3], **kwargs), backend)
 
 
@@ -163,4 +176,7 @@ CIFAR_BUILDERS = tuple(f"cifar_resnet{d}" for d in CIFAR_DEPTHS) + tuple(f"cifar
 
 BUILDERS = IMAGENET_BUILDERS + PLAIN_BUILDERS + CIFAR_BUILDERS
 
-__all__ = ["FusedResNet", "CifarResNet", "FusedCifarResNet", *BUILDERS]
+WEIGHTS = (ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights, ResNet152_Weights,
+           ResNeXt50_32X4D_Weights, ResNeXt101_32X8D_Weights, ResNeXt101_64X4D_Weights,
+           Wide_ResNet50_2_Weights, Wide_ResNet101_2_Weights)
+__all__ = ["FusedResNet", "CifarResNet", "FusedCifarResNet", *BUILDERS, *(w.__name__ for w in WEIGHTS)]

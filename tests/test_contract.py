@@ -110,6 +110,14 @@ def test_weights_with_another_num_classes_is_an_error_as_in_torchvision(monkeypa
             build(weights="DEFAULT", num_classes=10)
 
 
+def test_weights_enums_are_torchvisions_and_the_plain_nets_take_none():
+    assert models.ResNet50_Weights is tv.ResNet50_Weights and "Wide_ResNet101_2_Weights" in models.__all__
+    with torch.device("meta"):
+        assert models.plain18(weights=None, progress=False, num_classes=7).fc.out_features == 7
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        models.plain34(weights="DEFAULT")
+
+
 def test_builders_take_torchvisions_legacy_calls():
     """pretrained=..., weights and progress positionally: deprecated in torchvision, still accepted."""
     with torch.device("meta"), warnings.catch_warnings():
