@@ -132,7 +132,7 @@ def case_cost(case: Case) -> tuple:
     element_bytes = DTYPES[case.dtype].itemsize
     spec = shapes.target_spec(case.kind, case.target)
     if isinstance(spec, ConvLayer):
-        macs, input_macs = layer_macs(spec, case.batch), layer_macs(spec, case.batch)
+        macs = input_macs = layer_macs(spec, case.batch)  # one conv, reading the step's input
         min_bytes = layer_min_bytes(spec, case.batch, element_bytes)
     else:
         macs, activations, weights, input_macs = module_cost(case.kind, case.target)

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .backends.reference import memory_format_of
+
 FLOOR = {
     torch.float64: 1e-10,
     torch.float32: 1e-6,
@@ -357,16 +359,10 @@ def _check_like(name: str, got: Tensor, expected: Tensor, layout: bool = False) 
         problems.append(f"dtype {got.dtype}, torch's {expected.dtype}")
     if got.device != expected.device:
         problems.append(f"device {got.device}, torch's {expected.device}")
-    if layout and _memory_format(got) != _memory_format(expected):
-        problems.append(f"memory format {_memory_format(got)}, torch's {_memory_format(expected)}")
+    if layout and memory_format_of(got) != memory_format_of(expected):
+        problems.append(f"memory format {memory_format_of(got)}, torch's {memory_format_of(expected)}")
     if problems:
         raise AssertionError(f"{name}: " + "; ".join(problems))
-
-
-def _memory_format(t: Tensor) -> str:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return "channels_last"
-    return "contiguous"
 
 
 def _buffer_scale(name: str, value: Tensor, buffers: dict) -> float:

@@ -381,27 +381,24 @@ def test_resnet50_costs_4_09_gmac_per_image():
                           .named_parameters() if name.endswith("weight") and p.dim() > 1)
 
 
-def _fused_floor(names, batch=256, element_bytes=2):
-    return sum(roofline.layer_min_bytes(spec, batch, element_bytes) * spec.count
-               for spec in shapes.RESNET50_LAYERS if spec.name in names)
+def _convs_floor(specs, batch=256, element_bytes=2):
+    """The per-layer floors of ``specs`` (each as often as it occurs) less their fp32 biases, which
+    the module count leaves out."""
+    return sum((roofline.layer_min_bytes(s, batch, element_bytes) - s.out_channels * roofline.BIAS_BYTES) * s.count
+               for s in specs)
 
 
 def test_model_and_block_bytes_are_the_sums_of_their_fused_convs_floors():
     """The hooks' count of a whole module agrees with the per-layer floors: a merged projection's
     output is neither written nor read back, a strided 1x1 shortcut reads one pixel in four."""
-    every_layer = {spec.name for spec in shapes.RESNET50_LAYERS}
     fc_in, fc_out = shapes.RESNET50_FC
     _, model_bytes = roofline.case_cost(Case("model", "resnet50", "infer", "bf16", "channels_last", 256, "eager"))
-    expected = _fused_floor(every_layer) - sum(spec.out_channels * roofline.BIAS_BYTES * spec.count
-                                               for spec in shapes.RESNET50_LAYERS)
-    expected += (fc_in * fc_out + 256 * (fc_in + fc_out)) * 2  # the classifier: weights once, features, logits
-    assert model_bytes == expected  # the layer floors' fp32 biases are not in the module count
+    classifier = (fc_in * fc_out + 256 * (fc_in + fc_out)) * 2  # weights once, features and logits per image
+    assert model_bytes == _convs_floor(shapes.RESNET50_LAYERS) + classifier
     for block, names in [("resnet50.layer1.0", ("layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3+downsample")),
                          ("resnet50.layer2.0", ("layer2.0.conv1", "layer2.0.conv2", "layer2.0.conv3+downsample"))]:
         _, block_bytes = roofline.case_cost(Case("block", block, "infer", "bf16", "channels_last", 256, "eager"))
-        specs = [s for s in shapes.RESNET50_LAYERS if s.name in names]
-        assert block_bytes == sum(roofline.layer_min_bytes(s, 256, 2) - s.out_channels * roofline.BIAS_BYTES
-                                  for s in specs), block
+        assert block_bytes == _convs_floor([s for s in shapes.RESNET50_LAYERS if s.name in names]), block
 
 
 def test_a_training_step_skips_the_dgrad_of_the_convs_reading_its_input():
