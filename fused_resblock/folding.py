@@ -267,10 +267,7 @@ TRACING_CACHE = FoldCache(register=False)
 
 
 def _register(cache: FoldCache) -> None:
-    if torch.compiler.is_compiling():  # a module's first call under torch.compile; dynamo traces no lock
-        _LIVE_CACHES.add(cache)
-        return
-    with _LIVE_CACHES_LOCK:
+    with _LIVE_CACHES_LOCK:  # never while tracing: a block's first traced call gets TRACING_CACHE
         _LIVE_CACHES.add(cache)
 
 

@@ -318,8 +318,8 @@ class KinkFlips:
 
     fused: Tensor
     torch: Tensor
-    fused_count: int = 0
-    torch_count: int = 0
+    fused_count: int
+    torch_count: int
 
 
 def explain_by_kink_flips(kinks: list, targets: dict, reference: dict, fused: dict, torch_result: dict) -> dict:
@@ -447,14 +447,6 @@ class _Float64Run:
         self.targets = {"input": self.x, **{name: p for name, p in self.module.named_parameters() if p.requires_grad}}
         self.grad_scales = self.norms.gradient_scales()
         return grad_out
-
-
-def _run_first(module, x: Tensor, backward: bool, dtype: torch.dtype) -> _Float64Run:
-    """The float64 run without a torch run beside it: kink widths from ``KINK_WIDTH``."""
-    truth = _Float64Run(module, x, backward)
-    if backward:
-        truth.backward(dtype)
-    return truth
 
 
 def equivalence_report(fused: torch.nn.Module, reference: torch.nn.Module, x: Tensor, *,

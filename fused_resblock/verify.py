@@ -81,7 +81,8 @@ def _summarise(name: str, mode: str, dtype, reports) -> BlockResult:
 # At 16 bits a whole network's gradients are decided by its ReLU kinks: in cifar_resnet20 ~2% (fp16)
 # and ~17% (bf16) of the inner ReLU elements lie within rounding of 0: thousands of flips, far more
 # than the rule's fit of kink flips follows (testing.MAX_INNER_KINKS, KINK_ROW_BUDGET), and
-# torchvision's own model run channels_last fails that check too. The whole model's row is then its forward (and buffers); every block's row checks gradients.
+# torchvision's own model run channels_last fails that check too. The whole model's row is then its
+# forward (and buffers); every block's row checks gradients.
 WHOLE_MODEL_GRADIENTS = (torch.float32, torch.float64)
 FORWARD_ONLY = "(whole model, fwd)"
 FORWARD_ONLY_NOTE = (f"{FORWARD_ONLY}: at 16 bits the whole network's gradients hinge on thousands of ReLU "

@@ -542,6 +542,15 @@ def test_detection_backbone_with_frozen_batchnorm():
 
 
 # --------------------------------------------------------------------------- the rule's kink handling
+def _float64_run(module, x, dtype):
+    """The rule's float64 run and backward without a torch run beside it: kink widths from KINK_WIDTH."""
+    from fused_resblock import testing
+
+    truth = testing._Float64Run(module, x, True)
+    truth.backward(dtype)
+    return truth
+
+
 class _ShiftRelu(nn.Module):
     """relu(x - shift) with an in-place ReLU module, as torchvision's blocks end."""
 
@@ -558,19 +567,17 @@ def test_output_gradient_is_zero_on_the_final_relu_kink():
     from fused_resblock import testing
 
     x = torch.tensor([[-1.0, -1e-4, 0.0, 2e-4, 0.5, 3.0]], dtype=torch.float64)
-    grad = testing._run_first(_ShiftRelu(0.0), x, True, torch.float16).grad_out
+    grad = _float64_run(_ShiftRelu(0.0), x, torch.float16).grad_out
     assert testing.KINK_WIDTH[torch.float16] * 3.0 > 2e-4  # max |pre-activation| = 3
     near = torch.tensor([[False, True, True, True, False, False]])
     assert torch.all(grad[near] == 0) and torch.all(grad[~near] != 0)
-    grad32 = testing._run_first(_ShiftRelu(0.0), x, True, torch.float32).grad_out
+    grad32 = _float64_run(_ShiftRelu(0.0), x, torch.float32).grad_out
     assert torch.all(grad32[:, [0, 1, 3, 4, 5]] != 0), "at fp32 the kink is 4 float32 eps wide"
 
 
 def test_no_kink_masking_without_a_final_relu():
-    from fused_resblock import testing
-
     linear = nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double()
-    grad = testing._run_first(linear, torch.randn(2, 4, dtype=torch.float64), True, torch.float16).grad_out
+    grad = _float64_run(linear, torch.randn(2, 4, dtype=torch.float64), torch.float16).grad_out
     assert torch.all(grad != 0)
 
 
@@ -600,7 +607,7 @@ def test_an_inner_kink_flip_is_explained_and_nothing_else():
     from fused_resblock import testing
 
     mlp, x = _mlp_with_a_kink()
-    truth = testing._run_first(mlp, x, True, torch.float16)
+    truth = _float64_run(mlp, x, torch.float16)
     x64, grad_out, targets = truth.x, truth.grad_out, truth.targets
     kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)  # no torch run: 4 fp16 eps wide
     assert [(k.index, k.pre.shape) for k in kinks] == [(2, (2, 6))]  # hidden unit 2 of sample 0
@@ -626,7 +633,7 @@ def test_an_inner_kink_flip_is_explained_and_nothing_else():
     assert fits["input"].torch_count == 1 and fits["input"].fused_count == 0
     assert testing.check_rule("input", exact["input"], exact["input"], flipped["input"], torch.float16,
                               flips=fits["input"]).torch_err < 1e-12  # it does not widen the bound
-    truth = testing._run_first(mlp, x, True, torch.float64)
+    truth = _float64_run(mlp, x, torch.float64)
     assert testing._inner_kinks(truth.relus, truth.out, None, torch.float64) == []  # no kink has width at float64
 
 
