@@ -190,6 +190,9 @@ KINK_ROW_BUDGET = 2 ** 27
 # rounding noise projects far less, and subtracting it would move other gradients by its size.
 FLIP_MATCH = 0.75
 
+# Rounds of row selection in ``explain_by_kink_flips`` at most.
+FIT_ROUNDS = 4
+
 
 class _ReluCalls:
     """Every ``nn.ReLU`` call of a module, in call order: its input and its output. With
@@ -326,11 +329,14 @@ def explain_by_kink_flips(kinks: list, targets: dict, reference: dict, fused: di
     """{gradient name: KinkFlips}: which of the candidate kinks' flips explain each result's
     difference from the float64 ``reference`` gradients, fitted over all gradients at once
     (one flip changes every gradient below it), each gradient's squares weighted by
-    1/(max|reference|^2 · its size), so that a small one (a BN bias) counts as much as the input's.
+    1/(scale^2 · its size), so that a small one (a BN bias) counts as much as the input's; the
+    scale is max|reference| plus torch's error there (a gradient exactly 0 in float64, a conv
+    bias before a train-mode BN, would otherwise weigh its rounding noise without bound).
 
     Only flips whose changes explain the difference are forgiven, with the sign a flip has, so
-    a real error (a scaled or a missing gradient) stays. A row the difference does not match on
-    its own (``FLIP_MATCH``) is dropped before the (greedy) fit: it bounds memory.
+    a real error (a scaled or a missing gradient) stays. A row that matches (``FLIP_MATCH``)
+    neither the difference nor what a fit leaves of it is dropped before the greedy fit: it
+    bounds memory.
     """
     names = [name for name, ref in reference.items()
              if ref is not None and fused.get(name) is not None and torch_result.get(name) is not None
@@ -340,18 +346,36 @@ def explain_by_kink_flips(kinks: list, targets: dict, reference: dict, fused: di
     kinks = kinks[:max(64, KINK_ROW_BUDGET // sum(reference[name].numel() for name in names))]
     weights = {}
     for name in names:
-        scale = float(reference[name].abs().max()) if reference[name].numel() else 0.0
-        weights[name] = 1.0 / (scale ** 2 * reference[name].numel()) if scale > 0 else 1.0
+        ref = reference[name].detach().cpu()
+        scale = 0.0
+        if ref.numel():
+            torch_err = float((torch_result[name].detach().to("cpu", torch.float64) - ref).abs().max())
+            scale = float(ref.abs().max()) + (torch_err if math.isfinite(torch_err) else 0.0)
+        weights[name] = 1.0 / (scale ** 2 * ref.numel()) if scale > 0 else 1.0
 
     def flat(results):
         return torch.cat([(results[name].detach().to("cpu", torch.float64) - reference[name].detach().cpu())
                           .reshape(-1) * math.sqrt(weights[name]) for name in names])
 
     diffs = (flat(fused), flat(torch_result))
-    kept = [row for row in _flip_rows(kinks, targets, weights)
-            if any(float(row @ diff) >= FLIP_MATCH * float(row @ row) > 0 for diff in diffs)]
-    rows = torch.stack(kept) if kept else torch.zeros((0, len(diffs[0])), dtype=torch.float64)
-    (fused_part, fused_count), (torch_part, torch_count) = (_fit_flips(diff, rows) for diff in diffs)
+    fits = [(torch.zeros_like(diff), 0) for diff in diffs]
+    kept, residuals = {}, diffs
+    # Two flips share the gradients above them: one's row matches the difference only once the
+    # other's change is subtracted. So the rows left out are tried again against what the fit
+    # leaves, while a round fits a flip and adds a row (each round: one backward per row left).
+    for _ in range(FIT_ROUNDS):
+        left = [i for i in range(len(kinks)) if i not in kept]
+        joined = {i: row for i, row in zip(left, _flip_rows([kinks[i] for i in left], targets, weights))
+                  if any(float(row @ r) >= FLIP_MATCH * float(row @ row) > 0 for r in residuals)}
+        if not joined:
+            break
+        kept.update(joined)
+        rows = torch.stack(list(kept.values()))
+        fits = [_fit_flips(diff, rows) for diff in diffs]
+        if not any(count for _, count in fits):
+            break
+        residuals = [diff - part for diff, (part, _) in zip(diffs, fits)]
+    (fused_part, fused_count), (torch_part, torch_count) = fits
     result, offset = {}, 0
     for name in names:
         size, shape, unweight = reference[name].numel(), reference[name].shape, math.sqrt(weights[name])

@@ -637,6 +637,91 @@ def test_an_inner_kink_flip_is_explained_and_nothing_else():
     assert testing._inner_kinks(truth.relus, truth.out, None, torch.float64) == []  # no kink has width at float64
 
 
+def _mlp_with_two_kinks():
+    """Like ``_mlp_with_a_kink``, with hidden unit 3 of sample 0 at its kink too, its first-layer
+    weights the negative of unit 2's and its output weights 1/20 of unit 2's: the two flips'
+    changes to the input's gradient point opposite ways, the second 20x smaller."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        mlp[0].weight[3] = -mlp[0].weight[2]
+        mlp[2].weight[:, 3] = mlp[2].weight[:, 2] / 20
+        hidden = mlp[0](x)
+        for unit in (2, 3):
+            mlp[0].bias[unit] -= hidden[0, unit] - 1e-5 * float(hidden.abs().max())
+    return mlp, x
+
+
+def test_a_flip_hidden_behind_a_larger_one_is_explained(monkeypatch):
+    """The small flip's change matches the difference only once the large one's is subtracted
+    (on its own, its projection on the difference is negative): the fit tries it again."""
+    from fused_resblock import testing
+
+    mlp, x = _mlp_with_two_kinks()
+    truth = _float64_run(mlp, x, torch.float16)
+    kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
+    assert sorted(k.index for k in kinks) == [2, 3]
+    names = ("input", "0.weight")
+    exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad)))
+    both = dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
+    rounds = []
+    for fit_rounds in (1, testing.FIT_ROUNDS):
+        monkeypatch.setattr(testing, "FIT_ROUNDS", fit_rounds)
+        fits = testing.explain_by_kink_flips(kinks, truth.targets, exact, both, exact)
+        rounds.append([testing.check_rule(name, both[name], exact[name], exact[name], torch.float16,
+                                          flips=fits[name]) for name in names])
+    assert [report.kink_flips for report in rounds[1]] == [(2, 0), (2, 0)]
+    assert all(report.passed for report in rounds[1]), [str(report) for report in rounds[1]]
+    assert not all(report.passed for report in rounds[0])  # one round fits the large flip alone
+
+
+class _CentreOverBatch(nn.Module):
+    """x - mean over the batch: what a train-mode BN does to the bias before it."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def test_a_gradient_zero_in_float64_does_not_drive_the_fit():
+    """A bias before a centring has gradient 0 up to float64 rounding; weighted by 1/max|ref|^2,
+    the fused and torch's rounding noise there (and the flips' float64 rounding) would outweigh
+    every other gradient and decide which flips are fitted."""
+    from fused_resblock import testing
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), _CentreOverBatch(), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():  # the bias cannot move a centred unit: its weights do
+        centred = x - x.mean(0, keepdim=True)
+        hidden = mlp[1](mlp[0](x))
+        target = 1e-5 * float(hidden.abs().max())
+        mlp[0].weight[2] -= (hidden[0, 2] - target) / centred[0].pow(2).sum() * centred[0]
+        hidden = mlp[1](mlp[0](x))
+        assert (hidden.abs() < 1e-4 * float(hidden.abs().max())).sum() == 1  # one kink: (0, 2)
+    truth = _float64_run(mlp, x, torch.float16)
+    kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
+    names = ("input", "0.weight", "0.bias", "3.weight")
+    exact = {"input": truth.x.grad, **{name: p.grad for name, p in mlp.named_parameters() if name in names}}
+    assert float(exact["0.bias"].abs().max()) < 1e-12 < float(exact["0.weight"].abs().max())
+
+    xf = x.detach().clone().requires_grad_(True)  # the same run, unit (0, 2)'s derivative flipped
+    pre = mlp[1](mlp[0](xf))
+    mask = (pre > 0).double()
+    mask[0, 2] = 1 - mask[0, 2]
+    flipped = dict(zip(names, torch.autograd.grad(mlp[3](pre * mask), [xf, mlp[0].weight, mlp[0].bias, mlp[3].weight],
+                                                  truth.grad_out)))
+    noise = {name: 1e-4 * float(exact[name].abs().max() + 1) * torch.randn_like(t) for name, t in exact.items()}
+    fused = {name: flipped[name] + noise[name] for name in names}
+    torch_result = {name: exact[name] + torch.randn_like(exact[name]) * noise[name].abs().max() for name in names}
+    fits = testing.explain_by_kink_flips(kinks, truth.targets, exact, fused, torch_result)
+    assert fits["input"].fused_count == 1 and fits["input"].torch_count == 0
+    for name in ("input", "0.weight"):
+        report = testing.check_rule(name, fused[name], exact[name], torch_result[name], torch.float16,
+                                    flips=fits[name])
+        assert report.passed, str(report)
+
+
 def test_inner_kink_width_is_the_rule_applied_to_the_preactivation():
     """Twice torch's own error at the pre-activation plus the floor: a kink is an element where a
     result within the rule may sit on either side of 0."""

@@ -6,7 +6,12 @@ init, same batches). Training is chaotic: a rounding difference that flips a
 ReLU or meets a nearly dead BN channel grows ~100x per step, so PyTorch's own
 float32 run leaves float64's trajectory by 1e-2 in the loss within 8 steps.
 Hence two checks: the whole run in float64 (fused against PyTorch, the rule's
-float64 floor), and the first step in float32 against float64 by the rule.
+float64 floor), and the first step in float32 by the module check
+(``frb.testing.equivalence_report``: output, every gradient and the running
+statistics against float64, ReLU flips fitted). Even one step's parameters
+cannot be compared by the plain rule: a pre-activation within rounding of 0
+(a few of ~10^5 here) flips in one run and not the other, and moves the stem
+conv's gradient by 1e3x torch's rounding error (2 of 20 seeds).
 This runs the default (CPU: reference) path; the Triton kernels are covered op
 by op and block by block under the interpreter.
 """
@@ -18,11 +23,11 @@ import torch.nn.functional as F
 
 import fused_resblock as frb
 from fused_resblock import models
-from fused_resblock.testing import assert_rule
+from fused_resblock.testing import assert_equivalent, assert_rule
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-STEPS, FLOAT32_STEPS, BATCH, SIZE = 8, 1, 32, 16
+STEPS, BATCH, SIZE = 8, 32, 16
 
 
 def _digits():
@@ -61,17 +66,23 @@ def _assert_models_close(fused_model, torch_model, ref_model, dtype):
             assert torch.equal(b, b_ref), name
 
 
-@pytest.mark.parametrize("dtype, steps", [(torch.float64, STEPS), (torch.float32, FLOAT32_STEPS)], ids=str)
-def test_fused_training_tracks_torchvision_on_digits(dtype, steps):
+def test_fused_training_tracks_torchvision_on_digits_float64():
     images, labels = _digits()
     order = torch.randperm(len(labels))
     fused = models.cifar_resnet20()
     plain = frb.revert(copy.deepcopy(fused))
-    ref_losses, ref_model = _train(copy.deepcopy(plain), images, labels, order, torch.float64, steps)
-    torch_losses, torch_model = _train(plain, images, labels, order, dtype, steps)
-    fused_losses, fused_model = _train(fused, images, labels, order, dtype, steps)
+    ref_losses, ref_model = _train(copy.deepcopy(plain), images, labels, order, torch.float64, STEPS)
+    torch_losses, torch_model = _train(plain, images, labels, order, torch.float64, STEPS)
+    fused_losses, fused_model = _train(fused, images, labels, order, torch.float64, STEPS)
 
-    if steps == STEPS:
-        assert fused_losses[-1] < fused_losses[0]  # it learns
-    assert_rule("losses over the run", fused_losses, ref_losses, torch_losses, dtype)
-    _assert_models_close(fused_model, torch_model, ref_model, dtype)
+    assert fused_losses[-1] < fused_losses[0]  # it learns
+    assert_rule("losses over the run", fused_losses, ref_losses, torch_losses, torch.float64)
+    _assert_models_close(fused_model, torch_model, ref_model, torch.float64)
+
+
+def test_first_float32_step_on_digits_passes_the_module_check():
+    images, labels = _digits()
+    fused = models.cifar_resnet20()
+    plain = frb.revert(copy.deepcopy(fused))
+    batch = images[torch.randperm(len(labels))[:BATCH]]
+    assert_equivalent(fused, plain, batch, train=True)
