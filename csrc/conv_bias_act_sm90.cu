@@ -46,8 +46,11 @@
 namespace fused_resblock {
 namespace {
 
-bool dense_nhwc(const Strides4& s, int channels, int h, int w) {
-  return s.c == 1 && s.w == channels && s.h == int64_t(w) * channels && s.n == int64_t(h) * w * channels;
+// Dense NHWC as the kernel addresses it (its strides come from the shape): a size-1 dimension's
+// stride is never used, and torch gives an (N, C, 1, 1) tensor NCHW strides, channels_last or not.
+bool dense_nhwc(const Strides4& s, int batch, int channels, int h, int w) {
+  return s.c == 1 && (w == 1 || s.w == channels) && (h == 1 || s.h == int64_t(w) * channels) &&
+         (batch == 1 || s.n == int64_t(h) * w * channels);
 }
 
 // Never launched: only the sm_90a image gives it static shared memory, so its attributes say
@@ -93,10 +96,10 @@ const char* tma_wgmma_refusal(const ConvBiasActParams& p) {
     return "channel counts must be positive multiples of 8 (TMA moves 16-byte rows)";
   }
   if (p.stride_h > 8 || p.stride_w > 8) return "TMA im2col takes strides of at most 8";
-  if (!dense_nhwc(p.out_strides, p.out_channels, p.out_h, p.out_w)) return "the output must be dense channels_last";
+  if (!dense_nhwc(p.out_strides, p.batch, p.out_channels, p.out_h, p.out_w)) return "the output must be dense channels_last";
   if (p.residual != nullptr &&
       (p.residual_stride != 1 || p.residual_offset != 0 || p.residual_channels != p.out_channels ||
-       !dense_nhwc(p.residual_strides, p.out_channels, p.out_h, p.out_w))) {
+       !dense_nhwc(p.residual_strides, p.batch, p.out_channels, p.out_h, p.out_w))) {
     return "the residual must be a dense channels_last tensor shaped like the output";
   }
   if (!aligned16(p.x) || !aligned16(p.weight) || !aligned16(p.out) || (p.residual && !aligned16(p.residual)) ||

@@ -72,6 +72,9 @@ CASES = [
     Case("projection_and_residual", 1, 16, 6, 48, shortcut_channels=16, residual="same"),
     Case("no_bias_no_relu", 2, 16, 6, 16, bias=False, relu=False),
     Case("13x13_batch1", 1, 64, 13, 64),
+    # ResNet-50's layer4 at a 32-pixel input: 1x1 maps, whose tensors torch strides as NCHW
+    Case("3x3_on_1x1_map", 2, 64, 1, 64),
+    Case("1x1_on_1x1_map_residual", 2, 64, 1, 128, kernel=1, padding=0, residual="same"),
 ]
 
 # Real layer shapes (ResNet-50 and ResNeXt-50 32x4d at 224x224), GPU only.
@@ -426,6 +429,7 @@ def _refusal(case, channels_last=True, compute_capability=90, sm90a_image=True, 
 # What the CUTLASS kernel runs on Hopper (auto picks it there); the GPU tests force it on these.
 TMA_CASES = [c for c in CASES + RESNET_CASES if c.name in {
     "1x1", "1x1_stride2", "3x3", "3x3_stride2_13x13", "3x3_dilation2", "residual", "13x13_batch1",
+    "3x3_on_1x1_map", "1x1_on_1x1_map_residual",
     "layer1_conv1", "layer1_conv2", "layer1.1_conv3_residual", "layer2.0_conv2_stride2", "layer3_conv2",
     "layer3_conv3_residual"}]
 
