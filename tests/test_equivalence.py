@@ -711,7 +711,8 @@ def test_a_gradient_zero_in_float64_does_not_drive_the_fit():
     mask[0, 2] = 1 - mask[0, 2]
     flipped = dict(zip(names, torch.autograd.grad(mlp[3](pre * mask), [xf, mlp[0].weight, mlp[0].bias, mlp[3].weight],
                                                   truth.grad_out)))
-    noise = {name: 1e-4 * float(exact[name].abs().max() + 1) * torch.randn_like(t) for name, t in exact.items()}
+    # rounding noise, 1e-4 of each gradient's size (of 1 where the gradient is 0)
+    noise = {name: 1e-4 * max(float(t.abs().max()), 1.0) * torch.randn_like(t) for name, t in exact.items()}
     fused = {name: flipped[name] + noise[name] for name in names}
     torch_result = {name: exact[name] + torch.randn_like(exact[name]) * noise[name].abs().max() for name in names}
     fits = testing.explain_by_kink_flips(kinks, truth.targets, exact, fused, torch_result)

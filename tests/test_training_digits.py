@@ -10,8 +10,8 @@ float64 floor), and the first step in float32 by the module check
 (``frb.testing.equivalence_report``: output, every gradient and the running
 statistics against float64, ReLU flips fitted). Even one step's parameters
 cannot be compared by the plain rule: a pre-activation within rounding of 0
-(a few of ~10^5 here) flips in one run and not the other, and moves the stem
-conv's gradient by 1e3x torch's rounding error (2 of 20 seeds).
+(some 20 of the ~10^6 ReLU elements here) flips in one run and not the other,
+and moves the stem conv's weights by ~800x torch's rounding error (2 of 20 seeds).
 This runs the default (CPU: reference) path; the Triton kernels are covered op
 by op and block by block under the interpreter.
 """
