@@ -160,7 +160,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------- tests
-GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_blocks.py tests/test_triton_conv.py
+GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_backward.py tests/test_cuda_blocks.py tests/test_triton_conv.py
                 tests/test_triton_blocks.py tests/test_triton_train_fwd.py tests/test_triton_train_bwd.py
                 tests/test_equivalence.py tests/test_ops.py tests/test_backend_choice.py)
 if skipped tests; then

@@ -1,4 +1,5 @@
-"""A small workload for compute-sanitizer: fused blocks on one GPU backend, eval and train.
+"""A small workload for compute-sanitizer: fused blocks on one GPU backend, eval (with and without
+gradients) and train.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 FUSED_RESBLOCK_AUTOTUNE=0 \\
         compute-sanitizer --tool memcheck python -m benchmarks.sanitize_block --backend cuda
@@ -41,12 +42,18 @@ def _bottleneck(inplanes: int, planes: int, stride: int):
     return frb.FusedBottleneck(inplanes, planes, stride, downsample)
 
 
-def _run(block, channels: int, dtype: torch.dtype, train: bool, backend: str, device: str) -> str:
-    block = frb.set_backend(block.to(device).train(train), backend)
+MODES = ("eval", "eval-backward", "train")  # no grad; frozen BN with gradients (fine-tuning); training
+
+
+def _run(block, channels: int, dtype: torch.dtype, mode: str, backend: str, device: str) -> str:
+    block = frb.set_backend(block.to(device).train(mode == "train"), backend)
     x = torch.randn(3, channels, 13, 13, device=device).to(memory_format=torch.channels_last)
-    if train:
+    if mode == "train":
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             out = block(x.requires_grad_())
+        out.float().square().mean().backward()
+    elif mode == "eval-backward":
+        out = block.to(dtype)(x.to(dtype).requires_grad_())
         out.float().square().mean().backward()
     else:
         with torch.no_grad():
@@ -64,10 +71,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     for name, factory, channels in CASES:
         for dtype in (torch.float32, torch.bfloat16):
-            for train in (False, True):
-                label = f"{args.backend} {name} {dtype} {'train' if train else 'eval'}"
+            for mode in MODES:
+                label = f"{args.backend} {name} {dtype} {mode}"
                 try:
-                    print(f"{label}: {_run(factory(), channels, dtype, train, args.backend, args.device)}", flush=True)
+                    print(f"{label}: {_run(factory(), channels, dtype, mode, args.backend, args.device)}", flush=True)
                 except BackendUnsupportedError as exc:
                     print(f"{label}: unsupported ({exc})", flush=True)
     return 0

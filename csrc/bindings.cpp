@@ -27,6 +27,7 @@
 
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
+#include "conv_wgrad.h"
 
 namespace fr = fused_resblock;
 
@@ -40,21 +41,24 @@ constexpr char kOp[] = "fused_resblock._C.conv_bias_act";
 // The real launch wants CUDA tensors; the host emulator (tests without a GPU) CPU ones.
 enum class Target { kCuda, kHost };
 
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& x, Target target) {
+// `x` names the op's first tensor, which the others must match (the backward ops' is their `grad`).
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& x, Target target, const char* op = kOp,
+                  const char* x_name = "x") {
   if (target == Target::kCuda) {
-    TORCH_CHECK(t.is_cuda(), kOp, ": expected CUDA tensor for ", name, ", got a tensor on ", t.device(),
+    TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensor for ", name, ", got a tensor on ", t.device(),
                 " (the cuda backend runs CUDA tensors only; the reference backend runs CPU ones)");
   } else {
-    TORCH_CHECK(t.is_cpu(), kOp, " (host emulator): expected CPU tensor for ", name, ", got a tensor on ", t.device());
+    TORCH_CHECK(t.is_cpu(), op, " (host emulator): expected CPU tensor for ", name, ", got a tensor on ", t.device());
   }
-  TORCH_CHECK(t.device() == x.device(), kOp, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ", x_name, " is on ", x.device());
 }
 
-void check_activation(const at::Tensor& t, const char* name, const at::Tensor& x, Target target) {
-  check_device(t, name, x, target);
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), kOp, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
-              x.scalar_type(), "; x, weight, residual and shortcut tensors share one dtype");
-  TORCH_CHECK(t.dim() == 4, kOp, ": expected a 4-D tensor for ", name, ", got shape ", t.sizes());
+void check_activation(const at::Tensor& t, const char* name, const at::Tensor& x, Target target, const char* op = kOp,
+                      const char* x_name = "x") {
+  check_device(t, name, x, target, op, x_name);
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", x_name,
+              " has ", x.scalar_type(), "; activations, weights and their gradients share one dtype");
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D tensor for ", name, ", got shape ", t.sizes());
 }
 
 // `out` may be the residual itself (each element is read before the same thread writes it) and
@@ -72,14 +76,15 @@ void check_residual_aliasing(const at::Tensor& out, const at::Tensor& residual) 
               "residual itself as out, or a separate tensor");
 }
 
-int checked_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT_MAX, kOp, ": ", what, " = ", v, " is outside the kernel's 32-bit range");
+int checked_int(int64_t v, const char* what, const char* op = kOp) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, op, ": ", what, " = ", v, " is outside the kernel's 32-bit range");
   return int(v);
 }
 
-std::pair<int64_t, int64_t> checked_pair(const std::vector<int64_t>& v, const char* name, int64_t min) {
-  TORCH_CHECK(v.size() == 2, kOp, ": expected 2 values for ", name, ", got ", v.size());
-  TORCH_CHECK(v[0] >= min && v[1] >= min, kOp, ": ", name, " must be >= ", min, ", got (", v[0], ", ", v[1], ")");
+std::pair<int64_t, int64_t> checked_pair(const std::vector<int64_t>& v, const char* name, int64_t min,
+                                         const char* op = kOp) {
+  TORCH_CHECK(v.size() == 2, op, ": expected 2 values for ", name, ", got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, op, ": ", name, " must be >= ", min, ", got (", v[0], ", ", v[1], ")");
   return {v[0], v[1]};
 }
 
@@ -384,6 +389,318 @@ std::string kernel_image_error(int64_t device_index) {
   return cudaGetErrorString(error);
 }
 
+// ---------------------------------------------------------------- the eval-mode backward
+// The op layer's conv_bias_act_backward on the cuda backend (fused_resblock/backends/cuda.py) calls
+// these two per convolution: g, the output's gradient, is masked by the forward's output where a ReLU
+// ended it (grad_mask) as the kernels load it, never stored.
+constexpr char kDgradOp[] = "fused_resblock._C.conv_dgrad";
+constexpr char kWgradOp[] = "fused_resblock._C.conv_wgrad";
+
+void check_grad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const char* op, Target target) {
+  TORCH_CHECK(grad.defined(), op, ": grad is undefined");
+  check_device(grad, "grad", grad, target, op, "grad");
+  TORCH_CHECK(grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16, op,
+              ": expected float16 or bfloat16 for grad, got ", grad.scalar_type(),
+              " (float32 and TF32 run on the triton or reference backend)");
+  TORCH_CHECK(grad.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for grad, got shape ", grad.sizes());
+  if (grad_mask) {
+    check_activation(*grad_mask, "grad_mask", grad, target, op, "grad");
+    TORCH_CHECK(grad_mask->sizes() == grad.sizes(), op, ": grad_mask (the forward's output) has shape ",
+                grad_mask->sizes(), ", grad ", grad.sizes());
+  }
+}
+
+// The forward convolution's geometry, checked against grad: an input of in_h x in_w gives grad's map.
+struct Geometry {
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+};
+
+Geometry check_geometry(const at::Tensor& grad, int64_t in_h, int64_t in_w, int64_t kernel_h, int64_t kernel_w,
+                        const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                        const std::vector<int64_t>& dilation, const char* op) {
+  const auto [stride_h, stride_w] = checked_pair(stride, "stride", 1, op);
+  const auto [pad_h, pad_w] = checked_pair(padding, "padding", 0, op);
+  const auto [dilation_h, dilation_w] = checked_pair(dilation, "dilation", 1, op);
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, op, ": empty kernel ", kernel_h, "x", kernel_w);
+  TORCH_CHECK(in_h + 2 * pad_h >= dilation_h * (kernel_h - 1) + 1 && in_w + 2 * pad_w >= dilation_w * (kernel_w - 1) + 1,
+              op, ": the padded input ", in_h, "x", in_w, " is smaller than the kernel ", kernel_h, "x", kernel_w);
+  const int64_t out_h = (in_h + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
+  const int64_t out_w = (in_w + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
+  TORCH_CHECK(grad.size(2) == out_h && grad.size(3) == out_w, op, ": grad's map is ", grad.size(2), "x", grad.size(3),
+              ", but the convolution of a ", in_h, "x", in_w, " input gives ", out_h, "x", out_w);
+  return {stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w};
+}
+
+void check_rows(int64_t rows, int64_t depth, const char* op) {
+  TORCH_CHECK(rows <= INT_MAX - 4096 && depth <= INT_MAX - 4096, op, ": ", rows, " pixels or a depth of ", depth,
+              " exceed the kernel's 32-bit range");
+}
+
+// grad_x = conv_transpose(g, weight): the forward kernel on g (read as if zero-inserted at the
+// stride) with the weight's taps flipped and its channel axes swapped, padding (k - 1) * d - p.
+at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& weight,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups,
+                           const std::vector<int64_t>& input_size, std::optional<at::Tensor> out, int64_t tile,
+                           int64_t pipeline, Target target, int num_sms, int compute_capability) {
+  const char* op = kDgradOp;
+  check_grad(grad, grad_mask, op, target);
+  check_activation(weight, "weight", grad, target, op, "grad");
+  TORCH_CHECK(input_size.size() == 2, op, ": expected input_size (h, w), got ", input_size.size(), " values");
+  TORCH_CHECK(groups >= 1 && groups <= 65535, op, ": groups must be in [1, 65535], got ", groups);
+  const int64_t batch = grad.size(0), out_channels = weight.size(0), group_in = weight.size(1);
+  const int64_t kernel_h = weight.size(2), kernel_w = weight.size(3);
+  TORCH_CHECK(out_channels % groups == 0 && grad.size(1) == out_channels, op, ": weight of shape ", weight.sizes(),
+              " at groups=", groups, " does not fit grad's ", grad.size(1), " channels");
+  const int64_t in_channels = group_in * groups, in_h = input_size[0], in_w = input_size[1];
+  const Geometry geo = check_geometry(grad, in_h, in_w, kernel_h, kernel_w, stride, padding, dilation, op);
+  check_rows(batch * in_h * in_w, kernel_h * kernel_w * (out_channels / groups), op);
+  if (out) {
+    check_activation(*out, "out", grad, target, op, "grad");
+    TORCH_CHECK(out->sizes() == at::IntArrayRef({batch, in_channels, in_h, in_w}), op, ": expected out of shape (",
+                batch, ", ", in_channels, ", ", in_h, ", ", in_w, "), got ", out->sizes());
+    TORCH_CHECK(out->is_non_overlapping_and_dense(), op, ": out must be non-overlapping and dense");
+  } else {
+    out = at::empty({batch, in_channels, in_h, in_w}, grad.options().memory_format(memory_format_of(grad)));
+  }
+  TORCH_CHECK(tile >= 0 && tile <= 3, op, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
+  TORCH_CHECK(pipeline == 0 || pipeline == 1 || pipeline == 2 || pipeline == 4, op,
+              ": pipeline must be 0 (auto), 1 (registers), 2 (cp.async) or 4 (WMMA); the dgrad has no TMA + wgmma "
+              "kernel, got ", pipeline);
+
+  const at::Tensor grad_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  // [in_channels, kernel_h, kernel_w, out_channels / groups]: the dgrad's own KRSC weight
+  const at::Tensor weight_t = weight.reshape({groups, out_channels / groups, group_in, kernel_h, kernel_w})
+                                  .transpose(1, 2)
+                                  .flip({3, 4})
+                                  .reshape({in_channels, out_channels / groups, kernel_h, kernel_w})
+                                  .contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor mask_nhwc;
+  if (grad_mask) mask_nhwc = grad_mask->contiguous(at::MemoryFormat::ChannelsLast);
+  at::assert_no_overlap(*out, grad_nhwc);
+  at::assert_no_overlap(*out, weight);
+  if (grad_mask) at::assert_no_overlap(*out, mask_nhwc);
+
+  fr::ConvBiasActParams p{};
+  p.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  p.x = grad_nhwc.data_ptr();
+  p.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
+  p.batch = checked_int(batch, "batch", op);
+  p.in_h = checked_int(grad.size(2), "grad height", op);
+  p.in_w = checked_int(grad.size(3), "grad width", op);
+  p.in_channels = checked_int(out_channels, "output channels", op);
+  p.weight = weight_t.data_ptr();
+  p.out_channels = checked_int(in_channels, "input channels", op);
+  p.kernel_h = int(kernel_h);
+  p.kernel_w = int(kernel_w);
+  p.groups = int(groups);
+  p.stride_h = p.stride_w = 1;
+  p.pad_h = int((kernel_h - 1) * geo.dilation_h - geo.pad_h);  // negative when padding exceeds the kernel's reach
+  p.pad_w = int((kernel_w - 1) * geo.dilation_w - geo.pad_w);
+  p.dilation_h = checked_int(geo.dilation_h, "dilation", op);
+  p.dilation_w = checked_int(geo.dilation_w, "dilation", op);
+  p.input_dilation_h = checked_int(geo.stride_h, "stride", op);
+  p.input_dilation_w = checked_int(geo.stride_w, "stride", op);
+  p.out = out->data_ptr();
+  p.out_strides = strides_of(*out);
+  p.out_h = checked_int(in_h, "input height", op);
+  p.out_w = checked_int(in_w, "input width", op);
+  p.relu = false;
+  p.tile = fr::TileShapeKind(int(tile));
+  p.pipeline = fr::Pipeline(int(pipeline));
+  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), op,
+              ": pipeline 2 (cp.async) needs output channels per group that are a multiple of 8, 16-byte-aligned "
+              "grad and weight, and no grad_mask (the mask is applied in registers)");
+  p.num_sms = num_sms;
+  p.compute_capability = compute_capability;
+  p.sm90a_image = false;  // never CUTLASS's kernel (tma_wgmma_refusal says so too)
+  if (target == Target::kHost) {
+    fr::emulate_conv_bias_act(p);
+    return *out;
+  }
+  const cudaError_t error = fr::launch_conv_bias_act(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
+  return *out;
+}
+
+// Output `t` of `name`, when wanted: device, dtype, shape, no overlap with the inputs.
+void check_wgrad_output(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& grad,
+                        at::IntArrayRef shape, at::ScalarType dtype, Target target,
+                        std::initializer_list<const at::Tensor*> inputs) {
+  if (!t) return;
+  check_device(*t, name, grad, target, kWgradOp, "grad");
+  TORCH_CHECK(t->scalar_type() == dtype, kWgradOp, ": expected ", dtype, " for ", name, ", got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == shape, kWgradOp, ": expected ", name, " of shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->is_non_overlapping_and_dense(), kWgradOp, ": ", name, " must be non-overlapping and dense");
+  for (const at::Tensor* input : inputs) {
+    if (input->defined()) at::assert_no_overlap(*t, *input);
+  }
+}
+
+// grad_weight, grad_shortcut_weight and grad_bias (each optional: None is not computed), written in place.
+void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
+                     const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& stride,
+                     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+                     const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
+                     const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
+                     const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, Target target,
+                     int num_sms) {
+  const char* op = kWgradOp;
+  check_grad(grad, grad_mask, op, target);
+  check_activation(x, "x", grad, target, op, "grad");
+  TORCH_CHECK(kernel_size.size() == 2, op, ": expected kernel_size (h, w), got ", kernel_size.size(), " values");
+  TORCH_CHECK(groups >= 1 && groups <= 65535, op, ": groups must be in [1, 65535], got ", groups);
+  const int64_t batch = grad.size(0), out_channels = grad.size(1), in_channels = x.size(1);
+  TORCH_CHECK(x.size(0) == batch, op, ": x has batch ", x.size(0), ", grad ", batch);
+  TORCH_CHECK(in_channels % groups == 0 && out_channels % groups == 0, op, ": groups=", groups, " must divide x's ",
+              in_channels, " channels and grad's ", out_channels);
+  const int64_t kernel_h = kernel_size[0], kernel_w = kernel_size[1];
+  const Geometry geo = check_geometry(grad, x.size(2), x.size(3), kernel_h, kernel_w, stride, padding, dilation, op);
+  check_rows(batch * grad.size(2) * grad.size(3), kernel_h * kernel_w * (in_channels / groups), op);
+  TORCH_CHECK(out_channels / groups <= 65535 * 16, op, ": ", out_channels / groups,
+              " output channels per group exceed the grid's limit");
+  TORCH_CHECK(!grad_shortcut_weight || shortcut_x, op,
+              ": grad_shortcut_weight needs shortcut_x");
+  if (shortcut_x) {
+    check_activation(*shortcut_x, "shortcut_x", grad, target, op, "grad");
+    TORCH_CHECK(groups == 1, op, ": a merged projection shortcut comes with groups=1 only, got ", groups);
+    TORCH_CHECK(shortcut_stride >= 1, op, ": shortcut_stride must be >= 1, got ", shortcut_stride);
+    TORCH_CHECK(shortcut_x->size(0) == batch && shortcut_x->size(2) >= 1 && shortcut_x->size(3) >= 1 &&
+                    (shortcut_x->size(2) - 1) / shortcut_stride + 1 == grad.size(2) &&
+                    (shortcut_x->size(3) - 1) / shortcut_stride + 1 == grad.size(3),
+                op, ": shortcut_x of shape ", shortcut_x->sizes(), " at stride ", shortcut_stride,
+                " does not give grad's ", grad.size(2), "x", grad.size(3), " map");
+  }
+  const at::Tensor grad_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor mask_nhwc, shortcut_nhwc;
+  if (grad_mask) mask_nhwc = grad_mask->contiguous(at::MemoryFormat::ChannelsLast);
+  if (shortcut_x) shortcut_nhwc = shortcut_x->contiguous(at::MemoryFormat::ChannelsLast);
+  const std::initializer_list<const at::Tensor*> inputs = {&grad_nhwc, &x_nhwc, &mask_nhwc, &shortcut_nhwc};
+  check_wgrad_output(grad_weight, "grad_weight", grad, {out_channels, in_channels / groups, kernel_h, kernel_w},
+                     grad.scalar_type(), target, inputs);
+  if (grad_shortcut_weight) {
+    check_wgrad_output(grad_shortcut_weight, "grad_shortcut_weight", grad,
+                       {out_channels, shortcut_x->size(1), 1, 1}, grad.scalar_type(), target, inputs);
+  }
+  check_wgrad_output(grad_bias, "grad_bias", grad, {out_channels}, at::kFloat, target, inputs);
+  TORCH_CHECK(tile >= 0 && tile <= 3, op, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
+  TORCH_CHECK(splits >= 0, op, ": splits must be >= 0 (0: chosen per shape), got ", splits);
+
+  fr::ConvWgradParams p{};
+  p.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  p.grad = grad_nhwc.data_ptr();
+  p.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
+  p.batch = checked_int(batch, "batch", op);
+  p.out_h = checked_int(grad.size(2), "grad height", op);
+  p.out_w = checked_int(grad.size(3), "grad width", op);
+  p.out_channels = checked_int(out_channels, "output channels", op);
+  p.x = x_nhwc.data_ptr();
+  p.in_h = checked_int(x.size(2), "input height", op);
+  p.in_w = checked_int(x.size(3), "input width", op);
+  p.in_channels = checked_int(in_channels, "input channels", op);
+  p.kernel_h = checked_int(kernel_h, "kernel height", op);
+  p.kernel_w = checked_int(kernel_w, "kernel width", op);
+  p.groups = int(groups);
+  p.stride_h = checked_int(geo.stride_h, "stride", op);
+  p.stride_w = checked_int(geo.stride_w, "stride", op);
+  p.pad_h = checked_int(geo.pad_h, "padding", op);
+  p.pad_w = checked_int(geo.pad_w, "padding", op);
+  p.dilation_h = checked_int(geo.dilation_h, "dilation", op);
+  p.dilation_w = checked_int(geo.dilation_w, "dilation", op);
+  if (shortcut_x) {
+    p.shortcut_x = shortcut_nhwc.data_ptr();
+    p.shortcut_h = checked_int(shortcut_x->size(2), "shortcut height", op);
+    p.shortcut_w = checked_int(shortcut_x->size(3), "shortcut width", op);
+    p.shortcut_channels = checked_int(shortcut_x->size(1), "shortcut channels", op);
+    p.shortcut_stride = checked_int(shortcut_stride, "shortcut_stride", op);
+  }
+  if (grad_weight) {
+    p.grad_weight = grad_weight->data_ptr();
+    p.grad_weight_strides = strides_of(*grad_weight);
+  }
+  if (grad_shortcut_weight) {
+    p.grad_shortcut_weight = grad_shortcut_weight->data_ptr();
+    p.grad_shortcut_weight_strides = strides_of(*grad_shortcut_weight);
+  }
+  if (grad_bias) {
+    TORCH_CHECK(grad_bias->is_contiguous(), op, ": grad_bias must be contiguous");
+    p.grad_bias = grad_bias->data_ptr<float>();
+  }
+  p.tile = fr::TileShapeKind(int(tile));
+  p.splits = checked_int(splits, "splits", op);
+  p.num_sms = num_sms;
+  int64_t workspace_floats = 0;
+  TORCH_CHECK(fr::plan_conv_wgrad(p, workspace_floats), op, ": splits=", splits, " exceed the grid's limit of ",
+              65535 / groups, " at groups=", groups);
+  // Every block writes its whole tile of the workspace: no zero fill needed (the emulator's NaN-free too).
+  const at::Tensor workspace = at::empty({std::max<int64_t>(workspace_floats, 1)}, grad.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  if (target == Target::kHost) {
+    fr::emulate_conv_wgrad(p);
+    return;
+  }
+  const cudaError_t error = fr::launch_conv_wgrad(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
+}
+
+// The device's SM count and compute capability, after checking it runs the kernels (sm_80+).
+std::pair<int, int> launch_device(const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(grad.defined() && grad.is_cuda(), op, ": expected CUDA tensor for grad, got ",
+              grad.defined() ? grad.device().str() : std::string("an undefined tensor"),
+              " (the cuda backend runs CUDA tensors only; the reference backend runs CPU ones)");
+  const int device = grad.device().index();
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+  TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer, device ", device, " is ", major, ".",
+              minor);
+  return {device_attribute(cudaDevAttrMultiProcessorCount, device), major * 10 + minor};
+}
+
+constexpr int kEmulatedSms = 132;  // an H100's, so the automatic choices are what they would be there
+
+at::Tensor conv_dgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& weight,
+                      const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                      const std::vector<int64_t>& dilation, int64_t groups, const std::vector<int64_t>& input_size,
+                      std::optional<at::Tensor> out, int64_t tile, int64_t pipeline) {
+  const auto [num_sms, compute_capability] = launch_device(grad, kDgradOp);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return conv_dgrad_impl(grad, grad_mask, weight, stride, padding, dilation, groups, input_size, out, tile, pipeline,
+                         Target::kCuda, num_sms, compute_capability);
+}
+
+at::Tensor emulate_conv_dgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask,
+                              const at::Tensor& weight, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                              int64_t groups, const std::vector<int64_t>& input_size, std::optional<at::Tensor> out,
+                              int64_t tile, int64_t pipeline) {
+  return conv_dgrad_impl(grad, grad_mask, weight, stride, padding, dilation, groups, input_size, out, tile, pipeline,
+                         Target::kHost, kEmulatedSms, 90);
+}
+
+void conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
+                const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& stride,
+                const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+                const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
+                const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
+                const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits) {
+  const int num_sms = launch_device(grad, kWgradOp).first;
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, Target::kCuda, num_sms);
+}
+
+void emulate_conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
+                        const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& stride,
+                        const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+                        const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
+                        const std::optional<at::Tensor>& grad_weight,
+                        const std::optional<at::Tensor>& grad_shortcut_weight,
+                        const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits) {
+  conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, Target::kHost, kEmulatedSms);
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
@@ -402,7 +719,9 @@ pybind11::dict build_info() {
                           std::to_string(TORCH_VERSION_PATCH);
   info["kernels"] = std::string(
       "conv_bias_act: nvcuda::wmma implicit GEMM, fp16/bf16 in, fp32 accumulate; cp.async 3-stage or "
-      "register-staged 2-stage main loop; on sm_90, CUTLASS's TMA + wgmma implicit GEMM where it applies");
+      "register-staged 2-stage main loop; on sm_90, CUTLASS's TMA + wgmma implicit GEMM where it applies. "
+      "conv_dgrad: the same WMMA kernel as a transposed convolution, the ReLU mask applied as it loads. "
+      "conv_wgrad: a split-K WMMA implicit GEMM (weight, projection and bias gradients in one), fixed-order sum");
   const std::string cutlass = fr::tma_wgmma_version();
   if (cutlass.empty()) {
     info["tma_wgmma"] = pybind11::none();
@@ -440,6 +759,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("groups"), py::arg("residual"), py::arg("residual_stride"), py::arg("residual_offset"),
         py::arg("shortcut_x"), py::arg("shortcut_weight"), py::arg("shortcut_stride"), py::arg("relu"),
         py::arg("out") = py::none(), py::arg("compute_capability") = 90, py::arg("sm90a_image") = true);
+  m.def("conv_dgrad", &conv_dgrad,
+        "The input gradient of conv(x, weight) for the output gradient `grad`, zero where `grad_mask` (the "
+        "forward's ReLU output, optional) is <= 0, on the current CUDA stream; input_size = x's (h, w).",
+        py::arg("grad"), py::arg("grad_mask"), py::arg("weight"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("input_size"), py::arg("out") = py::none(),
+        py::arg("tile") = 0, py::arg("pipeline") = 0);
+  m.def("_emulate_conv_dgrad", &emulate_conv_dgrad, "conv_dgrad on CPU tensors through the host emulator; for tests.",
+        py::arg("grad"), py::arg("grad_mask"), py::arg("weight"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("input_size"), py::arg("out") = py::none(),
+        py::arg("tile") = 0, py::arg("pipeline") = 0);
+  m.def("conv_wgrad", &conv_wgrad,
+        "Writes the weight gradient of conv(x, weight), of a merged 1x1 projection of shortcut_x and the bias "
+        "gradient (each output optional) for the output gradient `grad`, masked by `grad_mask` as in conv_dgrad; "
+        "`splits` forces the split-K count (0: per shape).",
+        py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
+        py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
+        py::arg("tile") = 0, py::arg("splits") = 0);
+  m.def("_emulate_conv_wgrad", &emulate_conv_wgrad, "conv_wgrad on CPU tensors through the host emulator; for tests.",
+        py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
+        py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
+        py::arg("tile") = 0, py::arg("splits") = 0);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

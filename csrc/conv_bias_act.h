@@ -70,6 +70,14 @@ struct ConvBiasActParams {
   int out_h, out_w;
 
   bool relu;
+
+  // A convolution's input gradient (dgrad) runs as this kernel (bindings.cpp: conv_dgrad): x is
+  // then the output gradient, read as if zero-inserted at input_dilation (a transposed
+  // convolution's input; 0 or 1: as it is), and grad_mask, when set, zeroes x's elements where
+  // it is <= 0 (a ReLU's backward, NaN passing; the same dense NHWC layout as x).
+  const void* grad_mask;
+  int input_dilation_h, input_dilation_w;
+
   TileShapeKind tile;
   Pipeline pipeline;
   int num_sms;             // of the launching device: for kAuto's choice

@@ -73,19 +73,20 @@ __device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uin
   }
 }
 
-// kRegisters: two shared-memory stages, the next tile staged in registers.
-template <typename T, class Tile>
-__device__ __forceinline__ void mainloop_registers(const ConvBiasActParams& p, const ConvGemm& g,
-                                                   TileLoader<Tile>& loader, uint16_t* a_tiles, uint16_t* b_tiles,
-                                                   int warp_m, int warp_n, WarpAccumulators<Tile>& acc) {
-  if (g.k_tiles > 0) {
+// kRegisters: two shared-memory stages, the next tile staged in registers. Any loader with
+// load(p, g, k_tile) and store(a_tile, b_tile): the forward's TileLoader, wgrad's WgradLoader.
+template <typename T, class Tile, class Params, class Gemm, class Loader>
+__device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& g, Loader& loader, int k_tiles,
+                                                   uint16_t* a_tiles, uint16_t* b_tiles, int warp_m, int warp_n,
+                                                   WarpAccumulators<Tile>& acc) {
+  if (k_tiles > 0) {
     loader.load(p, g, 0);
     loader.store(a_tiles, b_tiles);
   }
   __syncthreads();
-  for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
+  for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
     const int stage = k_tile & 1;
-    const bool has_next = k_tile + 1 < g.k_tiles;
+    const bool has_next = k_tile + 1 < k_tiles;
     if (has_next) loader.load(p, g, k_tile + 1);  // in flight during the MMAs below
     multiply_tile<T, Tile>(a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems, warp_m, warp_n,
                            acc);
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
   if constexpr (kPipeline == Pipeline::kAsyncCopy) {
     mainloop_async<T, Tile>(p, g, loader, a_tiles, b_tiles, warp_m, warp_n, acc);
   } else {
-    mainloop_registers<T, Tile>(p, g, loader, a_tiles, b_tiles, warp_m, warp_n, acc);
+    mainloop_registers<T, Tile>(p, g, loader, g.k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
   }
 
   // ---- epilogue: each warp stages one 16x16 fragment at a time in its own

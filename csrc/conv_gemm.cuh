@@ -48,15 +48,17 @@ inline ConvGemm make_conv_gemm(const ConvBiasActParams& p) {
   // A 16-byte chunk of 8 K elements stays inside one filter tap (and one
   // group) when the per-group channel count is a multiple of 8; every row
   // start is then 16-byte aligned if the base pointers are.
-  g.vector_conv = g.in_group_channels % 8 == 0 && aligned16(p.x) && aligned16(p.weight);
+  g.vector_conv = g.in_group_channels % 8 == 0 && aligned16(p.x) && aligned16(p.weight) &&
+                  (p.grad_mask == nullptr || aligned16(p.grad_mask));
   g.vector_shortcut = p.shortcut_x != nullptr && p.shortcut_channels % 8 == 0 && aligned16(p.shortcut_x) &&
                       aligned16(p.shortcut_weight);
   return g;
 }
 
-// kAsyncCopy moves whole 16-byte chunks only: every operand must be vector-loadable.
+// kAsyncCopy moves whole 16-byte chunks only: every operand must be vector-loadable, and a
+// dgrad's ReLU mask needs the registers (it is applied between the load and the store).
 inline bool async_copy_applies(const ConvBiasActParams& p, const ConvGemm& g) {
-  return g.vector_conv && (p.shortcut_x == nullptr || g.vector_shortcut);
+  return g.vector_conv && (p.shortcut_x == nullptr || g.vector_shortcut) && p.grad_mask == nullptr;
 }
 
 inline Pipeline choose_pipeline(const ConvBiasActParams& p, const ConvGemm& g) {

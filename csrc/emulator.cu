@@ -1,5 +1,5 @@
-// Host emulation of conv_bias_act_kernel, so CI can test its index math
-// without a GPU.
+// Host emulation of conv_bias_act_kernel (also the dgrad) and of conv_wgrad's two launches, so CI
+// can test their index math without a GPU.
 //
 // It runs the kernel's own pieces on the CPU, in the kernel's order, block by
 // block: the operand gathers and shared-memory stores of every thread
@@ -21,6 +21,8 @@
 
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
+#include "conv_wgrad.cuh"
+#include "conv_wgrad.h"
 #include "epilogue.cuh"
 #include "tile_loader.cuh"
 #include "tile_shape.cuh"
@@ -125,7 +127,71 @@ void emulate_typed(const ConvBiasActParams& p, const ConvGemm& g) {
   }
 }
 
+// wgrad's blocks in grid order, each writing its padded tile of partial sums, then the reduction.
+template <typename T, class Tile>
+void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
+  std::vector<uint16_t> a_tile(Tile::kATileElems), b_tile(Tile::kBTileElems);
+  std::vector<float> acc(Tile::kBlockM * Tile::kBlockN);
+  std::vector<WgradLoader<Tile>> loaders;
+  loaders.reserve(Tile::kThreads);
+  for (int split_group = 0; split_group < p.splits * p.groups; ++split_group) {
+    const int split = split_group / p.groups;
+    const int group = split_group - split * p.groups;
+    const int first_tile = split * w.tiles_per_split;
+    const int k_tiles = std::max(0, std::min(w.depth_tiles, first_tile + w.tiles_per_split) - first_tile);
+    for (int col0 = 0; col0 < w.cols_padded; col0 += Tile::kBlockN) {
+      for (int row0 = 0; row0 < w.rows_padded; row0 += Tile::kBlockM) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        loaders.clear();
+        for (int thread = 0; thread < Tile::kThreads; ++thread) {
+          loaders.emplace_back(w, row0, col0, group, first_tile * kBlockK, thread);
+        }
+        for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+          std::fill(a_tile.begin(), a_tile.end(), kNaNBits<T>);  // an element no thread stores turns NaN
+          std::fill(b_tile.begin(), b_tile.end(), kNaNBits<T>);
+          for (auto& loader : loaders) {
+            loader.load(p, w, k_tile);
+            loader.store(a_tile.data(), b_tile.data());
+          }
+          multiply_tile_on_host<T, Tile>(a_tile.data(), b_tile.data(), acc);
+        }
+        for (int r = 0; r < Tile::kBlockM; ++r) {
+          for (int c = 0; c < Tile::kBlockN; ++c) {
+            p.workspace[wgrad_workspace_offset(w, split_group, row0 + r, col0 + c)] = acc[r * Tile::kBlockN + c];
+          }
+        }
+      }
+    }
+  }
+  const int64_t elements = int64_t(p.groups) * w.rows * w.out_group_channels;
+  for (int64_t index = 0; index < elements; ++index) reduce_wgrad_element<T>(p, w, index);
+}
+
+template <typename T>
+void emulate_wgrad_typed(const ConvWgradParams& p, const WgradGemm& w) {
+  switch (p.tile) {
+    case TileShapeKind::kNarrow:
+      return emulate_wgrad<T, NarrowTile>(p, w);
+    case TileShapeKind::kMedium:
+      return emulate_wgrad<T, MediumTile>(p, w);
+    case TileShapeKind::kLarge:
+      return emulate_wgrad<T, LargeTile>(p, w);
+    case TileShapeKind::kAuto:
+      return;  // plan_conv_wgrad resolves it
+  }
+}
+
 }  // namespace
+
+void emulate_conv_wgrad(const ConvWgradParams& p) {
+  const WgradGemm w = make_wgrad_gemm(p);
+  if (w.rows == 0 || p.out_channels == 0) return;
+  if (p.dtype == DType::kFloat16) {
+    emulate_wgrad_typed<__half>(p, w);
+  } else {
+    emulate_wgrad_typed<__nv_bfloat16>(p, w);
+  }
+}
 
 void emulate_conv_bias_act(const ConvBiasActParams& p) {
   const ConvGemm g = make_conv_gemm(p);

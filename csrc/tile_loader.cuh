@@ -62,24 +62,59 @@ FR_HOST_DEVICE int64_t conv_offset(const ConvBiasActParams& p, const ConvGemm& g
   const int c = k - tap * g.in_group_channels;
   const int r = tap / p.kernel_w;
   const int s = tap - r * p.kernel_w;
-  const int ih = row.ih0 + r * p.dilation_h;
-  const int iw = row.iw0 + s * p.dilation_w;
+  int ih = row.ih0 + r * p.dilation_h;
+  int iw = row.iw0 + s * p.dilation_w;
+  if (p.input_dilation_h > 1) {  // dgrad of a strided conv: only every input_dilation-th row exists
+    if (ih % p.input_dilation_h != 0) return -1;
+    ih /= p.input_dilation_h;
+  }
+  if (p.input_dilation_w > 1) {
+    if (iw % p.input_dilation_w != 0) return -1;
+    iw /= p.input_dilation_w;
+  }
   if (unsigned(ih) >= unsigned(p.in_h) || unsigned(iw) >= unsigned(p.in_w)) return -1;
   return row.x_offset + (int64_t(ih) * p.in_w + iw) * p.in_channels + c;
 }
 
-// 8 convolution K elements [k, k + 8) of `row`.
+// The ReLU backward's test on one raw fp16/bf16 value: true where it is <= 0 (+-0, negatives,
+// -inf), false for positives and every NaN (torch's threshold_backward passes a NaN's gradient).
+FR_HOST_DEVICE bool relu_masks(uint16_t bits, DType dtype) {
+  const uint16_t magnitude = bits & 0x7fffu;
+  const uint16_t infinity = dtype == DType::kFloat16 ? 0x7c00u : 0x7f80u;
+  return magnitude == 0 || ((bits & 0x8000u) != 0 && magnitude <= infinity);
+}
+
+// src[offset], or 0 where `mask` (a ReLU's output, for its backward; null: none) is <= 0 there.
+FR_HOST_DEVICE uint16_t load_masked(const uint16_t* src, const uint16_t* mask, int64_t offset, DType dtype) {
+  const uint16_t value = load_global(src + offset);
+  return mask != nullptr && relu_masks(load_global(mask + offset), dtype) ? uint16_t(0) : value;
+}
+
+// The 8 elements at src + offset (16-byte aligned) in one load, masked the same way.
+FR_HOST_DEVICE uint4 load_masked8(const uint16_t* src, const uint16_t* mask, int64_t offset, DType dtype) {
+  const uint4 value = load_global(reinterpret_cast<const uint4*>(src + offset));
+  if (mask == nullptr) return value;
+  uint16_t e[kVector], m[kVector];
+  unpack8(value, e);
+  unpack8(load_global(reinterpret_cast<const uint4*>(mask + offset)), m);
+#pragma unroll
+  for (int j = 0; j < kVector; ++j) e[j] = relu_masks(m[j], dtype) ? uint16_t(0) : e[j];
+  return pack8(e);
+}
+
+// 8 convolution K elements [k, k + 8) of `row` (a dgrad's ReLU mask applied).
 FR_HOST_DEVICE uint4 conv_chunk(const ConvBiasActParams& p, const ConvGemm& g, const PixelRow& row, int k) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const uint16_t* mask = static_cast<const uint16_t*>(p.grad_mask);
   if (g.vector_conv) {  // k % 8 == 0 and in_group_channels % 8 == 0: one tap, one aligned load
     const int64_t offset = conv_offset(p, g, row, k);
-    return offset < 0 ? make_uint4(0, 0, 0, 0) : load_global(reinterpret_cast<const uint4*>(x + offset));
+    return offset < 0 ? make_uint4(0, 0, 0, 0) : load_masked8(x, mask, offset, p.dtype);
   }
   uint16_t e[kVector];
 #pragma unroll
   for (int j = 0; j < kVector; ++j) {
     const int64_t offset = conv_offset(p, g, row, k + j);
-    e[j] = offset < 0 ? uint16_t(0) : load_global(x + offset);
+    e[j] = offset < 0 ? uint16_t(0) : load_masked(x, mask, offset, p.dtype);
   }
   return pack8(e);
 }

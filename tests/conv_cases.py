@@ -15,7 +15,7 @@ import torch
 
 from fused_resblock.backends import reference
 from fused_resblock.testing import assert_rule
-from helpers import float64_cpu
+from helpers import check_grads, float64_cpu
 
 
 @dataclass(frozen=True)
@@ -123,3 +123,28 @@ def check_conv_bias_act(args: dict, out: torch.Tensor, name: str = "out") -> Non
     assert out.dtype == args["x"].dtype
     assert reference.memory_format_of(out) == reference.memory_format_of(args["x"]), "output memory format"
     assert_rule(name, out, ref64, torch_out, dtype=args["x"].dtype)
+
+
+# --------------------------------------------------------------------------- the backward
+BACKWARD_NAMES = ["grad x", "grad weight", "grad bias", "grad residual", "grad shortcut_x",
+                  "grad shortcut_weight"]
+
+
+def backward_inputs(args: dict) -> dict:
+    """``conv_bias_act_backward``'s arguments for a forward call ``args``: its output and a random gradient."""
+    out = reference.conv_bias_act(**args)
+    grad = torch.randn(out.shape, device=out.device).to(out.dtype).contiguous(
+        memory_format=reference.memory_format_of(out))
+    forward = {k: v for k, v in args.items() if k != "bias"}
+    return dict(grad=grad, out=out, has_bias=args["bias"] is not None, **forward)
+
+
+def check_backward(backward, args: dict, needs: list, **kw) -> list:
+    """``backward(**arguments, **kw)`` against the reference at the same dtype and in float64, gradient by
+    gradient (presence, dtype, shape, memory format, the rule). Returns its gradients."""
+    bargs = dict(backward_inputs(args), needs=list(needs))
+    fused = backward(**bargs, **kw)
+    ref_t = reference.conv_bias_act_backward(**bargs)
+    ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
+    check_grads(BACKWARD_NAMES, fused, ref_t, ref64, args["x"].dtype)
+    return fused

@@ -32,8 +32,10 @@ from fused_resblock.testing import assert_rule  # noqa: E402
 pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
 
-from conv_cases import ConvBiasActCase as Case, check_conv_bias_act, conv_bias_act_inputs  # noqa: E402
-from helpers import DEVICE, DTYPES, check_grads, float64_cpu, needs_gpu  # noqa: E402
+from conv_cases import (  # noqa: E402
+    ConvBiasActCase as Case, backward_inputs, check_backward, check_conv_bias_act, conv_bias_act_inputs,
+)
+from helpers import DEVICE, DTYPES, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,27 +204,9 @@ def test_mismatched_shapes_raise():
 
 
 # --------------------------------------------------------------------------- the backward
-BACKWARD_NAMES = ["grad x", "grad weight", "grad bias", "grad residual", "grad shortcut_x",
-                  "grad shortcut_weight"]
-
-
-def backward_inputs(args: dict) -> dict:
-    """``conv_bias_act_backward``'s arguments for a forward call ``args``: its output and a random gradient."""
-    out = reference.conv_bias_act(**args)
-    grad = torch.randn(out.shape, device=out.device).to(out.dtype).contiguous(
-        memory_format=reference.memory_format_of(out))
-    forward = {k: v for k, v in args.items() if k != "bias"}
-    return dict(grad=grad, out=out, has_bias=args["bias"] is not None, **forward)
-
-
 def run_backward(args: dict, needs: list, **kw) -> list:
     """The triton backward against the reference at the same dtype and in float64, gradient by gradient."""
-    bargs = dict(backward_inputs(args), needs=list(needs))
-    fused = conv_bwd.conv_bias_act_backward(**bargs, **kw)
-    ref_t = reference.conv_bias_act_backward(**bargs)
-    ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
-    check_grads(BACKWARD_NAMES, fused, ref_t, ref64, args["x"].dtype)
-    return fused
+    return check_backward(conv_bwd.conv_bias_act_backward, args, needs, **kw)
 
 
 @pytest.fixture

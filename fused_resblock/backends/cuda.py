@@ -1,9 +1,10 @@
 """The CUDA backend: fused kernels of the compiled extension ``fused_resblock._C``.
 
-Implemented so far: ``conv_bias_act`` (eval mode: one implicit-GEMM launch on
-the tensor cores per conv, fp16 and bf16, a cp.async or register-staged main
-loop, see ``csrc/``). The other ops report themselves unsupported, so the op
-layer falls back for them.
+Implemented so far, fp16 and bf16 (see ``csrc/``): ``conv_bias_act`` (eval mode:
+one implicit-GEMM launch on the tensor cores per conv) and its backward
+``conv_bias_act_backward`` (fine-tuning through frozen, folded BN: a dgrad and a
+split-K wgrad launch per conv). The training ops report themselves unsupported,
+so the op layer falls back for them.
 
 Importing this module never imports the extension. The first ``available()``
 or call loads it: ``fused_resblock._C`` as built by
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import conv_geometry_reason, cutlass_headers, extension_sources
+from .reference import memory_format_of, unmap_residual_grad, weight_grad_format
 
 NAME = "cuda"
 
@@ -37,7 +39,7 @@ OPS = (
     "conv_stats", "conv_stats_backward",
     "bn_add_act", "bn_add_act_backward",
 )
-SUPPORTED_OPS = ("conv_bias_act",)
+SUPPORTED_OPS = ("conv_bias_act", "conv_bias_act_backward")
 DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
 # The kernel and its main loop (csrc/README.md): auto (on sm_90 CUTLASS's TMA + wgmma kernel where it
@@ -243,6 +245,71 @@ def conv_bias_act(
         residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
         relu, out, 0, PIPELINE,
     )
+
+
+def conv_bias_act_backward(
+    grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    residual: Optional[Tensor], residual_stride: int, residual_offset: int,
+    shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+    relu: bool, needs: list,
+):
+    """``reference.conv_bias_act_backward`` on the extension's kernels (same contract).
+
+    g = grad where ``out > 0`` (a ReLU ended the forward), else grad. With an identity residual g
+    *is* the residual's gradient: it is computed once (torch's ReLU backward, one pass) and the
+    kernels read it. Otherwise they apply the mask as they load grad and g is never stored. Per
+    conv: a dgrad (the forward's WMMA kernel as a transposed convolution) and one wgrad (a split-K
+    GEMM giving the weight, the merged projection's weight and the bias gradients together, its
+    splits summed in a fixed order: deterministic). The launches go on the current stream with no
+    host sync. FUSED_RESBLOCK_CUDA_PIPELINE picks the forward's kernel only; these choose their own.
+    """
+    ext = _require()
+    return backward_with(ext.conv_dgrad, ext.conv_wgrad, grad, out, x, weight, has_bias, stride, padding, dilation,
+                         groups, residual, residual_stride, residual_offset, shortcut_x, shortcut_weight,
+                         shortcut_stride, relu, needs)
+
+
+def backward_with(conv_dgrad, conv_wgrad, grad, out, x, weight, has_bias, stride, padding, dilation, groups,
+                  residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
+                  relu, needs):
+    """``conv_bias_act_backward`` through the given kernels: the extension's, or (tests) its host
+    emulation of them on CPU tensors (``_emulate_conv_dgrad``, ``_emulate_conv_wgrad``)."""
+    needs = [bool(v) for v in needs]
+    mask = out if relu else None
+    gr = None
+    if residual is not None and needs[3]:
+        g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+        if residual_stride == 1 and residual_offset == 0 and residual.shape == grad.shape:
+            gr = g.clone(memory_format=memory_format_of(residual)) if g is grad else \
+                g.contiguous(memory_format=memory_format_of(residual))
+            grad, mask = g, None  # the kernels read the masked gradient already written
+        else:  # the CIFAR option-A map: a strided, channel-shifted part of g
+            gr = unmap_residual_grad(g, residual, residual_stride, residual_offset)
+
+    gx = gsx = None
+    if needs[0]:
+        gx = torch.empty_like(x, memory_format=memory_format_of(x))
+        conv_dgrad(grad, mask, weight, list(stride), list(padding), list(dilation), groups,
+                       [x.shape[2], x.shape[3]], gx)
+    if shortcut_x is not None and needs[4]:
+        gsx = torch.empty_like(shortcut_x, memory_format=memory_format_of(shortcut_x))
+        conv_dgrad(grad, mask, shortcut_weight, [shortcut_stride] * 2, [0, 0], [1, 1], 1,
+                       [shortcut_x.shape[2], shortcut_x.shape[3]], gsx)
+
+    gw = torch.empty_like(weight, memory_format=weight_grad_format(x, weight)) if needs[1] else None
+    gb = torch.empty(weight.shape[0], dtype=torch.float32, device=grad.device) if has_bias and needs[2] else None
+    gsw = None
+    if shortcut_x is not None and needs[5]:
+        gsw = torch.empty_like(shortcut_weight, memory_format=weight_grad_format(shortcut_x, shortcut_weight))
+    merge = gsw is not None and groups == 1  # the projection's rows join the conv's GEMM
+    if gw is not None or gb is not None or merge:
+        conv_wgrad(grad, mask, x, list(weight.shape[2:]), list(stride), list(padding), list(dilation), groups,
+                       shortcut_x if merge else None, shortcut_stride, gw, gsw if merge else None, gb)
+    if gsw is not None and not merge:  # a grouped conv's projection: a GEMM of its own
+        conv_wgrad(grad, mask, shortcut_x, [1, 1], [shortcut_stride] * 2, [0, 0], [1, 1], 1,
+                       None, 1, gsw, None, None)
+    return gx, gw, gb, gr, gsx, gsw
 
 
 # --------------------------------------------------------------------------- build info

@@ -1,0 +1,270 @@
+// wgrad as an implicit GEMM (conv_wgrad.h): its sizes, its operand gathers and its final sum.
+//
+//   rows  j = (tap, input channel) of the group, channel fastest (KRSC order), then the merged
+//             projection's input channels, then one row of ones whose product is the bias gradient
+//   cols  k = output channels of the group (grid axis z carries the group and the split)
+//   depth m = output pixels (batch * out_h * out_w), in kBlockK tiles, split across blocks
+//
+// The tiles land in shared memory exactly as the forward kernel's do (A: block rows x kBlockK, B:
+// block columns x kBlockK, K contiguous), so the forward's tensor-core step and main loop run them.
+// The operands' contiguous dimension is the other one here -- 8 channels of one pixel -- so each
+// thread loads 8 rows (or columns) at one depth position in one 16-byte load and stores them as a
+// column of the tile. Anything outside the problem loads as zero, as in the forward.
+#pragma once
+
+#include <cstdint>
+
+#include "conv_gemm.cuh"
+#include "conv_wgrad.h"
+#include "numeric.cuh"
+#include "tile_loader.cuh"
+#include "tile_shape.cuh"
+
+namespace fused_resblock {
+
+struct WgradGemm {
+  int depth;  // output pixels
+  int out_hw;
+  int in_group_channels, out_group_channels;
+  int conv_rows;      // kernel_h * kernel_w * in_group_channels, 0 without grad_weight
+  int shortcut_rows;  // shortcut_channels, 0 without grad_shortcut_weight
+  int rows;           // conv_rows + shortcut_rows + (grad_bias ? 1 : 0)
+  int block_m, block_n;            // the tile's
+  int rows_padded, cols_padded;    // to whole tiles: the workspace's shape per (split, group)
+  int depth_tiles, tiles_per_split;
+  bool vector_x;         // conv rows move 8 input channels per aligned 16-byte load
+  bool vector_shortcut;  // projection rows likewise
+  bool vector_grad;      // columns likewise (8 output channels of the gradient, and of its mask)
+};
+
+inline int tile_block_m(TileShapeKind) {
+  return 128;  // every shape's
+}
+
+inline int tile_block_n(TileShapeKind tile) {
+  return tile == TileShapeKind::kNarrow ? 16 : tile == TileShapeKind::kMedium ? 64 : 128;
+}
+
+// params.tile and params.splits resolved (plan_conv_wgrad).
+inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
+  WgradGemm w;
+  w.out_hw = p.out_h * p.out_w;
+  w.depth = p.batch * w.out_hw;
+  w.in_group_channels = p.in_channels / p.groups;
+  w.out_group_channels = p.out_channels / p.groups;
+  w.conv_rows = p.grad_weight ? p.kernel_h * p.kernel_w * w.in_group_channels : 0;
+  w.shortcut_rows = p.grad_shortcut_weight ? p.shortcut_channels : 0;
+  w.rows = w.conv_rows + w.shortcut_rows + (p.grad_bias ? 1 : 0);
+  w.block_m = tile_block_m(p.tile);
+  w.block_n = tile_block_n(p.tile);
+  w.rows_padded = ceil_div(w.rows, w.block_m) * w.block_m;
+  w.cols_padded = ceil_div(w.out_group_channels, w.block_n) * w.block_n;
+  w.depth_tiles = ceil_div(w.depth, kBlockK);
+  w.tiles_per_split = ceil_div(w.depth_tiles, p.splits > 0 ? p.splits : 1);
+  w.vector_x = w.in_group_channels % 8 == 0 && aligned16(p.x);
+  w.vector_shortcut = p.shortcut_x != nullptr && p.shortcut_channels % 8 == 0 && w.conv_rows % 8 == 0 &&
+                      aligned16(p.shortcut_x);
+  w.vector_grad = w.out_group_channels % 8 == 0 && aligned16(p.grad) &&
+                  (p.grad_mask == nullptr || aligned16(p.grad_mask));
+  return w;
+}
+
+// One output pixel of the depth: where it reads x and the projection's input.
+struct DepthPixel {
+  int n, oh, ow;
+  bool valid;  // inside the problem (past the last pixel: zeros)
+};
+
+FR_HOST_DEVICE DepthPixel make_depth_pixel(const WgradGemm& w, const ConvWgradParams& p, int m) {
+  DepthPixel d;
+  d.valid = m < w.depth;
+  const int pixel = d.valid ? m : 0;
+  d.n = pixel / w.out_hw;
+  const int rem = pixel - d.n * w.out_hw;
+  d.oh = rem / p.out_w;
+  d.ow = rem - d.oh * p.out_w;
+  return d;
+}
+
+// x's element offset for conv row j = (tap, channel) at pixel d, or -1 in the padding.
+FR_HOST_DEVICE int64_t wgrad_x_offset(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d, int j,
+                                      int group) {
+  const int tap = j / w.in_group_channels;
+  const int c = j - tap * w.in_group_channels;
+  const int r = tap / p.kernel_w;
+  const int s = tap - r * p.kernel_w;
+  const int ih = d.oh * p.stride_h - p.pad_h + r * p.dilation_h;
+  const int iw = d.ow * p.stride_w - p.pad_w + s * p.dilation_w;
+  if (unsigned(ih) >= unsigned(p.in_h) || unsigned(iw) >= unsigned(p.in_w)) return -1;
+  return ((int64_t(d.n) * p.in_h + ih) * p.in_w + iw) * p.in_channels + int64_t(group) * w.in_group_channels + c;
+}
+
+// The projection input's element offset for its channel c at pixel d.
+FR_HOST_DEVICE int64_t wgrad_shortcut_offset(const ConvWgradParams& p, const DepthPixel& d, int c) {
+  return ((int64_t(d.n) * p.shortcut_h + int64_t(d.oh) * p.shortcut_stride) * p.shortcut_w +
+          int64_t(d.ow) * p.shortcut_stride) * p.shortcut_channels + c;
+}
+
+// Row j's operand at pixel d, one element: conv row, projection row, the ones row, or past the rows (0).
+FR_HOST_DEVICE uint16_t wgrad_row_element(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d, int j,
+                                          int group) {
+  if (!d.valid || j >= w.rows) return 0;
+  if (j < w.conv_rows) {
+    const int64_t offset = wgrad_x_offset(p, w, d, j, group);
+    return offset < 0 ? uint16_t(0) : load_global(static_cast<const uint16_t*>(p.x) + offset);
+  }
+  if (j < w.conv_rows + w.shortcut_rows) {
+    return load_global(static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, j - w.conv_rows));
+  }
+  return p.dtype == DType::kFloat16 ? uint16_t(0x3c00) : uint16_t(0x3f80);  // 1.0: the bias row
+}
+
+// Each thread owns one chunk of 8 rows (A) and of 8 columns (B) of the block tile, at the depth
+// positions depth0 + i * kDepthStep of every K tile.
+template <class Tile>
+class WgradLoader {
+ public:
+  static constexpr int kAChunksPerDepth = Tile::kBlockM / kVector;
+  static constexpr int kBChunksPerDepth = Tile::kBlockN / kVector;
+  static constexpr int kADepthStep = Tile::kThreads / kAChunksPerDepth;
+  static constexpr int kBDepthStep = Tile::kThreads / kBChunksPerDepth;
+  static constexpr int kAIters = (kBlockK + kADepthStep - 1) / kADepthStep;
+  static constexpr int kBIters = (kBlockK + kBDepthStep - 1) / kBDepthStep;
+  static_assert(Tile::kThreads % kAChunksPerDepth == 0 && Tile::kThreads % kBChunksPerDepth == 0,
+                "a thread's chunks keep their rows across depth positions");
+
+  // row0/col0: the block's first row and column; depth_begin: its split's first pixel.
+  FR_HOST_DEVICE WgradLoader(const WgradGemm& w, int row0, int col0, int group, int depth_begin, int thread)
+      : group_(group),
+        depth_begin_(depth_begin),
+        a_chunk_(thread % kAChunksPerDepth),
+        a_depth0_(thread / kAChunksPerDepth),
+        b_chunk_(thread % kBChunksPerDepth),
+        b_depth0_(thread / kBChunksPerDepth),
+        a_row_(row0 + a_chunk_ * kVector),
+        b_col_(col0 + b_chunk_ * kVector) {
+    // Whole-chunk loads where all 8 rows are 8 channels of one x tap or of the projection input.
+    if (w.vector_x && a_row_ < w.conv_rows) {
+      a_kind_ = kConvVector;
+    } else if (w.vector_shortcut && a_row_ >= w.conv_rows && a_row_ < w.conv_rows + w.shortcut_rows) {
+      a_kind_ = kShortcutVector;
+    } else {
+      a_kind_ = a_row_ < w.rows ? kElements : kZeros;
+    }
+  }
+
+  // Global -> registers: K tile `k_tile` of this block's split.
+  FR_HOST_DEVICE void load(const ConvWgradParams& p, const WgradGemm& w, int k_tile) {
+    const int m0 = depth_begin_ + k_tile * kBlockK;
+#pragma unroll
+    for (int i = 0; i < kAIters; ++i) {
+      const int depth = a_depth0_ + i * kADepthStep;
+      if (depth < kBlockK) a_regs_[i] = a_chunk(p, w, make_depth_pixel(w, p, m0 + depth));
+    }
+#pragma unroll
+    for (int i = 0; i < kBIters; ++i) {
+      const int depth = b_depth0_ + i * kBDepthStep;
+      if (depth < kBlockK) b_regs_[i] = b_chunk(p, w, m0 + depth);
+    }
+  }
+
+  // Registers -> shared: each chunk becomes 8 rows (columns) of one depth position.
+  FR_HOST_DEVICE void store(uint16_t* a_tile, uint16_t* b_tile) const {
+#pragma unroll
+    for (int i = 0; i < kAIters; ++i) {
+      const int depth = a_depth0_ + i * kADepthStep;
+      if (depth < kBlockK) store_column(a_tile + a_chunk_ * kVector * kSmemPitch + depth, a_regs_[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kBIters; ++i) {
+      const int depth = b_depth0_ + i * kBDepthStep;
+      if (depth < kBlockK) store_column(b_tile + b_chunk_ * kVector * kSmemPitch + depth, b_regs_[i]);
+    }
+  }
+
+ private:
+  enum Kind { kConvVector, kShortcutVector, kElements, kZeros };
+
+  FR_HOST_DEVICE static void store_column(uint16_t* top, uint4 chunk) {
+    uint16_t e[kVector];
+    unpack8(chunk, e);
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) top[j * kSmemPitch] = e[j];
+  }
+
+  FR_HOST_DEVICE uint4 a_chunk(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d) const {
+    const uint4 zeros = make_uint4(0, 0, 0, 0);
+    if (a_kind_ == kZeros || !d.valid) return zeros;
+    if (a_kind_ == kConvVector) {
+      const int64_t offset = wgrad_x_offset(p, w, d, a_row_, group_);
+      return offset < 0 ? zeros : load_global(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + offset));
+    }
+    if (a_kind_ == kShortcutVector) {
+      const uint16_t* src = static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, a_row_ - w.conv_rows);
+      return load_global(reinterpret_cast<const uint4*>(src));
+    }
+    uint16_t e[kVector];
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) e[j] = wgrad_row_element(p, w, d, a_row_ + j, group_);
+    return pack8(e);
+  }
+
+  // 8 output channels of the (masked) gradient at pixel m.
+  FR_HOST_DEVICE uint4 b_chunk(const ConvWgradParams& p, const WgradGemm& w, int m) const {
+    if (m >= w.depth || b_col_ >= w.out_group_channels) return make_uint4(0, 0, 0, 0);
+    const uint16_t* grad = static_cast<const uint16_t*>(p.grad);
+    const uint16_t* mask = static_cast<const uint16_t*>(p.grad_mask);
+    const int64_t offset = int64_t(m) * p.out_channels + int64_t(group_) * w.out_group_channels + b_col_;
+    if (w.vector_grad) return load_masked8(grad, mask, offset, p.dtype);
+    uint16_t e[kVector];
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) {
+      e[j] = b_col_ + j < w.out_group_channels ? load_masked(grad, mask, offset + j, p.dtype) : uint16_t(0);
+    }
+    return pack8(e);
+  }
+
+  const int group_;
+  const int depth_begin_;
+  const int a_chunk_, a_depth0_, b_chunk_, b_depth0_;
+  const int a_row_, b_col_;  // this thread's first row / column (within the group)
+  Kind a_kind_;
+  uint4 a_regs_[kAIters];
+  uint4 b_regs_[kBIters];
+};
+
+// The workspace: per (split, group), rows_padded x cols_padded fp32 partial sums, row-major.
+FR_HOST_DEVICE int64_t wgrad_workspace_offset(const WgradGemm& w, int split_group, int row, int col) {
+  return (int64_t(split_group) * w.rows_padded + row) * w.cols_padded + col;
+}
+
+// Element `index` of (group, row, column), column fastest: the splits' partial sums added in
+// split order, then stored where the row belongs (weight, projection weight or bias gradient).
+template <typename T>
+FR_HOST_DEVICE void reduce_wgrad_element(const ConvWgradParams& p, const WgradGemm& w, int64_t index) {
+  const int col = int(index % w.out_group_channels);
+  const int64_t rest = index / w.out_group_channels;
+  const int row = int(rest % w.rows);
+  const int group = int(rest / w.rows);
+  float sum = 0.f;
+  for (int split = 0; split < p.splits; ++split) {
+    sum += p.workspace[wgrad_workspace_offset(w, split * p.groups + group, row, col)];
+  }
+  const int64_t k = int64_t(group) * w.out_group_channels + col;  // the output channel
+  if (row < w.conv_rows) {
+    const int tap = row / w.in_group_channels;
+    const int c = row - tap * w.in_group_channels;
+    const int r = tap / p.kernel_w;
+    const int s = tap - r * p.kernel_w;
+    const Strides4& st = p.grad_weight_strides;
+    static_cast<uint16_t*>(p.grad_weight)[k * st.n + c * st.c + r * st.h + s * st.w] = Numeric<T>::from_float(sum);
+  } else if (row < w.conv_rows + w.shortcut_rows) {
+    const Strides4& st = p.grad_shortcut_weight_strides;
+    static_cast<uint16_t*>(p.grad_shortcut_weight)[k * st.n + int64_t(row - w.conv_rows) * st.c] =
+        Numeric<T>::from_float(sum);
+  } else {
+    p.grad_bias[k] = sum;
+  }
+}
+
+}  // namespace fused_resblock
