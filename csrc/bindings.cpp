@@ -19,8 +19,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -436,8 +438,34 @@ void check_rows(int64_t rows, int64_t depth, const char* op) {
               " exceed the kernel's 32-bit range");
 }
 
-// grad_x = conv_transpose(g, weight): the forward kernel on g (read as if zero-inserted at the
-// stride) with the weight's taps flipped and its channel axes swapped, padding (k - 1) * d - p.
+// One stride phase of a dgrad along one axis: the input rows ih = phase + stride * i, the taps that
+// reach them (first, first + step, ...: taps - 1 more), and how they read g: g[i + offset - t * g_dilation]
+// for the t-th of them.
+struct PhaseTaps {
+  int64_t first = 0, step = 1, taps = 0, offset = 0, g_dilation = 1;
+};
+
+PhaseTaps phase_taps(int64_t phase, int64_t pad, int64_t dilation, int64_t stride, int64_t kernel) {
+  // tap r reaches ih when (ih + pad - r * dilation) is a multiple of the stride
+  PhaseTaps t;
+  t.step = stride / std::gcd(stride, dilation);
+  for (int64_t r = 0; r < std::min(t.step, kernel); ++r) {
+    if (((phase + pad - r * dilation) % stride + stride) % stride == 0) {
+      t.first = r;
+      t.taps = (kernel - 1 - r) / t.step + 1;
+      t.offset = (phase + pad - r * dilation) / stride;  // exact
+      t.g_dilation = t.step * dilation / stride;
+      return t;
+    }
+  }
+  return t;  // no tap reaches this phase: its gradient is zero
+}
+
+// grad_x = conv_transpose(g, weight), one launch of the forward's WMMA kernel per stride phase
+// (rows ih = ph + stride * i): in one phase the taps that reach a row are the same for every row, so
+// the phase is a stride-1 convolution of g with those taps, flipped, their channel axes swapped
+// ([C_in, taps_h, taps_w, C_out / groups]: a copy of that part of the weight), written into the
+// strided view out[:, :, ph::stride, pw::stride]. No MAC is spent on a tap that misses.
 at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& weight,
                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                            const std::vector<int64_t>& dilation, int64_t groups,
@@ -469,57 +497,74 @@ at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tenso
               "kernel, got ", pipeline);
 
   const at::Tensor grad_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
-  // [in_channels, kernel_h, kernel_w, out_channels / groups]: the dgrad's own KRSC weight
-  const at::Tensor weight_t = weight.reshape({groups, out_channels / groups, group_in, kernel_h, kernel_w})
-                                  .transpose(1, 2)
-                                  .flip({3, 4})
-                                  .reshape({in_channels, out_channels / groups, kernel_h, kernel_w})
-                                  .contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor mask_nhwc;
   if (grad_mask) mask_nhwc = grad_mask->contiguous(at::MemoryFormat::ChannelsLast);
   at::assert_no_overlap(*out, grad_nhwc);
   at::assert_no_overlap(*out, weight);
   if (grad_mask) at::assert_no_overlap(*out, mask_nhwc);
 
-  fr::ConvBiasActParams p{};
-  p.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
-  p.x = grad_nhwc.data_ptr();
-  p.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
-  p.batch = checked_int(batch, "batch", op);
-  p.in_h = checked_int(grad.size(2), "grad height", op);
-  p.in_w = checked_int(grad.size(3), "grad width", op);
-  p.in_channels = checked_int(out_channels, "output channels", op);
-  p.weight = weight_t.data_ptr();
-  p.out_channels = checked_int(in_channels, "input channels", op);
-  p.kernel_h = int(kernel_h);
-  p.kernel_w = int(kernel_w);
-  p.groups = int(groups);
-  p.stride_h = p.stride_w = 1;
-  p.pad_h = int((kernel_h - 1) * geo.dilation_h - geo.pad_h);  // negative when padding exceeds the kernel's reach
-  p.pad_w = int((kernel_w - 1) * geo.dilation_w - geo.pad_w);
-  p.dilation_h = checked_int(geo.dilation_h, "dilation", op);
-  p.dilation_w = checked_int(geo.dilation_w, "dilation", op);
-  p.input_dilation_h = checked_int(geo.stride_h, "stride", op);
-  p.input_dilation_w = checked_int(geo.stride_w, "stride", op);
-  p.out = out->data_ptr();
-  p.out_strides = strides_of(*out);
-  p.out_h = checked_int(in_h, "input height", op);
-  p.out_w = checked_int(in_w, "input width", op);
-  p.relu = false;
-  p.tile = fr::TileShapeKind(int(tile));
-  p.pipeline = fr::Pipeline(int(pipeline));
-  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), op,
-              ": pipeline 2 (cp.async) needs output channels per group that are a multiple of 8, 16-byte-aligned "
-              "grad and weight, and no grad_mask (the mask is applied in registers)");
-  p.num_sms = num_sms;
-  p.compute_capability = compute_capability;
-  p.sm90a_image = false;  // never CUTLASS's kernel (tma_wgmma_refusal says so too)
-  if (target == Target::kHost) {
-    fr::emulate_conv_bias_act(p);
-    return *out;
+  fr::ConvBiasActParams base{};
+  base.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  base.x = grad_nhwc.data_ptr();
+  base.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
+  base.batch = checked_int(batch, "batch", op);
+  base.in_h = checked_int(grad.size(2), "grad height", op);
+  base.in_w = checked_int(grad.size(3), "grad width", op);
+  base.in_channels = checked_int(out_channels, "output channels", op);
+  base.out_channels = checked_int(in_channels, "input channels", op);
+  base.groups = int(groups);
+  base.stride_h = base.stride_w = 1;
+  base.relu = false;
+  base.tile = fr::TileShapeKind(int(tile));
+  base.pipeline = fr::Pipeline(int(pipeline));
+  base.num_sms = num_sms;
+  base.compute_capability = compute_capability;
+  base.sm90a_image = false;  // never CUTLASS's kernel (tma_wgmma_refusal says so too)
+  const cudaStream_t stream = target == Target::kCuda ? c10::cuda::getCurrentCUDAStream().stream() : nullptr;
+
+  for (int64_t ph = 0; ph < std::min(geo.stride_h, in_h); ++ph) {
+    for (int64_t pw = 0; pw < std::min(geo.stride_w, in_w); ++pw) {
+      const PhaseTaps th = phase_taps(ph, geo.pad_h, geo.dilation_h, geo.stride_h, kernel_h);
+      const PhaseTaps tw = phase_taps(pw, geo.pad_w, geo.dilation_w, geo.stride_w, kernel_w);
+      at::Tensor phase_out = out->slice(2, ph, in_h, geo.stride_h).slice(3, pw, in_w, geo.stride_w);
+      if (th.taps == 0 || tw.taps == 0) {  // no tap reaches these rows
+        phase_out.zero_();
+        continue;
+      }
+      // [in_channels, taps_h, taps_w, out_channels / groups]: this phase's taps, flipped, channel axes swapped
+      const at::Tensor weight_t =
+          weight.slice(2, th.first, kernel_h, th.step)
+              .slice(3, tw.first, kernel_w, tw.step)
+              .reshape({groups, out_channels / groups, group_in, th.taps, tw.taps})
+              .transpose(1, 2)
+              .flip({3, 4})
+              .reshape({in_channels, out_channels / groups, th.taps, tw.taps})
+              .contiguous(at::MemoryFormat::ChannelsLast);
+      fr::ConvBiasActParams p = base;
+      p.weight = weight_t.data_ptr();
+      p.kernel_h = int(th.taps);
+      p.kernel_w = int(tw.taps);
+      // out[i] = sum over t' of g[i - pad + t' * g_dilation] * weight_t[t'], t' = taps - 1 - t: pad may be
+      // negative (the gather's range test copes)
+      p.pad_h = int((th.taps - 1) * th.g_dilation - th.offset);
+      p.pad_w = int((tw.taps - 1) * tw.g_dilation - tw.offset);
+      p.dilation_h = int(th.g_dilation);
+      p.dilation_w = int(tw.g_dilation);
+      p.out = phase_out.data_ptr();
+      p.out_strides = strides_of(phase_out);
+      p.out_h = int(phase_out.size(2));
+      p.out_w = int(phase_out.size(3));
+      TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), op,
+                  ": pipeline 2 (cp.async) needs output channels per group that are a multiple of 8, 16-byte-aligned "
+                  "grad and weight, and no grad_mask (the mask is applied in registers)");
+      if (target == Target::kHost) {
+        fr::emulate_conv_bias_act(p);
+      } else {
+        const cudaError_t error = fr::launch_conv_bias_act(p, stream);
+        TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
+      }
+    }
   }
-  const cudaError_t error = fr::launch_conv_bias_act(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
   return *out;
 }
 

@@ -71,12 +71,11 @@ struct ConvBiasActParams {
 
   bool relu;
 
-  // A convolution's input gradient (dgrad) runs as this kernel (bindings.cpp: conv_dgrad): x is
-  // then the output gradient, read as if zero-inserted at input_dilation (a transposed
-  // convolution's input; 0 or 1: as it is), and grad_mask, when set, zeroes x's elements where
-  // it is <= 0 (a ReLU's backward, NaN passing; the same dense NHWC layout as x).
+  // A convolution's input gradient (dgrad) runs as this kernel, one stride phase at a time
+  // (bindings.cpp: conv_dgrad): x is then the output gradient, and grad_mask, when set, zeroes x's
+  // elements where it is <= 0 (a ReLU's backward, NaN passing; the same dense NHWC layout as x).
+  // pad_h/pad_w may then be negative.
   const void* grad_mask;
-  int input_dilation_h, input_dilation_w;
 
   TileShapeKind tile;
   Pipeline pipeline;

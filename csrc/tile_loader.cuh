@@ -62,16 +62,8 @@ FR_HOST_DEVICE int64_t conv_offset(const ConvBiasActParams& p, const ConvGemm& g
   const int c = k - tap * g.in_group_channels;
   const int r = tap / p.kernel_w;
   const int s = tap - r * p.kernel_w;
-  int ih = row.ih0 + r * p.dilation_h;
-  int iw = row.iw0 + s * p.dilation_w;
-  if (p.input_dilation_h > 1) {  // dgrad of a strided conv: only every input_dilation-th row exists
-    if (ih % p.input_dilation_h != 0) return -1;
-    ih /= p.input_dilation_h;
-  }
-  if (p.input_dilation_w > 1) {
-    if (iw % p.input_dilation_w != 0) return -1;
-    iw /= p.input_dilation_w;
-  }
+  const int ih = row.ih0 + r * p.dilation_h;
+  const int iw = row.iw0 + s * p.dilation_w;
   if (unsigned(ih) >= unsigned(p.in_h) || unsigned(iw) >= unsigned(p.in_w)) return -1;
   return row.x_offset + (int64_t(ih) * p.in_w + iw) * p.in_channels + c;
 }

@@ -129,6 +129,34 @@ def test_emulated_dgrad_pipelines_and_tiles(tile, pipeline):
 
 
 @needs_ext
+@pytest.mark.parametrize("kernel, stride, padding, dilation, size", [
+    ((3, 3), (3, 3), (1, 1), (2, 2), (11, 10)),   # gcd(stride, dilation) = 1: taps 3 apart per phase
+    ((3, 3), (2, 2), (2, 2), (2, 2), (9, 9)),     # gcd 2: odd rows take no tap at all
+    ((3, 3), (2, 1), (3, 0), (1, 1), (8, 7)),     # padding past the kernel's reach; unequal strides
+    ((5, 2), (2, 3), (1, 1), (1, 1), (10, 9)),    # non-square kernel, a phase with one tap
+    ((1, 1), (4, 4), (0, 0), (1, 1), (9, 9)),     # 1x1 at stride 4: 15 of 16 phases zero
+])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "relu_mask"])
+def test_emulated_dgrad_stride_phases(kernel, stride, padding, dilation, size, masked):
+    """Every stride phase gets exactly its taps (or zeros): odd geometries against float64 by the rule."""
+    from fused_resblock.testing import assert_rule
+
+    gen = torch.Generator().manual_seed(sum(kernel + stride + padding + dilation + size))
+    x = torch.randn(2, 16, *size, generator=gen).half().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(24, 16, *kernel, generator=gen) / 6).half()
+    out = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation).relu()
+    grad = torch.randn(out.shape, generator=gen).half().contiguous(memory_format=torch.channels_last)
+    args = dict(grad=grad, out=out, x=x, weight=w, has_bias=False, stride=stride, padding=padding,
+                dilation=dilation, groups=1, residual=None, residual_stride=1, residual_offset=0, shortcut_x=None,
+                shortcut_weight=None, shortcut_stride=1, relu=masked, needs=[True] + [False] * 5)
+    gx = EXT._emulate_conv_dgrad(grad, out if masked else None, w, list(stride), list(padding), list(dilation), 1,
+                                 list(size), _poisoned(x))
+    ref_t = reference.conv_bias_act_backward(**args)[0]
+    ref64 = reference.conv_bias_act_backward(**float64_cpu(args))[0]
+    assert_rule("grad x", gx, ref64, ref_t, dtype=torch.float16)
+
+
+@needs_ext
 def test_emulated_dgrad_cp_async_refuses_a_mask():
     args = make_inputs(CASES[2], torch.float16, "cpu", True, 2)
     bargs = backward_inputs(args)
