@@ -178,12 +178,17 @@ def _conv_bias_act_backward(
     relu: bool, needs: Sequence[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(x, weight, stride, padding, dilation, groups, merged_shortcut=shortcut_x is not None)
-    impl = backends.select("conv_bias_act_backward", backend or None, config)
-    return _fill_absent(impl.conv_bias_act_backward(
-        grad, out, x, weight, has_bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-        residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
-        relu, list(needs),
-    ), grad)
+    args = (grad, out, x, weight, has_bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+            residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
+            relu, list(needs))
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (str(x.dtype), *(_layout(t) for t in (grad, x, weight, residual, shortcut_x)), *args[4:9],
+                     residual_stride, residual_offset, shortcut_stride, relu, tuple(bool(n) for n in needs))
+        return shape_key, lambda module: module.conv_bias_act_backward(*args)
+
+    impl = backends.select("conv_bias_act_backward", backend or None, config, measure=measure)
+    return _fill_absent(impl.conv_bias_act_backward(*args), grad)
 
 
 @_conv_bias_act_backward.register_fake

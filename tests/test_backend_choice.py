@@ -303,3 +303,46 @@ def test_agreement_tolerates_rounding_and_shared_nan_and_inf():
     far[0] += 40 * torch.finfo(torch.float16).eps * float(expected[torch.isfinite(expected)].abs().max())
     assert "max |difference|" in choice.disagreement(far, expected)
     assert choice.disagreement(torch.zeros(3), torch.zeros(3)) is None
+
+
+def test_agreement_of_a_backwards_gradients_each_by_its_own_scale():
+    """A backward's outputs: each gradient against its own max, presence included; a wrong bias
+    gradient (small numbers) is caught beside a weight gradient of large ones."""
+    gw = torch.randn(8, 4, 3, 3, dtype=torch.float16) * 100
+    gb = torch.randn(8)
+    expected = (None, gw, gb, None)
+    assert choice.disagreement((None, gw.clone(), gb.clone(), None), expected) is None
+    wrong_bias = gb.clone()
+    wrong_bias[2] += 1.0  # far off for a bias gradient, a rounding step of the weight gradient's scale
+    assert "output 2" in choice.disagreement((None, gw, wrong_bias, None), expected)
+    assert "output 0 present" in choice.disagreement((gw, gw, gb, None), expected)
+    assert "outputs" in choice.disagreement((None, gw), expected)
+    assert choice._informative(expected)
+    assert not choice._informative((None, gw, torch.zeros(8), None)), "one degenerate gradient proves little"
+
+
+def test_the_backward_op_measures_per_dtype_shape_layout_and_needs(monkeypatch):
+    """conv_bias_act_backward asks auto to measure too, remembered by dtype, shapes, layouts and which
+    gradients are needed; run() calls the backward on the given backend."""
+    from fused_resblock import ops
+    from fused_resblock.backends import reference
+
+    keys = []
+
+    def spy_select(op, requested, config, measure=None):
+        if op == "conv_bias_act_backward":
+            shape_key, run = measure()
+            keys.append(shape_key)
+            assert len(run(reference)) == 6
+        return reference
+
+    monkeypatch.setattr(backends, "select", spy_select)
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    for dtype, layout, needs_w in ((torch.float32, torch.contiguous_format, True),
+                                   (torch.float64, torch.contiguous_format, True),
+                                   (torch.float32, torch.channels_last, True),
+                                   (torch.float32, torch.contiguous_format, False)):
+        xi = x.to(dtype).contiguous(memory_format=layout).requires_grad_()
+        wi = w.to(dtype).requires_grad_(needs_w)
+        ops.conv_bias_act(xi, wi, padding=1, relu=True).sum().backward()
+    assert len(set(keys)) == 4, keys

@@ -393,3 +393,33 @@ def test_op_layer_backward_forced_to_cuda(dtype):
     for name, index in (("x", 0), ("weight", 1), ("bias", 2), ("residual", 3), ("shortcut_x", 4),
                         ("shortcut_weight", 5)):
         assert_rule(f"grad {name}", leaves[name].grad, ref64[index], ref_t[index], dtype=dtype)
+
+
+@needs_gpu
+def test_auto_measures_the_backward_of_triton_against_cuda(tmp_path, monkeypatch):
+    """Both backends capable of the eval backward: auto times them once per shape (after checking every
+    gradient against the reference) and keeps the winner in the cache file."""
+    import json
+
+    import fused_resblock
+    from fused_resblock import backends
+    from fused_resblock.backends import choice, triton as triton_backend
+
+    if triton_backend.available() is not None:
+        pytest.skip(f"needs the triton backend too: {triton_backend.available()}")
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
+    monkeypatch.setattr(choice, "CHOOSER", choice.BackendChooser(tmp_path / "backends.json"))
+    backends.clear_caches()
+    case = next(c for c in CASES if c.name == "residual")
+    inputs = make_inputs(case, torch.float16, "cuda", True, 18)
+    x = inputs["x"].detach().requires_grad_()
+    weight = inputs["weight"].detach().requires_grad_()
+    for _ in range(2):  # measured on the first backward, remembered for the second
+        out = fused_resblock.ops.conv_bias_act(x, weight, inputs["bias"], stride=case.stride, padding=case.padding,
+                                               residual=inputs["residual"], relu=True, backend="auto")
+        out.float().square().mean().backward()
+    entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
+    backward = {k: v for k, v in entries.items() if "conv_bias_act_backward" in k}
+    assert len(backward) == 1 and set(backward.values()) <= {"triton", "cuda"}, entries
+    backends.clear_caches()

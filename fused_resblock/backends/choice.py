@@ -10,7 +10,8 @@ No measurement (the first capable backend of ``AUTO_ORDER`` runs instead)
 when ``FUSED_RESBLOCK_AUTOTUNE=0``, and while a CUDA graph is being captured
 (timing would synchronise; nothing is remembered then).
 
-The measurement also checks: each candidate's first output is compared with the
+The measurement also checks: each candidate's first output (every gradient of a
+backward op, each against its own scale) is compared with the
 reference backend's on the same arguments, and a candidate that disagrees beyond
 its dtype's rounding (garbage, NaN, a missing term: a kernel broken on a GPU or
 build nobody tested) is not chosen, with a warning; when none agrees, the
@@ -81,7 +82,20 @@ def _versions(by_name: dict, device: torch.device) -> str:
 
 def disagreement(out, expected) -> Optional[str]:
     """None when a candidate's output matches the reference's within ``AGREEMENT_STEPS`` rounding
-    steps (relative to max|reference|; NaN where the reference has NaN), else what differs."""
+    steps (relative to max|reference|; NaN where the reference has NaN), else what differs. A
+    tuple of outputs (a backward's gradients, None where not computed) agrees when each does,
+    each relative to its own scale: a bias gradient's error is not hidden by a larger weight's."""
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(expected):
+            count = len(out) if isinstance(out, (tuple, list)) else f"a {type(out).__name__}, not"
+            return f"{count} outputs, the reference's {len(expected)}"
+        for index, (o, e) in enumerate(zip(out, expected)):
+            if (o is None) != (e is None):
+                return f"output {index} {'absent' if o is None else 'present'}, the reference's not"
+            why = disagreement(o, e)
+            if why is not None:
+                return f"output {index}: {why}"
+        return None
     if not isinstance(out, torch.Tensor) or not isinstance(expected, torch.Tensor):
         return None
     if out.shape != expected.shape or out.dtype != expected.dtype:
@@ -200,7 +214,10 @@ class BackendChooser:
 
 
 def _informative(expected) -> bool:
-    """Whether an output can tell a broken kernel from a correct one: two finite values at least."""
+    """Whether an output can tell a broken kernel from a correct one: two finite values at least
+    (in every output of a tuple)."""
+    if isinstance(expected, (tuple, list)):
+        return all(_informative(e) for e in expected if e is not None)
     if not isinstance(expected, torch.Tensor):
         return True
     finite = expected[torch.isfinite(expected)]
