@@ -588,8 +588,8 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
                      const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
                      const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
                      const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
-                     const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, Target target,
-                     int num_sms) {
+                     const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, int64_t pipeline,
+                     Target target, int num_sms) {
   const char* op = kWgradOp;
   check_grad(grad, grad_mask, op, target);
   check_activation(x, "x", grad, target, op, "grad");
@@ -631,6 +631,8 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
   check_wgrad_output(grad_bias, "grad_bias", grad, {out_channels}, at::kFloat, target, inputs);
   TORCH_CHECK(tile >= 0 && tile <= 3, op, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
   TORCH_CHECK(splits >= 0, op, ": splits must be >= 0 (0: chosen per shape), got ", splits);
+  TORCH_CHECK(pipeline >= 0 && pipeline <= 2, op, ": pipeline must be 0 (auto), 1 (registers) or 2 (cp.async), got ",
+              pipeline);
 
   fr::ConvWgradParams p{};
   p.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
@@ -675,9 +677,11 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
   p.tile = fr::TileShapeKind(int(tile));
   p.splits = checked_int(splits, "splits", op);
   p.num_sms = num_sms;
+  p.pipeline = fr::Pipeline(int(pipeline));
   int64_t workspace_floats = 0;
-  TORCH_CHECK(fr::plan_conv_wgrad(p, workspace_floats), op, ": splits=", splits, " exceed the grid's limit of ",
-              65535 / groups, " at groups=", groups);
+  const char* refusal = fr::plan_conv_wgrad(p, workspace_floats);
+  TORCH_CHECK(refusal == nullptr, op, ": ", refusal, " (splits=", splits, ", groups=", groups, ", pipeline=",
+              pipeline, ")");
   // Every block writes its whole tile of the workspace: no zero fill needed (the emulator's NaN-free too).
   const at::Tensor workspace = at::empty({std::max<int64_t>(workspace_floats, 1)}, grad.options().dtype(at::kFloat));
   p.workspace = workspace.data_ptr<float>();
@@ -728,11 +732,11 @@ void conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_ma
                 const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
                 const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
                 const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
-                const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits) {
+                const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, int64_t pipeline) {
   const int num_sms = launch_device(grad, kWgradOp).first;
   const c10::cuda::CUDAGuard device_guard(grad.device());
   conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
-                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, Target::kCuda, num_sms);
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kCuda, num_sms);
 }
 
 void emulate_conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
@@ -741,9 +745,10 @@ void emulate_conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
                         const std::optional<at::Tensor>& grad_weight,
                         const std::optional<at::Tensor>& grad_shortcut_weight,
-                        const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits) {
+                        const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits,
+                        int64_t pipeline) {
   conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
-                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, Target::kHost, kEmulatedSms);
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kHost, kEmulatedSms);
 }
 
 pybind11::dict build_info() {
@@ -817,16 +822,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_wgrad", &conv_wgrad,
         "Writes the weight gradient of conv(x, weight), of a merged 1x1 projection of shortcut_x and the bias "
         "gradient (each output optional) for the output gradient `grad`, masked by `grad_mask` as in conv_dgrad; "
-        "`splits` forces the split-K count (0: per shape).",
+        "`splits` forces the split-K count and `pipeline` the main loop (0: per shape; 1 registers, 2 cp.async).",
         py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
         py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
-        py::arg("tile") = 0, py::arg("splits") = 0);
+        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0);
   m.def("_emulate_conv_wgrad", &emulate_conv_wgrad, "conv_wgrad on CPU tensors through the host emulator; for tests.",
         py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
         py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
-        py::arg("tile") = 0, py::arg("splits") = 0);
+        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <mma.h>
 
@@ -42,13 +43,16 @@ using WarpAccumulators =
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFragment, kFragment, kFragment, float>[Tile::kFragmentsM]
                                                                                             [Tile::kFragmentsN];
 
-// acc += this warp's part of A_tile x B_tile^T over one K tile, on the tensor cores.
-template <typename T, class Tile>
+// acc += this warp's part of A_tile x B_tile^T over one K tile, on the tensor cores; the tiles lie
+// in shared memory as `Tiles` says (tile_shape.cuh: K fastest, or rows fastest).
+template <typename T, class Tile, class Tiles>
 __device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uint16_t* b_stage, int warp_m,
                                               int warp_n, WarpAccumulators<Tile>& acc) {
   namespace wmma = nvcuda::wmma;
-  using FragmentA = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, T, wmma::row_major>;
-  using FragmentB = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, wmma::col_major>;
+  using LayoutA = std::conditional_t<Tiles::kKFast, wmma::row_major, wmma::col_major>;
+  using LayoutB = std::conditional_t<Tiles::kKFast, wmma::col_major, wmma::row_major>;
+  using FragmentA = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragment, T, LayoutA>;
+  using FragmentB = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragment, T, LayoutB>;
   const T* a_tile = reinterpret_cast<const T*>(a_stage);
   const T* b_tile = reinterpret_cast<const T*>(b_stage);
 #pragma unroll
@@ -58,12 +62,12 @@ __device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uin
 #pragma unroll
     for (int i = 0; i < Tile::kFragmentsM; ++i) {
       const int row = warp_m * Tile::kWarpM + i * kFragment;
-      wmma::load_matrix_sync(a[i], a_tile + row * kSmemPitch + kk, kSmemPitch);
+      wmma::load_matrix_sync(a[i], a_tile + Tiles::a_index(row, kk), Tiles::kALdm);
     }
 #pragma unroll
     for (int j = 0; j < Tile::kFragmentsN; ++j) {
       const int col = warp_n * Tile::kWarpN + j * kFragment;
-      wmma::load_matrix_sync(b[j], b_tile + col * kSmemPitch + kk, kSmemPitch);
+      wmma::load_matrix_sync(b[j], b_tile + Tiles::b_index(col, kk), Tiles::kBLdm);
     }
 #pragma unroll
     for (int i = 0; i < Tile::kFragmentsM; ++i) {
@@ -75,7 +79,7 @@ __device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uin
 
 // kRegisters: two shared-memory stages, the next tile staged in registers. Any loader with
 // load(p, g, k_tile) and store(a_tile, b_tile): the forward's TileLoader, wgrad's WgradLoader.
-template <typename T, class Tile, class Params, class Gemm, class Loader>
+template <typename T, class Tile, class Tiles, class Params, class Gemm, class Loader>
 __device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& g, Loader& loader, int k_tiles,
                                                    uint16_t* a_tiles, uint16_t* b_tiles, int warp_m, int warp_n,
                                                    WarpAccumulators<Tile>& acc) {
@@ -88,42 +92,44 @@ __device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& 
     const int stage = k_tile & 1;
     const bool has_next = k_tile + 1 < k_tiles;
     if (has_next) loader.load(p, g, k_tile + 1);  // in flight during the MMAs below
-    multiply_tile<T, Tile>(a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems, warp_m, warp_n,
-                           acc);
+    multiply_tile<T, Tile, Tiles>(a_tiles + stage * Tiles::kAElems, b_tiles + stage * Tiles::kBElems, warp_m, warp_n,
+                                  acc);
     // The other stage was last read in iteration k_tile - 1, which every warp
     // finished before the barrier that ended it.
     if (has_next) {
-      loader.store(a_tiles + (stage ^ 1) * Tile::kATileElems, b_tiles + (stage ^ 1) * Tile::kBTileElems);
+      loader.store(a_tiles + (stage ^ 1) * Tiles::kAElems, b_tiles + (stage ^ 1) * Tiles::kBElems);
     }
     __syncthreads();  // stage ^ 1 is written; stage is free again
   }
 }
 
-// kAsyncCopy: kAsyncStages shared-memory stages filled by cp.async.
-template <typename T, class Tile>
-__device__ __forceinline__ void mainloop_async(const ConvBiasActParams& p, const ConvGemm& g,
-                                               const TileLoader<Tile>& loader, uint16_t* a_tiles, uint16_t* b_tiles,
-                                               int warp_m, int warp_n, WarpAccumulators<Tile>& acc) {
+// kAsyncCopy: kAsyncStages shared-memory stages filled by cp.async (loader.copy_async(p, g, k_tile,
+// a_tile, b_tile) issues a tile's copies; plain shared-memory stores there are fine too: each stage
+// is written only after the barrier that ended its last reads, and read only after a later one).
+template <typename T, class Tile, class Tiles, class Params, class Gemm, class Loader>
+__device__ __forceinline__ void mainloop_async(const Params& p, const Gemm& g, const Loader& loader, int k_tiles,
+                                               uint16_t* a_tiles, uint16_t* b_tiles, int warp_m, int warp_n,
+                                               WarpAccumulators<Tile>& acc) {
   constexpr int kStages = kAsyncStages;
   // Prologue: tiles 0 .. kStages-2 in flight, one commit group each (empty past the last tile,
   // so the group count -- and the wait below -- is the same for every K length).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < g.k_tiles) loader.copy_async(p, g, s, a_tiles + s * Tile::kATileElems, b_tiles + s * Tile::kBTileElems);
+    if (s < k_tiles) loader.copy_async(p, g, s, a_tiles + s * Tiles::kAElems, b_tiles + s * Tiles::kBElems);
     commit_async_copies();
   }
-  for (int k_tile = 0; k_tile < g.k_tiles; ++k_tile) {
+  for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
     wait_async_copies<kStages - 2>();  // this thread's copies of tile k_tile have landed...
     __syncthreads();  // ...everyone's have, and every warp is done with tile k_tile - 1's stage
     const int next = k_tile + kStages - 1;  // goes into tile k_tile - 1's stage, free since the barrier
-    if (next < g.k_tiles) {
+    if (next < k_tiles) {
       const int stage = next % kStages;
-      loader.copy_async(p, g, next, a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems);
+      loader.copy_async(p, g, next, a_tiles + stage * Tiles::kAElems, b_tiles + stage * Tiles::kBElems);
     }
     commit_async_copies();
     const int stage = k_tile % kStages;
-    multiply_tile<T, Tile>(a_tiles + stage * Tile::kATileElems, b_tiles + stage * Tile::kBTileElems, warp_m, warp_n,
-                           acc);
+    multiply_tile<T, Tile, Tiles>(a_tiles + stage * Tiles::kAElems, b_tiles + stage * Tiles::kBElems, warp_m, warp_n,
+                                  acc);
   }
   wait_async_copies<0>();  // only empty groups remain; none may write shared memory past here
   __syncthreads();         // every warp is done with the stages before the epilogue reuses them
@@ -159,9 +165,9 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
   // ---- main loop: K tiles of the convolution, then of the merged projection
   TileLoader<Tile> loader(p, g, m0, n0, group, int(threadIdx.x));
   if constexpr (kPipeline == Pipeline::kAsyncCopy) {
-    mainloop_async<T, Tile>(p, g, loader, a_tiles, b_tiles, warp_m, warp_n, acc);
+    mainloop_async<T, Tile, KFastTiles<Tile>>(p, g, loader, g.k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
   } else {
-    mainloop_registers<T, Tile>(p, g, loader, g.k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
+    mainloop_registers<T, Tile, KFastTiles<Tile>>(p, g, loader, g.k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
   }
 
   // ---- epilogue: each warp stages one 16x16 fragment at a time in its own

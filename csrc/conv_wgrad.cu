@@ -20,15 +20,19 @@ namespace {
 constexpr int kMinTilesPerSplit = 8;
 constexpr int kReduceThreads = 256;
 
-// grid: (rows_padded / kBlockM, cols_padded / kBlockN, splits * groups); smem Tile::smem_bytes(2).
-// Each block writes its whole padded tile of partial sums (zeros past the problem) into the workspace.
-template <typename T, class Tile>
+// grid: (rows_padded / kBlockM, cols_padded / kBlockN, splits * groups); dynamic shared memory
+// mainloop_smem_bytes<RowFastTiles<Tile>>(stages). Each block writes its whole padded tile of partial
+// sums (zeros past the problem) into the workspace.
+template <typename T, class Tile, Pipeline kPipeline>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
     conv_wgrad_kernel(const __grid_constant__ ConvWgradParams p, const __grid_constant__ WgradGemm w) {
   namespace wmma = nvcuda::wmma;
+  using Tiles = RowFastTiles<Tile>;
+  static_assert(kPipeline == Pipeline::kRegisters || kPipeline == Pipeline::kAsyncCopy, "a concrete pipeline");
   extern __shared__ __align__(128) unsigned char smem[];
-  uint16_t* const a_tiles = reinterpret_cast<uint16_t*>(smem);      // [2][kBlockM][kSmemPitch]
-  uint16_t* const b_tiles = a_tiles + 2 * Tile::kATileElems;       // [2][kBlockN][kSmemPitch]
+  const int stages = kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2;
+  uint16_t* const a_tiles = reinterpret_cast<uint16_t*>(smem);  // [stages][kBlockK][kBlockM + 8]
+  uint16_t* const b_tiles = a_tiles + stages * Tiles::kAElems;  // [stages][kBlockK][kBlockN + 8]
 
   const int warp = int(threadIdx.x) / 32;
   const int warp_m = warp % Tile::kWarpsM;
@@ -48,7 +52,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
     for (int j = 0; j < Tile::kFragmentsN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   }
   WgradLoader<Tile> loader(w, row0, col0, group, first_tile * kBlockK, int(threadIdx.x));
-  mainloop_registers<T, Tile>(p, w, loader, k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
+  if constexpr (kPipeline == Pipeline::kAsyncCopy) {
+    mainloop_async<T, Tile, Tiles>(p, w, loader, k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
+  } else {
+    mainloop_registers<T, Tile, Tiles>(p, w, loader, k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
+  }
 
   // The workspace is padded to whole tiles: every fragment stores unmasked.
 #pragma unroll
@@ -70,11 +78,18 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (index < int64_t(p.groups) * w.rows * w.out_group_channels) reduce_wgrad_element<T>(p, w, index);
 }
 
-template <typename T, class Tile>
+template <typename T, class Tile, Pipeline kPipeline>
 cudaError_t launch_typed_tile(const ConvWgradParams& p, const WgradGemm& w, cudaStream_t stream) {
+  constexpr int kSmemBytes =
+      mainloop_smem_bytes<RowFastTiles<Tile>>(kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2);
+  auto* const kernel = conv_wgrad_kernel<T, Tile, kPipeline>;
+  if constexpr (kSmemBytes > 48 * 1024) {  // opt in past the default limit (see conv_bias_act.cu)
+    const cudaError_t opted_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (opted_in != cudaSuccess) return opted_in;
+  }
   const dim3 grid(unsigned(w.rows_padded / Tile::kBlockM), unsigned(w.cols_padded / Tile::kBlockN),
                   unsigned(p.splits * p.groups));
-  conv_wgrad_kernel<T, Tile><<<grid, Tile::kThreads, Tile::smem_bytes(2), stream>>>(p, w);
+  kernel<<<grid, Tile::kThreads, kSmemBytes, stream>>>(p, w);
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   const int64_t elements = int64_t(p.groups) * w.rows * w.out_group_channels;
@@ -83,15 +98,21 @@ cudaError_t launch_typed_tile(const ConvWgradParams& p, const WgradGemm& w, cuda
   return cudaGetLastError();
 }
 
+template <typename T, class Tile>
+cudaError_t launch_pipeline(const ConvWgradParams& p, const WgradGemm& w, cudaStream_t stream) {
+  return p.pipeline == Pipeline::kAsyncCopy ? launch_typed_tile<T, Tile, Pipeline::kAsyncCopy>(p, w, stream)
+                                            : launch_typed_tile<T, Tile, Pipeline::kRegisters>(p, w, stream);
+}
+
 template <typename T>
 cudaError_t launch_typed(const ConvWgradParams& p, const WgradGemm& w, cudaStream_t stream) {
   switch (p.tile) {
     case TileShapeKind::kNarrow:
-      return launch_typed_tile<T, NarrowTile>(p, w, stream);
+      return launch_pipeline<T, NarrowTile>(p, w, stream);
     case TileShapeKind::kMedium:
-      return launch_typed_tile<T, MediumTile>(p, w, stream);
+      return launch_pipeline<T, MediumTile>(p, w, stream);
     case TileShapeKind::kLarge:
-      return launch_typed_tile<T, LargeTile>(p, w, stream);
+      return launch_pipeline<T, LargeTile>(p, w, stream);
     case TileShapeKind::kAuto:
       break;  // plan_conv_wgrad resolves it
   }
@@ -100,7 +121,7 @@ cudaError_t launch_typed(const ConvWgradParams& p, const WgradGemm& w, cudaStrea
 
 }  // namespace
 
-bool plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
+const char* plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
   const int out_group_channels = p.out_channels / p.groups;
   if (p.tile == TileShapeKind::kAuto) {  // the columns are the group's output channels
     p.tile = out_group_channels <= NarrowTile::kBlockN  ? TileShapeKind::kNarrow
@@ -111,7 +132,7 @@ bool plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
   p.splits = 1;
   const WgradGemm unsplit = make_wgrad_gemm(p);
   const int max_splits = std::max(1, 65535 / p.groups);  // grid axis z
-  if (forced > max_splits) return false;
+  if (forced > max_splits) return "the split count exceeds the grid's limit of 65535 / groups";
   int splits = forced;
   if (splits <= 0) {  // enough blocks for two waves, each split at least kMinTilesPerSplit deep
     const int64_t blocks = int64_t(unsplit.rows_padded / unsplit.block_m) * (unsplit.cols_padded / unsplit.block_n) *
@@ -125,7 +146,14 @@ bool plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
   p.splits = std::max(1, ceil_div(unsplit.depth_tiles, tiles_per_split));
   const WgradGemm w = make_wgrad_gemm(p);
   workspace_floats = int64_t(p.splits) * p.groups * w.rows_padded * w.cols_padded;
-  return true;
+  if (p.pipeline == Pipeline::kAuto) p.pipeline = w.async_copy ? Pipeline::kAsyncCopy : Pipeline::kRegisters;
+  if (p.pipeline == Pipeline::kAsyncCopy && !w.async_copy) {
+    return "pipeline 2 (cp.async) moves 16-byte chunks only: it needs channel counts that are multiples of 8, "
+           "16-byte-aligned operands and no grad_mask (the mask is applied in registers)";
+  }
+  return p.pipeline == Pipeline::kRegisters || p.pipeline == Pipeline::kAsyncCopy
+             ? nullptr
+             : "pipeline must be 0 (auto), 1 (registers) or 2 (cp.async)";
 }
 
 cudaError_t launch_conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {

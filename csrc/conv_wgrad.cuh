@@ -5,15 +5,16 @@
 //   cols  k = output channels of the group (grid axis z carries the group and the split)
 //   depth m = output pixels (batch * out_h * out_w), in kBlockK tiles, split across blocks
 //
-// The tiles land in shared memory exactly as the forward kernel's do (A: block rows x kBlockK, B:
-// block columns x kBlockK, K contiguous), so the forward's tensor-core step and main loop run them.
-// The operands' contiguous dimension is the other one here -- 8 channels of one pixel -- so each
-// thread loads 8 rows (or columns) at one depth position in one 16-byte load and stores them as a
-// column of the tile. Anything outside the problem loads as zero, as in the forward.
+// The operands' contiguous dimension is the rows (columns) here -- 8 channels of one pixel -- so each
+// thread moves 8 rows (or columns) at one depth position in one 16-byte load, and the tiles lie in
+// shared memory rows fastest (RowFastTiles: A column-major, B row-major for WMMA), so that chunk is
+// one 16-byte store too, or one cp.async copy; the forward's tensor-core step and main loops run
+// them. Anything outside the problem loads as zero, as in the forward.
 #pragma once
 
 #include <cstdint>
 
+#include "async_copy.cuh"
 #include "conv_gemm.cuh"
 #include "conv_wgrad.h"
 #include "numeric.cuh"
@@ -35,6 +36,7 @@ struct WgradGemm {
   bool vector_x;         // conv rows move 8 input channels per aligned 16-byte load
   bool vector_shortcut;  // projection rows likewise
   bool vector_grad;      // columns likewise (8 output channels of the gradient, and of its mask)
+  bool async_copy;       // every chunk is a 16-byte copy or a constant: the cp.async main loop may run it
 };
 
 inline int tile_block_m(TileShapeKind) {
@@ -66,6 +68,9 @@ inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
                       aligned16(p.shortcut_x);
   w.vector_grad = w.out_group_channels % 8 == 0 && aligned16(p.grad) &&
                   (p.grad_mask == nullptr || aligned16(p.grad_mask));
+  // The ones row then starts a chunk of its own (a constant); a ReLU mask needs the registers.
+  w.async_copy = (w.conv_rows == 0 || w.vector_x) && (w.shortcut_rows == 0 || w.vector_shortcut) && w.vector_grad &&
+                 p.grad_mask == nullptr && (w.conv_rows + w.shortcut_rows) % kVector == 0;
   return w;
 }
 
@@ -124,6 +129,7 @@ FR_HOST_DEVICE uint16_t wgrad_row_element(const ConvWgradParams& p, const WgradG
 template <class Tile>
 class WgradLoader {
  public:
+  using Tiles = RowFastTiles<Tile>;
   static constexpr int kAChunksPerDepth = Tile::kBlockM / kVector;
   static constexpr int kBChunksPerDepth = Tile::kBlockN / kVector;
   static constexpr int kADepthStep = Tile::kThreads / kAChunksPerDepth;
@@ -148,6 +154,8 @@ class WgradLoader {
       a_kind_ = kConvVector;
     } else if (w.vector_shortcut && a_row_ >= w.conv_rows && a_row_ < w.conv_rows + w.shortcut_rows) {
       a_kind_ = kShortcutVector;
+    } else if (a_row_ == w.conv_rows + w.shortcut_rows && a_row_ < w.rows) {
+      a_kind_ = kOnesRow;  // the bias row, then rows past the last: (1, 0, ..., 0) at every pixel
     } else {
       a_kind_ = a_row_ < w.rows ? kElements : kZeros;
     }
@@ -168,32 +176,75 @@ class WgradLoader {
     }
   }
 
-  // Registers -> shared: each chunk becomes 8 rows (columns) of one depth position.
+  // Registers -> shared: one 16-byte store per chunk.
   FR_HOST_DEVICE void store(uint16_t* a_tile, uint16_t* b_tile) const {
 #pragma unroll
     for (int i = 0; i < kAIters; ++i) {
       const int depth = a_depth0_ + i * kADepthStep;
-      if (depth < kBlockK) store_column(a_tile + a_chunk_ * kVector * kSmemPitch + depth, a_regs_[i]);
+      if (depth < kBlockK) *reinterpret_cast<uint4*>(a_tile + Tiles::a_index(a_chunk_ * kVector, depth)) = a_regs_[i];
     }
 #pragma unroll
     for (int i = 0; i < kBIters; ++i) {
       const int depth = b_depth0_ + i * kBDepthStep;
-      if (depth < kBlockK) store_column(b_tile + b_chunk_ * kVector * kSmemPitch + depth, b_regs_[i]);
+      if (depth < kBlockK) *reinterpret_cast<uint4*>(b_tile + Tiles::b_index(b_chunk_ * kVector, depth)) = b_regs_[i];
+    }
+  }
+
+  // Global -> shared with cp.async (w.async_copy only: every chunk one aligned 16-byte copy, zero-filled
+  // where masked, or the ones row's constant, stored plainly). The caller commits.
+  FR_HOST_DEVICE void copy_async(const ConvWgradParams& p, const WgradGemm& w, int k_tile, uint16_t* a_tile,
+                                 uint16_t* b_tile) const {
+    const int m0 = depth_begin_ + k_tile * kBlockK;
+    const uint16_t* x = static_cast<const uint16_t*>(p.x);
+#pragma unroll
+    for (int i = 0; i < kAIters; ++i) {
+      const int depth = a_depth0_ + i * kADepthStep;
+      if (depth >= kBlockK) continue;
+      uint16_t* dst = a_tile + Tiles::a_index(a_chunk_ * kVector, depth);
+      if (a_kind_ == kOnesRow) {
+        *reinterpret_cast<uint4*>(dst) = ones_row_chunk(p);
+        continue;
+      }
+      const DepthPixel d = make_depth_pixel(w, p, m0 + depth);
+      const uint16_t* src = x;  // any valid address for a zero-filled chunk
+      bool valid = d.valid && a_kind_ != kZeros;
+      if (valid && a_kind_ == kConvVector) {
+        const int64_t offset = wgrad_x_offset(p, w, d, a_row_, group_);
+        valid = offset >= 0;
+        if (valid) src = x + offset;
+      } else if (valid) {  // kShortcutVector
+        src = static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, a_row_ - w.conv_rows);
+      }
+      copy_chunk_async(dst, src, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < kBIters; ++i) {
+      const int depth = b_depth0_ + i * kBDepthStep;
+      if (depth >= kBlockK) continue;
+      const int m = m0 + depth;
+      const bool valid = m < w.depth && b_col_ < w.out_group_channels;
+      const uint16_t* grad = static_cast<const uint16_t*>(p.grad);
+      const uint16_t* src = valid ? grad + grad_offset(p, w, m) : grad;
+      copy_chunk_async(b_tile + Tiles::b_index(b_chunk_ * kVector, depth), src, valid);
     }
   }
 
  private:
-  enum Kind { kConvVector, kShortcutVector, kElements, kZeros };
+  enum Kind { kConvVector, kShortcutVector, kOnesRow, kElements, kZeros };
 
-  FR_HOST_DEVICE static void store_column(uint16_t* top, uint4 chunk) {
-    uint16_t e[kVector];
-    unpack8(chunk, e);
-#pragma unroll
-    for (int j = 0; j < kVector; ++j) top[j * kSmemPitch] = e[j];
+  // 1.0 in the first row, 0 in the seven past the last: the bias row's chunk at any pixel (past the
+  // last pixel the gradient's chunk is zero, so the product is too).
+  FR_HOST_DEVICE static uint4 ones_row_chunk(const ConvWgradParams& p) {
+    return make_uint4(p.dtype == DType::kFloat16 ? 0x3c00u : 0x3f80u, 0u, 0u, 0u);
+  }
+
+  FR_HOST_DEVICE int64_t grad_offset(const ConvWgradParams& p, const WgradGemm& w, int m) const {
+    return int64_t(m) * p.out_channels + int64_t(group_) * w.out_group_channels + b_col_;
   }
 
   FR_HOST_DEVICE uint4 a_chunk(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d) const {
     const uint4 zeros = make_uint4(0, 0, 0, 0);
+    if (a_kind_ == kOnesRow) return ones_row_chunk(p);
     if (a_kind_ == kZeros || !d.valid) return zeros;
     if (a_kind_ == kConvVector) {
       const int64_t offset = wgrad_x_offset(p, w, d, a_row_, group_);
@@ -214,7 +265,7 @@ class WgradLoader {
     if (m >= w.depth || b_col_ >= w.out_group_channels) return make_uint4(0, 0, 0, 0);
     const uint16_t* grad = static_cast<const uint16_t*>(p.grad);
     const uint16_t* mask = static_cast<const uint16_t*>(p.grad_mask);
-    const int64_t offset = int64_t(m) * p.out_channels + int64_t(group_) * w.out_group_channels + b_col_;
+    const int64_t offset = grad_offset(p, w, m);
     if (w.vector_grad) return load_masked8(grad, mask, offset, p.dtype);
     uint16_t e[kVector];
 #pragma unroll

@@ -55,12 +55,15 @@ struct ConvWgradParams {
   float* workspace;
   int splits;
   TileShapeKind tile;
+  // kAuto: kAsyncCopy (3-stage cp.async) where every operand chunk is one aligned 16-byte copy and
+  // no ReLU mask is applied, else kRegisters (2 stages, staged in registers). Tests force each.
+  Pipeline pipeline;
   int num_sms;  // of the launching device: for the automatic choices
 };
 
-// Resolves params.tile and params.splits (the automatic choices, or checks forced ones: false when a
-// forced split count exceeds the grid's limit) and returns the workspace size in floats.
-bool plan_conv_wgrad(ConvWgradParams& params, int64_t& workspace_floats);
+// Resolves params.tile, params.splits and params.pipeline (the automatic choices, or checks forced
+// ones) and sets the workspace size in floats. nullptr, or why a forced choice cannot run.
+const char* plan_conv_wgrad(ConvWgradParams& params, int64_t& workspace_floats);
 
 // Enqueues both launches on `stream`: no host synchronisation, no allocation (graph-capturable).
 cudaError_t launch_conv_wgrad(const ConvWgradParams& params, cudaStream_t stream);

@@ -37,15 +37,16 @@ constexpr uint16_t kNaNBits<__half> = 0x7e00;
 template <>
 constexpr uint16_t kNaNBits<__nv_bfloat16> = 0x7fc0;
 
-// acc[r][c] += sum_k A[r][k] * B[c][k] over one K tile, as the warps' MMAs do.
-template <typename T, class Tile>
+// acc[r][c] += sum_k A[r][k] * B[c][k] over one K tile, as the warps' MMAs do, the tiles read
+// where `Tiles` lays them out (K fastest: the forward's; rows fastest: wgrad's).
+template <typename T, class Tile, class Tiles = KFastTiles<Tile>>
 void multiply_tile_on_host(const uint16_t* a_tile, const uint16_t* b_tile, std::vector<float>& acc) {
   std::vector<float> a(Tile::kBlockM * kBlockK), b(Tile::kBlockN * kBlockK);
   for (int r = 0; r < Tile::kBlockM; ++r) {
-    for (int k = 0; k < kBlockK; ++k) a[r * kBlockK + k] = Numeric<T>::to_float(a_tile[r * kSmemPitch + k]);
+    for (int k = 0; k < kBlockK; ++k) a[r * kBlockK + k] = Numeric<T>::to_float(a_tile[Tiles::a_index(r, k)]);
   }
   for (int c = 0; c < Tile::kBlockN; ++c) {
-    for (int k = 0; k < kBlockK; ++k) b[c * kBlockK + k] = Numeric<T>::to_float(b_tile[c * kSmemPitch + k]);
+    for (int k = 0; k < kBlockK; ++k) b[c * kBlockK + k] = Numeric<T>::to_float(b_tile[Tiles::b_index(c, k)]);
   }
   for (int r = 0; r < Tile::kBlockM; ++r) {
     for (int c = 0; c < Tile::kBlockN; ++c) {
@@ -130,7 +131,8 @@ void emulate_typed(const ConvBiasActParams& p, const ConvGemm& g) {
 // wgrad's blocks in grid order, each writing its padded tile of partial sums, then the reduction.
 template <typename T, class Tile>
 void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
-  std::vector<uint16_t> a_tile(Tile::kATileElems), b_tile(Tile::kBTileElems);
+  using Tiles = RowFastTiles<Tile>;
+  std::vector<uint16_t> a_tile(Tiles::kAElems), b_tile(Tiles::kBElems);
   std::vector<float> acc(Tile::kBlockM * Tile::kBlockN);
   std::vector<WgradLoader<Tile>> loaders;
   loaders.reserve(Tile::kThreads);
@@ -150,10 +152,14 @@ void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
           std::fill(a_tile.begin(), a_tile.end(), kNaNBits<T>);  // an element no thread stores turns NaN
           std::fill(b_tile.begin(), b_tile.end(), kNaNBits<T>);
           for (auto& loader : loaders) {
-            loader.load(p, w, k_tile);
-            loader.store(a_tile.data(), b_tile.data());
+            if (p.pipeline == Pipeline::kAsyncCopy) {
+              loader.copy_async(p, w, k_tile, a_tile.data(), b_tile.data());
+            } else {
+              loader.load(p, w, k_tile);
+              loader.store(a_tile.data(), b_tile.data());
+            }
           }
-          multiply_tile_on_host<T, Tile>(a_tile.data(), b_tile.data(), acc);
+          multiply_tile_on_host<T, Tile, Tiles>(a_tile.data(), b_tile.data(), acc);
         }
         for (int r = 0; r < Tile::kBlockM; ++r) {
           for (int c = 0; c < Tile::kBlockN; ++c) {

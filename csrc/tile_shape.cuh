@@ -11,6 +11,7 @@
 
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
+#include "numeric.cuh"
 
 namespace fused_resblock {
 
@@ -55,6 +56,44 @@ struct TileShape {
   static_assert((kATileElems * sizeof(uint16_t)) % 128 == 0 && (kBTileElems * sizeof(uint16_t)) % 128 == 0,
                 "tile buffers keep the base alignment");
 };
+
+// How a stage's A and B tiles lie in shared memory: where element (row, k) of A and (column, k) of
+// B go. The forward's loaders move 8 K elements of one row per 16 bytes, so K runs fastest (A is
+// WMMA's row-major matrix_a, B its column-major matrix_b: TileShape's own layout). wgrad's loaders
+// move 8 rows (columns) at one K position: rows run fastest (A column-major, B row-major), padded
+// by 16 bytes, so each chunk is one 16-byte store and a row of threads hits every bank once.
+template <class Tile>
+struct KFastTiles {
+  static constexpr bool kKFast = true;
+  static constexpr int kALdm = kSmemPitch;
+  static constexpr int kBLdm = kSmemPitch;
+  static constexpr int kAElems = Tile::kATileElems;
+  static constexpr int kBElems = Tile::kBTileElems;
+  static FR_HOST_DEVICE int a_index(int row, int k) { return row * kALdm + k; }
+  static FR_HOST_DEVICE int b_index(int col, int k) { return col * kBLdm + k; }
+};
+
+template <class Tile>
+struct RowFastTiles {
+  static constexpr bool kKFast = false;
+  static constexpr int kALdm = Tile::kBlockM + 8;
+  static constexpr int kBLdm = Tile::kBlockN + 8;
+  static constexpr int kAElems = kBlockK * kALdm;
+  static constexpr int kBElems = kBlockK * kBLdm;
+  static FR_HOST_DEVICE int a_index(int row, int k) { return k * kALdm + row; }
+  static FR_HOST_DEVICE int b_index(int col, int k) { return k * kBLdm + col; }
+  // WMMA: fragment starts 32-byte aligned (16 K rows apart, 16 rows or columns apart), stages 128.
+  static_assert((kFragment * kALdm * sizeof(uint16_t)) % 32 == 0 && (kFragment * kBLdm * sizeof(uint16_t)) % 32 == 0,
+                "fragment starts 32-byte aligned");
+  static_assert((kAElems * sizeof(uint16_t)) % 128 == 0 && (kBElems * sizeof(uint16_t)) % 128 == 0,
+                "tile buffers keep the base alignment");
+};
+
+// Shared memory of `stages` A and B tiles laid out as `Tiles`.
+template <class Tiles>
+constexpr int mainloop_smem_bytes(int stages) {
+  return stages * (Tiles::kAElems + Tiles::kBElems) * int(sizeof(uint16_t));
+}
 
 // 8 warps; per-warp tiles 64x32, 32x32 and 16x16. The narrow shape serves
 // grouped convolutions with few channels per group (ResNeXt: 4 or 8).

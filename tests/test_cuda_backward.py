@@ -70,10 +70,13 @@ def _poisoned(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
-def _wgrad_args(case, dtype, seed, channels_last=True):
-    """Direct conv_wgrad arguments for ``case`` (the masked gradient, poisoned outputs) and the reference's."""
+def _wgrad_args(case, dtype, seed, channels_last=True, masked=True):
+    """Direct conv_wgrad arguments for ``case`` (poisoned outputs; the gradient masked by the kernel, or
+    already masked: ``masked=False``) and the reference's gradients."""
     args = make_inputs(case, dtype, "cpu", channels_last, seed)
     bargs = dict(backward_inputs(args), needs=ALL)
+    if not masked and case.relu:  # what the backend passes with an identity residual: g itself
+        bargs["grad"] = torch.ops.aten.threshold_backward(bargs["grad"], bargs["out"], 0)
     ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
     ref_t = reference.conv_bias_act_backward(**bargs)
     outputs = dict(
@@ -81,7 +84,7 @@ def _wgrad_args(case, dtype, seed, channels_last=True):
         grad_shortcut_weight=_poisoned(args["shortcut_weight"]) if args["shortcut_x"] is not None else None,
         grad_bias=torch.full((case.out_channels,), float("nan")) if case.bias else None,
     )
-    call = dict(grad=bargs["grad"], grad_mask=bargs["out"] if case.relu else None, x=args["x"],
+    call = dict(grad=bargs["grad"], grad_mask=bargs["out"] if case.relu and masked else None, x=args["x"],
                 kernel_size=[case.kernel] * 2, stride=list(args["stride"]), padding=list(args["padding"]),
                 dilation=list(args["dilation"]), groups=case.groups, shortcut_x=args["shortcut_x"],
                 shortcut_stride=case.shortcut_stride, **outputs)
@@ -96,16 +99,42 @@ def _check_wgrad_outputs(outputs, ref_t, ref64, dtype):
             assert_rule(name, outputs[name], ref64[index], ref_t[index], dtype=dtype)
 
 
+WGRAD_PIPELINES = [pytest.param(1, id="registers"), pytest.param(2, id="cp_async")]
+
+
 @needs_ext
+@pytest.mark.parametrize("pipeline", WGRAD_PIPELINES)
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
-@pytest.mark.parametrize("case_name", ["3x3_stride2_13x13", "groups32x4", "merged_projection_odd", "7x7_stem_3ch"])
-def test_emulated_wgrad_tiles_and_splits(case_name, tile, splits):
-    """Every tile shape at forced split counts: partial tiles, splits ending mid-batch, a split per tile."""
+@pytest.mark.parametrize("case_name", ["3x3_stride2_13x13", "groups32x8", "merged_projection", "residual"])
+def test_emulated_wgrad_tiles_splits_and_main_loops(case_name, tile, splits, pipeline):
+    """Every tile shape at forced split counts (partial tiles, splits ending mid-batch, a split per tile),
+    through both main loops: cp.async copies an unmasked gradient (a residual's), the registers a masked one."""
     case = next(c for c in CASES if c.name == case_name)
-    call, outputs, ref_t, ref64 = _wgrad_args(case, torch.float16, splits)
-    EXT._emulate_conv_wgrad(**call, tile=tile, splits=splits)
+    call, outputs, ref_t, ref64 = _wgrad_args(case, torch.float16, splits, masked=pipeline == 1)
+    EXT._emulate_conv_wgrad(**call, tile=tile, splits=splits, pipeline=pipeline)
     _check_wgrad_outputs(outputs, ref_t, ref64, torch.float16)
+
+
+@needs_ext
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case_name", ["7x7_stem_3ch", "merged_projection_odd", "channels_20_to_36"])
+def test_emulated_wgrad_element_wise_operands(case_name, splits):
+    """Channel counts that are not multiples of 8: element-wise gathers, the ones row inside a chunk."""
+    case = next(c for c in CASES if c.name == case_name)
+    call, outputs, ref_t, ref64 = _wgrad_args(case, torch.bfloat16, splits)
+    EXT._emulate_conv_wgrad(**call, splits=splits)
+    _check_wgrad_outputs(outputs, ref_t, ref64, torch.bfloat16)
+
+
+@needs_ext
+def test_emulated_wgrad_cp_async_refuses_what_it_cannot_move():
+    masked, _, _, _ = _wgrad_args(next(c for c in CASES if c.name == "residual"), torch.float16, 2)
+    with pytest.raises(RuntimeError, match="no grad_mask"):
+        EXT._emulate_conv_wgrad(**masked, pipeline=2)
+    odd, _, _, _ = _wgrad_args(next(c for c in CASES if c.name == "7x7_stem_3ch"), torch.float16, 2, masked=False)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        EXT._emulate_conv_wgrad(**odd, pipeline=2)
 
 
 @needs_ext
@@ -236,7 +265,8 @@ def test_emulated_dgrad_checks(change, message):
     (dict(shortcut_stride=1), "does not give grad's"),
     (dict(groups=2), "merged projection shortcut comes with groups=1"),
     (dict(splits=-1), "splits must be >= 0"),
-    (dict(splits=70000), "exceed the grid's limit"),
+    (dict(splits=70000), "exceeds the grid's limit"),
+    (dict(pipeline=3), "pipeline must be 0"),
 ])
 def test_emulated_wgrad_checks(change, message):
     with pytest.raises((RuntimeError, ValueError), match=message):

@@ -291,11 +291,11 @@ def backward_with(conv_dgrad, conv_wgrad, grad, out, x, weight, has_bias, stride
     if needs[0]:
         gx = torch.empty_like(x, memory_format=memory_format_of(x))
         conv_dgrad(grad, mask, weight, list(stride), list(padding), list(dilation), groups,
-                       [x.shape[2], x.shape[3]], gx)
+                   [x.shape[2], x.shape[3]], gx)
     if shortcut_x is not None and needs[4]:
         gsx = torch.empty_like(shortcut_x, memory_format=memory_format_of(shortcut_x))
         conv_dgrad(grad, mask, shortcut_weight, [shortcut_stride] * 2, [0, 0], [1, 1], 1,
-                       [shortcut_x.shape[2], shortcut_x.shape[3]], gsx)
+                   [shortcut_x.shape[2], shortcut_x.shape[3]], gsx)
 
     gw = torch.empty_like(weight, memory_format=weight_grad_format(x, weight)) if needs[1] else None
     gb = torch.empty(weight.shape[0], dtype=torch.float32, device=grad.device) if has_bias and needs[2] else None
@@ -305,10 +305,10 @@ def backward_with(conv_dgrad, conv_wgrad, grad, out, x, weight, has_bias, stride
     merge = gsw is not None and groups == 1  # the projection's rows join the conv's GEMM
     if gw is not None or gb is not None or merge:
         conv_wgrad(grad, mask, x, list(weight.shape[2:]), list(stride), list(padding), list(dilation), groups,
-                       shortcut_x if merge else None, shortcut_stride, gw, gsw if merge else None, gb)
+                   shortcut_x if merge else None, shortcut_stride, gw, gsw if merge else None, gb)
     if gsw is not None and not merge:  # a grouped conv's projection: a GEMM of its own
         conv_wgrad(grad, mask, shortcut_x, [1, 1], [shortcut_stride] * 2, [0, 0], [1, 1], 1,
-                       None, 1, gsw, None, None)
+                   None, 1, gsw, None, None)
     return gx, gw, gb, gr, gsx, gsw
 
 
