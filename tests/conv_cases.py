@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pytest
 import torch
 
 from fused_resblock.backends import reference
@@ -128,6 +129,16 @@ def check_conv_bias_act(args: dict, out: torch.Tensor, name: str = "out") -> Non
 # --------------------------------------------------------------------------- the backward
 BACKWARD_NAMES = ["grad x", "grad weight", "grad bias", "grad residual", "grad shortcut_x",
                   "grad shortcut_weight"]
+
+# ``needs`` of the backward (in BACKWARD_NAMES' order) that a backend must honour, as pytest params.
+NEEDS_SUBSETS = [pytest.param(needs, id=name) for name, needs in (
+    ("x", [True, False, False, False, False, False]),   # only x (saliency through a frozen model)
+    ("w", [False, True, False, False, False, False]),   # only the weight
+    ("b", [False, False, True, False, False, False]),   # only the bias
+    ("res", [False, False, False, True, False, False]),   # only the residual
+    ("shortcut", [False, False, False, False, True, True]),
+    ("mixed", [True, True, False, True, False, True]),
+)]
 
 
 def backward_inputs(args: dict) -> dict:

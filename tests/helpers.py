@@ -82,3 +82,17 @@ def check_eval_against_torch(reference_model: torch.nn.Module, x: torch.Tensor, 
 
         assert memory_format_of(out) == memory_format_of(x_fused), "the output keeps the input's memory format"
     return out
+
+
+def measure_backends_afresh(monkeypatch, tmp_path):
+    """auto's per-shape choice made afresh (measurement on, an empty cache file under ``tmp_path``);
+    returns the file's path. The caller clears the backends' selection caches when done."""
+    from fused_resblock import backends
+    from fused_resblock.backends import choice
+
+    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
+    monkeypatch.setattr(choice, "CHOOSER", choice.BackendChooser(tmp_path / "backends.json"))
+    backends.clear_caches()
+    return tmp_path / "backends.json"
+

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fused_resblock.backends import cuda as cuda_backend, reference
-from conv_cases import backward_inputs, check_backward
+from conv_cases import NEEDS_SUBSETS, backward_inputs, check_backward
 from helpers import float64_cpu
 from test_cuda_ext import CASES, DTYPES, EXT, LAYOUTS, RESNET_CASES, TILES, make_inputs, needs_ext, needs_gpu
 
@@ -43,14 +43,7 @@ def test_emulated_backward_matches_reference(case, dtype, channels_last):
 
 
 @needs_ext
-@pytest.mark.parametrize("needs", [
-    [True, False, False, False, False, False],   # only x (saliency through a frozen model)
-    [False, True, False, False, False, False],   # only the weight
-    [False, False, True, False, False, False],   # only the bias
-    [False, False, False, True, False, False],   # only the residual
-    [False, False, False, False, True, True],    # only the shortcut
-    [True, True, False, True, False, True],
-], ids=["x", "w", "b", "res", "shortcut", "mixed"])
+@pytest.mark.parametrize("needs", NEEDS_SUBSETS)
 def test_emulated_backward_needs(needs):
     case = next(c for c in CASES if c.name == "projection_and_residual")
     fused = check_backward(emulated_backward, make_inputs(case, torch.float16, "cpu", True, 3), needs)
@@ -433,14 +426,12 @@ def test_auto_measures_the_backward_of_triton_against_cuda(tmp_path, monkeypatch
 
     import fused_resblock
     from fused_resblock import backends
-    from fused_resblock.backends import choice, triton as triton_backend
+    from fused_resblock.backends import triton as triton_backend
+    from helpers import measure_backends_afresh
 
     if triton_backend.available() is not None:
         pytest.skip(f"needs the triton backend too: {triton_backend.available()}")
-    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
-    monkeypatch.setattr(choice, "CHOOSER", choice.BackendChooser(tmp_path / "backends.json"))
-    backends.clear_caches()
+    cache_file = measure_backends_afresh(monkeypatch, tmp_path)
     case = next(c for c in CASES if c.name == "residual")
     inputs = make_inputs(case, torch.float16, "cuda", True, 18)
     x = inputs["x"].detach().requires_grad_()
@@ -449,7 +440,7 @@ def test_auto_measures_the_backward_of_triton_against_cuda(tmp_path, monkeypatch
         out = fused_resblock.ops.conv_bias_act(x, weight, inputs["bias"], stride=case.stride, padding=case.padding,
                                                residual=inputs["residual"], relu=True, backend="auto")
         out.float().square().mean().backward()
-    entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
+    entries = json.loads(cache_file.read_text())["entries"]
     backward = {k: v for k, v in entries.items() if "conv_bias_act_backward" in k}
     assert len(backward) == 1 and set(backward.values()) <= {"triton", "cuda"}, entries
     backends.clear_caches()

@@ -811,15 +811,12 @@ def test_auto_measures_triton_against_cuda(tmp_path, monkeypatch):
     import json
 
     from fused_resblock import backends
-    from fused_resblock.backends import choice
     from fused_resblock.backends import triton as triton_backend
+    from helpers import measure_backends_afresh
 
     if triton_backend.available() is not None:
         pytest.skip(f"needs the triton backend too: {triton_backend.available()}")
-    monkeypatch.setenv("FUSED_RESBLOCK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FUSED_RESBLOCK_AUTOTUNE", "1")
-    monkeypatch.setattr(choice, "CHOOSER", choice.BackendChooser(tmp_path / "backends.json"))
-    backends.clear_caches()
+    cache_file = measure_backends_afresh(monkeypatch, tmp_path)
     case = CASES[11]
     inputs = make_inputs(case, torch.float16, "cuda", True, seed=16)
     for _ in range(2):  # measured on the first call, remembered for the second
@@ -828,7 +825,7 @@ def test_auto_measures_triton_against_cuda(tmp_path, monkeypatch):
             residual=inputs["residual"], residual_stride=inputs["residual_stride"],
             residual_offset=inputs["residual_offset"], relu=case.relu, backend="auto")
         check_conv_bias_act(inputs, result, "auto out")
-    entries = json.loads((tmp_path / "backends.json").read_text())["entries"]
+    entries = json.loads(cache_file.read_text())["entries"]
     assert len(entries) == 1 and set(entries.values()) <= {"triton", "cuda"}, entries
     backends.clear_caches()
 

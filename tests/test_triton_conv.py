@@ -33,7 +33,8 @@ pytest.importorskip("triton")
 from fused_resblock.backends.triton import bn_act_bwd, conv_bwd, conv_fwd  # noqa: E402
 
 from conv_cases import (  # noqa: E402
-    ConvBiasActCase as Case, backward_inputs, check_backward, check_conv_bias_act, conv_bias_act_inputs,
+    NEEDS_SUBSETS, ConvBiasActCase as Case, backward_inputs, check_backward, check_conv_bias_act,
+    conv_bias_act_inputs,
 )
 from helpers import DEVICE, DTYPES, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
@@ -223,14 +224,7 @@ def test_conv_bias_act_backward_matches_reference(case_id, dtype, channels_last)
 
 
 @pytest.mark.usefixtures("poison_gradients")
-@pytest.mark.parametrize("needs", [
-    [True, False, False, False, False, False],   # only x (saliency through a frozen model)
-    [False, True, False, False, False, False],   # only the weight
-    [False, False, True, False, False, False],   # only the bias
-    [False, False, False, True, False, False],   # only the residual
-    [False, False, False, False, True, True],    # only the shortcut
-    [True, True, False, True, False, True],
-], ids=["x", "w", "b", "res", "shortcut", "mixed"])
+@pytest.mark.parametrize("needs", NEEDS_SUBSETS)
 def test_conv_bias_act_backward_needs(needs):
     fused = run_backward(make_inputs(CASES["3x3_groups4_projection_res"], torch.float32, DEVICE, True), needs)
     assert [g is not None for g in fused] == needs
