@@ -463,8 +463,9 @@ PhaseTaps phase_taps(int64_t phase, int64_t pad, int64_t dilation, int64_t strid
 
 // grad_x = conv_transpose(g, weight), one launch of the forward's WMMA kernel per stride phase
 // (rows ih = ph + stride * i): in one phase the taps that reach a row are the same for every row, so
-// the phase is a stride-1 convolution of g with those taps, flipped, their channel axes swapped
-// ([C_in, taps_h, taps_w, C_out / groups]: a copy of that part of the weight), written into the
+// the phase is a stride-1 convolution of g with those taps at a negative dilation (row i reads g at
+// i + offset - t * g_dilation: the kernel's gather takes any sign), their channel axes swapped
+// ([C_in, taps_h, taps_w, C_out / groups]: one copy of that part of the weight), written into the
 // strided view out[:, :, ph::stride, pw::stride]. No MAC is spent on a tap that misses.
 at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& weight,
                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
@@ -531,25 +532,24 @@ at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tenso
         phase_out.zero_();
         continue;
       }
-      // [in_channels, taps_h, taps_w, out_channels / groups]: this phase's taps, flipped, channel axes swapped
-      const at::Tensor weight_t =
-          weight.slice(2, th.first, kernel_h, th.step)
-              .slice(3, tw.first, kernel_w, tw.step)
-              .reshape({groups, out_channels / groups, group_in, th.taps, tw.taps})
-              .transpose(1, 2)
-              .flip({3, 4})
-              .reshape({in_channels, out_channels / groups, th.taps, tw.taps})
-              .contiguous(at::MemoryFormat::ChannelsLast);
+      // [in_channels, taps_h, taps_w, out_channels / groups] (a channels_last [in, out / groups, taps_h,
+      // taps_w]): this phase's taps, channel axes swapped, in one copy
+      const at::Tensor weight_t = at::empty({in_channels, out_channels / groups, th.taps, tw.taps},
+                                            weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+      weight_t.view({groups, group_in, out_channels / groups, th.taps, tw.taps})
+          .copy_(weight.slice(2, th.first, kernel_h, th.step)
+                     .slice(3, tw.first, kernel_w, tw.step)
+                     .reshape({groups, out_channels / groups, group_in, th.taps, tw.taps})
+                     .transpose(1, 2));
       fr::ConvBiasActParams p = base;
       p.weight = weight_t.data_ptr();
       p.kernel_h = int(th.taps);
       p.kernel_w = int(tw.taps);
-      // out[i] = sum over t' of g[i - pad + t' * g_dilation] * weight_t[t'], t' = taps - 1 - t: pad may be
-      // negative (the gather's range test copes)
-      p.pad_h = int((th.taps - 1) * th.g_dilation - th.offset);
-      p.pad_w = int((tw.taps - 1) * tw.g_dilation - tw.offset);
-      p.dilation_h = int(th.g_dilation);
-      p.dilation_w = int(tw.g_dilation);
+      // the gather reads g at i - pad + t * dilation: i + offset - t * g_dilation
+      p.pad_h = int(-th.offset);
+      p.pad_w = int(-tw.offset);
+      p.dilation_h = int(-th.g_dilation);
+      p.dilation_w = int(-tw.g_dilation);
       p.out = phase_out.data_ptr();
       p.out_strides = strides_of(phase_out);
       p.out_h = int(phase_out.size(2));

@@ -74,7 +74,7 @@ struct ConvBiasActParams {
   // A convolution's input gradient (dgrad) runs as this kernel, one stride phase at a time
   // (bindings.cpp: conv_dgrad): x is then the output gradient, and grad_mask, when set, zeroes x's
   // elements where it is <= 0 (a ReLU's backward, NaN passing; the same dense NHWC layout as x).
-  // pad_h/pad_w may then be negative.
+  // pad_h/pad_w and dilation_h/dilation_w may then be negative (taps walk g backwards).
   const void* grad_mask;
 
   TileShapeKind tile;

@@ -88,7 +88,7 @@ const char* tma_wgmma_refusal(const ConvBiasActParams& p) {
     return "the extension has no sm_90a image for this GPU (wgmma needs the 'a' target: build with "
            "TORCH_CUDA_ARCH_LIST naming 9.0a)";
   }
-  if (p.grad_mask != nullptr || p.pad_h < 0 || p.pad_w < 0) {
+  if (p.grad_mask != nullptr || p.pad_h < 0 || p.pad_w < 0 || p.dilation_h < 1 || p.dilation_w < 1) {
     return "a convolution's input gradient (dgrad) runs the WMMA kernel";
   }
   if (p.groups != 1) return "grouped convolutions run the WMMA kernel";
