@@ -1,5 +1,9 @@
 """One benchmark case: what runs (kind, target, mode, dtype, memory format, batch) and who runs it (impl).
 
+Modes: ``infer`` (eval forward, no grad), ``train`` (a training step: forward, backward, SGD step)
+and ``finetune`` (the same step in eval mode with every BN frozen: the convs trained through
+folded BN, as a detection backbone with FrozenBatchNorm2d is fine-tuned).
+
 Cases that differ only in ``impl`` and ``memory_format`` form a *group*: the
 ratios in the results compare ours with every peer of the same group.
 """
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("model", "block", "layer")
-MODES = ("infer", "train")
+MODES = ("infer", "train", "finetune")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 OURS_PREFIX = "ours:"
@@ -51,6 +55,11 @@ class Case:
     @property
     def torch_format(self) -> torch.memory_format:
         return FORMATS[self.memory_format]
+
+    @property
+    def has_backward(self) -> bool:
+        """A step with a backward and an optimizer step (train, finetune), not a forward alone."""
+        return self.mode != "infer"
 
     @property
     def reduced_precision(self) -> bool:

@@ -31,6 +31,7 @@ class Preset:
     layers: tuple
     infer_batches: dict   # kind -> batches
     train_batches: dict   # kind -> batches (a kind absent: no training cases)
+    finetune_batches: dict  # kind -> batches of the fine-tuning step (eval mode, BN frozen)
     dtypes: tuple
     formats: tuple
     impls: tuple
@@ -46,6 +47,7 @@ FULL = Preset(
     layers=tuple(layer.name for layer in shapes.RESNET50_LAYERS),
     infer_batches={"model": (1, 8, 64, 256), "block": (64, 256), "layer": (256,)},
     train_batches={"model": (64, 256), "block": (64, 256)},
+    finetune_batches={"model": (64,), "layer": (256,)},
     dtypes=("bf16", "fp16", "fp32"),
     formats=("channels_last", "nchw"),
     impls=tuple(impl.name for impl in peers.all_impls()),
@@ -62,6 +64,7 @@ TINY = Preset(
     layers=("layer4.1-2.conv2",),
     infer_batches={"model": (2,), "block": (2,), "layer": (1,)},
     train_batches={"model": (2,)},
+    finetune_batches={"model": (2,), "layer": (1,)},
     dtypes=("fp32",),
     formats=("channels_last",),
     impls=tuple(impl.name for impl in peers.all_impls()),
@@ -80,7 +83,8 @@ def expand(preset: Preset) -> list:
         + [("layer", t) for t in preset.layers]
     cases = []
     for kind, target in targets:
-        for mode, batches in (("infer", preset.infer_batches), ("train", preset.train_batches)):
+        for mode, batches in (("infer", preset.infer_batches), ("train", preset.train_batches),
+                              ("finetune", preset.finetune_batches)):
             for batch in batches.get(kind, ()):
                 for dtype in preset.dtypes:
                     for memory_format in preset.formats:
@@ -97,6 +101,7 @@ _TARGET = {"resnet50": 0, "resnet18": 3, "cifar_resnet56": 3, "resnext50_32x4d":
 _DTYPE = {"bf16": 0, "fp32": 2, "fp16": 3}
 _FORMAT = {"channels_last": 0, "nchw": 2}
 _BATCH = {256: 0, 1: 0, 64: 2, 8: 2}
+_MODE = {"infer": 0, "train": 1, "finetune": 2}
 _IMPL = {"ours:auto": 0, "eager": 0, "eager-folded": 1, "compile-default": 1, "ours:auto+cudagraph": 1,
          "ours:triton": 2, "ours:cuda": 2, "ours:cuda[wmma]": 3, "compile-reduce-overhead": 3, "eager-amp": 3,
          "ours:reference": 4, "compile-max-autotune": 4}
@@ -110,8 +115,8 @@ def _target_rank(case: Case) -> int:
 
 def rank(case: Case) -> int:
     score = _KIND[case.kind] + _target_rank(case) + _DTYPE[case.dtype] + _FORMAT[case.memory_format]
-    score += _BATCH.get(case.batch, 1) + _IMPL.get(case.impl, 2) + (1 if case.mode == "train" else 0)
-    if case.impl == "compile-default" and (case.mode == "train" or case.batch <= peers.SMALL_BATCH):
+    score += _BATCH.get(case.batch, 1) + _IMPL.get(case.impl, 2) + _MODE[case.mode]
+    if case.impl == "compile-default" and (case.has_backward or case.batch <= peers.SMALL_BATCH):
         score += 2  # a second full compile of the same model tells less than the first
     if case.kind == "layer" and case.impl == "eager-folded":
         score -= 1  # a conv layer's fair peer is a folded conv: it must come with the layer's row of ours
@@ -160,7 +165,7 @@ class Estimator:
     def cost_s(self, case: Case) -> float:
         if self.device.type != "cuda":
             return 1.0
-        train = case.mode == "train"
+        train = case.has_backward
         base = _BASE_S[case.kind] * (2 if train else 1)
         family = _family(case.impl)
         if family == "ours" and self._tuning_key(case) in self.tuned:

@@ -7,8 +7,8 @@ the case's dtype (``precision``), and builds the step to time from a freshly
 built plain module.
 
 dtype policy, the same for ours and the peers: inference runs the module and
-input in the case's dtype (fp32 with TF32 allowed); training runs fp32 master
-weights under autocast to the case's dtype, the usual mixed-precision recipe.
+input in the case's dtype (fp32 with TF32 allowed); training and fine-tuning run
+fp32 master weights under autocast to the case's dtype, the usual mixed-precision recipe.
 ``eager-amp`` is inference under autocast with fp32 weights (what a user gets
 from wrapping an unchanged model in autocast).
 """
@@ -45,8 +45,10 @@ def forward_step(module: nn.Module, device: torch.device, autocast: Optional[tor
 
 def train_step(module: nn.Module, spec, case: Case, device: torch.device, autocast: Optional[torch.dtype],
                trainable: Optional[nn.Module] = None) -> Callable:
-    """fwd + loss + bwd + SGD step; ``trainable`` owns the parameters when ``module`` wraps it (compile)."""
-    optimizer = torch.optim.SGD((trainable or module).parameters(), lr=1e-3, momentum=0.9)
+    """fwd + loss + bwd + SGD step on the parameters that take a gradient (fine-tuning: the convs, not the
+    frozen BNs); ``trainable`` owns the parameters when ``module`` wraps it (compile)."""
+    params = [p for p in (trainable or module).parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
     def step(inputs):
         args, loss_args = workloads.split_input(spec, case, inputs)
@@ -55,6 +57,8 @@ def train_step(module: nn.Module, spec, case: Case, device: torch.device, autoca
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for t in args:  # an input's gradient (a single conv's dgrad) is dropped, not accumulated
+            t.grad = None
         return loss
     return step
 
@@ -63,7 +67,7 @@ class Impl:
     """An implementation of every case it applies to; subclasses override what differs."""
 
     name = ""
-    modes = ("infer", "train")
+    modes = ("infer", "train", "finetune")
 
     def applies(self, case: Case) -> bool:
         return case.mode in self.modes
@@ -72,7 +76,7 @@ class Impl:
         return None
 
     def precision(self, case: Case) -> Precision:
-        if case.mode == "train":
+        if case.has_backward:
             return Precision(torch.float32, torch.float32, case.torch_dtype if case.reduced_precision else None)
         return Precision(case.torch_dtype, case.torch_dtype)
 
@@ -86,7 +90,7 @@ class Impl:
     def build(self, module: nn.Module, spec, case: Case, device: torch.device) -> Callable:
         autocast = self.precision(case).autocast
         runnable = self.transform(module, case)
-        if case.mode == "train":
+        if case.has_backward:
             return train_step(runnable, spec, case, device, autocast, trainable=module)
         return forward_step(runnable, device, autocast)
 
@@ -234,7 +238,7 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
 class Compiled(Impl):
     """torch.compile of the plain module; inference compiles with freezing (weights as constants)."""
 
-    def __init__(self, mode: str, modes=("infer", "train"), small_batch_only: bool = False) -> None:
+    def __init__(self, mode: str, modes=("infer", "train", "finetune"), small_batch_only: bool = False) -> None:
         self.mode, self.modes, self.small_batch_only = mode, modes, small_batch_only
         self.name = f"compile-{mode}"
 

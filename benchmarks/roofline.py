@@ -6,9 +6,9 @@ reads its input, weights, bias and residual (or shortcut input) once and
 writes its output once, at the case's dtype: the floor for per-layer fusion.
 A projection shortcut is merged into the block's last GEMM (its output is never
 written, nor read back as the residual), and a 1x1 conv at stride s reads one
-input pixel in s*s. A training step counts 3x the forward's FLOPs (dgrad +
-wgrad per conv) less the dgrad of the convs that read the step's input (it
-needs no gradient), and 3x the forward's bytes, the usual approximation. The
+input pixel in s*s. A training or fine-tuning step counts 3x the forward's FLOPs (dgrad +
+wgrad per conv) less the dgrad of the convs that read a model's or block's input (it
+needs no gradient; a single layer's step computes it, as the layer would inside a net), and 3x the forward's bytes, the usual approximation. The
 peaks are *measured* in the same run (a large matmul per dtype, a
 device-to-device copy), not taken from a data sheet.
 """
@@ -132,13 +132,14 @@ def case_cost(case: Case) -> tuple:
     element_bytes = DTYPES[case.dtype].itemsize
     spec = shapes.target_spec(case.kind, case.target)
     if isinstance(spec, ConvLayer):
-        macs = input_macs = layer_macs(spec, case.batch)  # one conv, reading the step's input
+        macs = layer_macs(spec, case.batch)  # one conv; its fine-tuning step takes its input's gradient too
+        input_macs = 0
         min_bytes = layer_min_bytes(spec, case.batch, element_bytes)
     else:
         macs, activations, weights, input_macs = module_cost(case.kind, case.target)
         macs, input_macs = macs * case.batch, input_macs * case.batch
         min_bytes = (activations * case.batch + weights) * element_bytes
-    if case.mode != "train":
+    if not case.has_backward:
         return 2 * macs, min_bytes
     return 2 * (TRAIN_FACTOR * macs - input_macs), TRAIN_FACTOR * min_bytes
 

@@ -64,7 +64,7 @@ class FusedConvLayer(nn.Module):
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
         if self.training:
-            raise NotImplementedError("single-layer cases are inference only")
+            raise NotImplementedError("single-layer cases run in eval mode (inference, fine-tuning) only")
         spec, conv = self.plain.spec, self.plain.conv1
         extra = {}
         if spec.residual == "projection":  # the blocks' cached merge: no bias sum per call
@@ -153,7 +153,13 @@ class Precision:
 
 
 def prepare(module: nn.Module, case: Case, precision: Precision) -> nn.Module:
+    """The plain module at the precision's dtype and the case's memory format, in training mode for
+    ``train``; in eval mode with every BN frozen (no gradient) for ``finetune``."""
     module = module.to(dtype=precision.module_dtype, memory_format=case.torch_format)
+    if case.mode == "finetune":
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
     return module.train(case.mode == "train")
 
 
@@ -171,9 +177,11 @@ def module_args(spec, batch: int, dtype: torch.dtype, device,
 
 
 def make_input(spec, case: Case, dtype: torch.dtype, device) -> tuple:
-    """One input tuple: the module's arguments, then (training a model) the labels."""
+    """One input tuple: the module's arguments, then (training or fine-tuning a model) the labels."""
     args = module_args(spec, case.batch, dtype, device, case.torch_format)
-    if case.mode == "train" and isinstance(spec, ModelSpec):
+    if case.has_backward and isinstance(spec, ConvLayer):
+        args[0].requires_grad_()  # a single conv's step includes its input's gradient (dgrad), as inside a net
+    if case.has_backward and isinstance(spec, ModelSpec):
         args.append(torch.randint(0, spec.num_classes, (case.batch,), device=device))
     return tuple(args)
 
@@ -184,7 +192,7 @@ def input_bytes(inputs: tuple) -> int:
 
 def split_input(spec, case: Case, inputs: tuple):
     """(module arguments, loss arguments) of one input tuple."""
-    if case.mode == "train" and isinstance(spec, ModelSpec):
+    if case.has_backward and isinstance(spec, ModelSpec):
         return inputs[:-1], inputs[-1:]
     return inputs, ()
 

@@ -622,3 +622,34 @@ def test_the_workloads_bn_statistics_keep_a_deep_nets_activations_in_fp16s_range
     assert all(m.momentum == 0.1 and int(m.num_batches_tracked) == 0 for m in norms)
     means = torch.cat([m.running_mean for m in norms])
     assert means.abs().max() > 0.05, "statistics from data, not the 0/1 defaults"
+
+
+def test_a_finetune_step_trains_the_convs_through_frozen_norms():
+    """finetune: eval mode, every BN frozen (no gradient, running statistics untouched), the convs and the
+    classifier stepped by SGD, on ours and on eager alike."""
+    spec = shapes.target_spec("model", shapes.TINY_MODEL.name)
+    for impl in (peers.Ours("reference"), peers.Eager()):
+        case = Case("model", spec.name, "finetune", "fp32", "channels_last", 2, impl.name)
+        module = workloads.prepare(workloads.build_plain(spec, "cpu"), case, impl.precision(case))
+        before = copy.deepcopy(module.state_dict())
+        step = impl.build(module, spec, case, torch.device("cpu"))
+        loss = step(workloads.make_input(spec, case, torch.float32, "cpu"))
+        assert torch.isfinite(loss) and not module.training
+        after = module.state_dict()
+        norms = {n for n, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        for key, value in after.items():
+            owner = key.rsplit(".", 1)[0]
+            if owner in norms:
+                assert torch.equal(value, before[key]), f"{impl.name}: {key} changed"
+            elif key.endswith("weight"):
+                assert not torch.equal(value, before[key]), f"{impl.name}: {key} was not trained"
+
+
+def test_a_single_layers_finetune_step_counts_its_dgrad():
+    """A layer's step takes its input's gradient (as inside a net): 3x the forward's FLOPs."""
+    layer = shapes.RESNET50_LAYERS[3].name
+    infer = Case("layer", layer, "infer", "bf16", "channels_last", 256, "eager")
+    finetune = Case("layer", layer, "finetune", "bf16", "channels_last", 256, "eager")
+    assert roofline.case_cost(finetune)[0] == 3 * roofline.case_cost(infer)[0]
+    spec = shapes.target_spec("layer", layer)
+    assert workloads.make_input(spec, finetune, torch.float32, "cpu")[0].requires_grad
