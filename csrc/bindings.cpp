@@ -523,15 +523,24 @@ at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tenso
   base.sm90a_image = false;  // never CUTLASS's kernel (tma_wgmma_refusal says so too)
   const cudaStream_t stream = target == Target::kCuda ? c10::cuda::getCurrentCUDAStream().stream() : nullptr;
 
-  for (int64_t ph = 0; ph < std::min(geo.stride_h, in_h); ++ph) {
-    for (int64_t pw = 0; pw < std::min(geo.stride_w, in_w); ++pw) {
+  // Rows no tap reaches (a 1x1 projection's at stride 2: three phases of four) are zero: one fill of the
+  // whole output first, cheaper than a strided fill per phase; the other phases overwrite their part.
+  const int64_t phases_h = std::min(geo.stride_h, in_h), phases_w = std::min(geo.stride_w, in_w);
+  bool some_phase_untouched = false;
+  for (int64_t ph = 0; ph < phases_h; ++ph) {
+    some_phase_untouched |= phase_taps(ph, geo.pad_h, geo.dilation_h, geo.stride_h, kernel_h).taps == 0;
+  }
+  for (int64_t pw = 0; pw < phases_w; ++pw) {
+    some_phase_untouched |= phase_taps(pw, geo.pad_w, geo.dilation_w, geo.stride_w, kernel_w).taps == 0;
+  }
+  if (some_phase_untouched) out->zero_();
+
+  for (int64_t ph = 0; ph < phases_h; ++ph) {
+    for (int64_t pw = 0; pw < phases_w; ++pw) {
       const PhaseTaps th = phase_taps(ph, geo.pad_h, geo.dilation_h, geo.stride_h, kernel_h);
       const PhaseTaps tw = phase_taps(pw, geo.pad_w, geo.dilation_w, geo.stride_w, kernel_w);
+      if (th.taps == 0 || tw.taps == 0) continue;  // zero-filled above
       at::Tensor phase_out = out->slice(2, ph, in_h, geo.stride_h).slice(3, pw, in_w, geo.stride_w);
-      if (th.taps == 0 || tw.taps == 0) {  // no tap reaches these rows
-        phase_out.zero_();
-        continue;
-      }
       // [in_channels, taps_h, taps_w, out_channels / groups] (a channels_last [in, out / groups, taps_h,
       // taps_w]): this phase's taps, channel axes swapped, in one copy
       const at::Tensor weight_t = at::empty({in_channels, out_channels / groups, th.taps, tw.taps},
