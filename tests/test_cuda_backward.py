@@ -12,15 +12,23 @@ Every output is poisoned with NaN before the launch, so an element the kernels d
 """
 from __future__ import annotations
 
+import copy
+import json
 import zlib
 
 import pytest
 import torch
 
-from fused_resblock.backends import cuda as cuda_backend, reference
-from conv_cases import NEEDS_SUBSETS, backward_inputs, check_backward
-from helpers import float64_cpu
-from test_cuda_ext import CASES, DTYPES, EXT, LAYOUTS, RESNET_CASES, TILES, make_inputs, needs_ext, needs_gpu
+import fused_resblock as frb
+from fused_resblock import backends
+from fused_resblock.backends import cuda as cuda_backend, reference, triton as triton_backend
+from fused_resblock.testing import assert_equivalent, assert_rule
+from conv_cases import NEEDS_SUBSETS, ConvBiasActCase, backward_inputs, check_backward
+from helpers import float64_cpu, freeze_norms, measure_backends_afresh, randomize_norms
+from test_cuda_ext import (
+    _CONFIG, CASES, DTYPES, EXT, LAYOUTS, RESNET_CASES, TILES, make_inputs, needs_ext, needs_gpu,
+)
+from test_equivalence import BLOCKS
 
 ALL = [True] * 6
 
@@ -53,8 +61,6 @@ def test_emulated_backward_needs(needs):
 @needs_ext
 def test_emulated_grouped_conv_with_a_projection():
     """A grouped conv's projection cannot join its GEMM (the rows are per group): a GEMM of its own."""
-    from conv_cases import ConvBiasActCase
-
     case = ConvBiasActCase(2, 32, 6, 32, groups=4, shortcut_channels=16, residual="same", name="grouped_projection")
     check_backward(emulated_backward, make_inputs(case, torch.bfloat16, "cpu", True, 8), ALL)
 
@@ -85,8 +91,6 @@ def _wgrad_args(case, dtype, seed, channels_last=True, masked=True):
 
 
 def _check_wgrad_outputs(outputs, ref_t, ref64, dtype):
-    from fused_resblock.testing import assert_rule
-
     for name, index in (("grad_weight", 1), ("grad_bias", 2), ("grad_shortcut_weight", 5)):
         if outputs[name] is not None:
             assert_rule(name, outputs[name], ref64[index], ref_t[index], dtype=dtype)
@@ -145,8 +149,6 @@ def test_emulated_dgrad_pipelines_and_tiles(tile, pipeline):
                                 list(args["dilation"]), case.groups, [case.size] * 2, gx, tile, pipeline)
         ref_t = reference.conv_bias_act_backward(**dict(bargs, needs=ALL))[0]
         ref64 = reference.conv_bias_act_backward(**float64_cpu(dict(bargs, needs=ALL)))[0]
-        from fused_resblock.testing import assert_rule
-
         assert_rule("grad x", gx, ref64, ref_t, dtype=torch.bfloat16)
 
 
@@ -161,8 +163,6 @@ def test_emulated_dgrad_pipelines_and_tiles(tile, pipeline):
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "relu_mask"])
 def test_emulated_dgrad_stride_phases(kernel, stride, padding, dilation, size, masked):
     """Every stride phase gets exactly its taps (or zeros): odd geometries against float64 by the rule."""
-    from fused_resblock.testing import assert_rule
-
     gen = torch.Generator().manual_seed(sum(kernel + stride + padding + dilation + size))
     x = torch.randn(2, 16, *size, generator=gen).half().contiguous(memory_format=torch.channels_last)
     w = (torch.randn(24, 16, *kernel, generator=gen) / 6).half()
@@ -281,8 +281,6 @@ def test_emulated_wgrad_output_aliasing_an_input_is_refused():
 def cuda_backend_on_the_emulator(monkeypatch):
     """The cuda backend made to run CPU tensors through the host emulation of its kernels, so that the
     module layer's use of it (folding, the op layer's autograd, the backward's composition) runs in CI."""
-    from fused_resblock import backends
-
     def emulated_forward(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride,
                          residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu):
         return EXT._emulate_conv_bias_act(x, weight, bias, list(stride), list(padding), list(dilation), groups,
@@ -307,13 +305,6 @@ def cuda_backend_on_the_emulator(monkeypatch):
 def test_emulated_fine_tuning_through_frozen_norms(name, recwarn):
     """Blocks converted with backend="cuda" (forced: a missing kernel raises), BN frozen, fp16: output, input
     and every conv gradient by the module check, through the emulated dgrad and wgrad, no fallback."""
-    import copy
-
-    import fused_resblock as frb
-    from fused_resblock.testing import assert_equivalent
-    from helpers import freeze_norms, randomize_norms
-    from test_equivalence import BLOCKS
-
     reference = freeze_norms(randomize_norms(BLOCKS[name]())).to(torch.float16)
     fused = frb.convert(copy.deepcopy(reference), backend="cuda")
     x = torch.randn(2, reference.conv1.in_channels, 9, 9, dtype=torch.float16)
@@ -322,8 +313,6 @@ def test_emulated_fine_tuning_through_frozen_norms(name, recwarn):
 
 
 def test_backend_supports_the_eval_backward():
-    from test_cuda_ext import _CONFIG
-
     assert cuda_backend.supports("conv_bias_act_backward", dict(_CONFIG)) == cuda_backend.available()
     reason = cuda_backend.supports("conv_bias_act_backward", dict(_CONFIG, dtype=torch.float32))
     assert reason is not None and "float32" in reason
@@ -394,14 +383,12 @@ def test_cuda_backward_on_a_side_stream_and_in_a_graph():
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_op_layer_backward_forced_to_cuda(dtype):
-    """fused_resblock.ops.conv_bias_act(backend="cuda") differentiates through this backend's kernels."""
-    import fused_resblock
-
+    """frb.ops.conv_bias_act(backend="cuda") differentiates through this backend's kernels."""
     case = next(c for c in CASES if c.name == "projection_and_residual")
     inputs = make_inputs(case, dtype, "cuda", True, 17)
     leaves = {k: inputs[k].detach().requires_grad_() for k in ("x", "weight", "bias", "residual", "shortcut_x",
                                                                "shortcut_weight")}
-    out = fused_resblock.ops.conv_bias_act(
+    out = frb.ops.conv_bias_act(
         leaves["x"], leaves["weight"], leaves["bias"], stride=case.stride, padding=case.padding,
         residual=leaves["residual"], shortcut_x=leaves["shortcut_x"], shortcut_weight=leaves["shortcut_weight"],
         relu=True, backend="cuda")
@@ -411,8 +398,6 @@ def test_op_layer_backward_forced_to_cuda(dtype):
                  **{k: v for k, v in inputs.items() if k != "bias"})
     ref_t = reference.conv_bias_act_backward(**bargs)
     ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
-    from fused_resblock.testing import assert_rule
-
     for name, index in (("x", 0), ("weight", 1), ("bias", 2), ("residual", 3), ("shortcut_x", 4),
                         ("shortcut_weight", 5)):
         assert_rule(f"grad {name}", leaves[name].grad, ref64[index], ref_t[index], dtype=dtype)
@@ -422,13 +407,6 @@ def test_op_layer_backward_forced_to_cuda(dtype):
 def test_auto_measures_the_backward_of_triton_against_cuda(tmp_path, monkeypatch):
     """Both backends capable of the eval backward: auto times them once per shape (after checking every
     gradient against the reference) and keeps the winner in the cache file."""
-    import json
-
-    import fused_resblock
-    from fused_resblock import backends
-    from fused_resblock.backends import triton as triton_backend
-    from helpers import measure_backends_afresh
-
     if triton_backend.available() is not None:
         pytest.skip(f"needs the triton backend too: {triton_backend.available()}")
     cache_file = measure_backends_afresh(monkeypatch, tmp_path)
@@ -437,8 +415,8 @@ def test_auto_measures_the_backward_of_triton_against_cuda(tmp_path, monkeypatch
     x = inputs["x"].detach().requires_grad_()
     weight = inputs["weight"].detach().requires_grad_()
     for _ in range(2):  # measured on the first backward, remembered for the second
-        out = fused_resblock.ops.conv_bias_act(x, weight, inputs["bias"], stride=case.stride, padding=case.padding,
-                                               residual=inputs["residual"], relu=True, backend="auto")
+        out = frb.ops.conv_bias_act(x, weight, inputs["bias"], stride=case.stride, padding=case.padding,
+                                    residual=inputs["residual"], relu=True, backend="auto")
         out.float().square().mean().backward()
     entries = json.loads(cache_file.read_text())["entries"]
     backward = {k: v for k, v in entries.items() if "conv_bias_act_backward" in k}
