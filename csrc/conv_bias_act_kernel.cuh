@@ -78,7 +78,8 @@ __device__ __forceinline__ void multiply_tile(const uint16_t* a_stage, const uin
 }
 
 // kRegisters: two shared-memory stages, the next tile staged in registers. Any loader with
-// load(p, g, k_tile) and store(a_tile, b_tile): the forward's TileLoader, wgrad's WgradLoader.
+// load(p, g, k_tile), store(a_tile, b_tile) and observe<T>(b_tile) (shown each stage before it is
+// multiplied): the forward's TileLoader, wgrad's WgradLoader.
 template <typename T, class Tile, class Tiles, class Params, class Gemm, class Loader>
 __device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& g, Loader& loader, int k_tiles,
                                                    uint16_t* a_tiles, uint16_t* b_tiles, int warp_m, int warp_n,
@@ -92,6 +93,7 @@ __device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& 
     const int stage = k_tile & 1;
     const bool has_next = k_tile + 1 < k_tiles;
     if (has_next) loader.load(p, g, k_tile + 1);  // in flight during the MMAs below
+    loader.template observe<T>(b_tiles + stage * Tiles::kBElems);
     multiply_tile<T, Tile, Tiles>(a_tiles + stage * Tiles::kAElems, b_tiles + stage * Tiles::kBElems, warp_m, warp_n,
                                   acc);
     // The other stage was last read in iteration k_tile - 1, which every warp
@@ -107,7 +109,7 @@ __device__ __forceinline__ void mainloop_registers(const Params& p, const Gemm& 
 // a_tile, b_tile) issues a tile's copies; plain shared-memory stores there are fine too: each stage
 // is written only after the barrier that ended its last reads, and read only after a later one).
 template <typename T, class Tile, class Tiles, class Params, class Gemm, class Loader>
-__device__ __forceinline__ void mainloop_async(const Params& p, const Gemm& g, const Loader& loader, int k_tiles,
+__device__ __forceinline__ void mainloop_async(const Params& p, const Gemm& g, Loader& loader, int k_tiles,
                                                uint16_t* a_tiles, uint16_t* b_tiles, int warp_m, int warp_n,
                                                WarpAccumulators<Tile>& acc) {
   constexpr int kStages = kAsyncStages;
@@ -128,6 +130,7 @@ __device__ __forceinline__ void mainloop_async(const Params& p, const Gemm& g, c
     }
     commit_async_copies();
     const int stage = k_tile % kStages;
+    loader.template observe<T>(b_tiles + stage * Tiles::kBElems);
     multiply_tile<T, Tile, Tiles>(a_tiles + stage * Tiles::kAElems, b_tiles + stage * Tiles::kBElems, warp_m, warp_n,
                                   acc);
   }

@@ -58,6 +58,18 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
     mainloop_registers<T, Tile, Tiles>(p, w, loader, k_tiles, a_tiles, b_tiles, warp_m, warp_n, acc);
   }
 
+  // The first row tile's blocks: the bias partial of each column, summed over the block in thread order
+  // (the main loop's last barrier has freed the shared memory).
+  if (w.bias && row0 == 0) {
+    float* const sums = reinterpret_cast<float*>(smem);  // [kThreads][kVector]
+    loader.write_bias_sums(sums + threadIdx.x * kVector);
+    __syncthreads();
+    if (int(threadIdx.x) < Tile::kBlockN) {
+      p.workspace[wgrad_bias_offset(w, split_group, col0 + int(threadIdx.x))] =
+          block_bias_sum<Tile>(sums, int(threadIdx.x));
+    }
+  }
+
   // The workspace is padded to whole tiles: every fragment stores unmasked.
 #pragma unroll
   for (int i = 0; i < Tile::kFragmentsM; ++i) {
@@ -75,7 +87,7 @@ template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_wgrad_kernel(const __grid_constant__ ConvWgradParams p, const __grid_constant__ WgradGemm w) {
   const int64_t index = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x;
-  if (index < int64_t(p.groups) * w.rows * w.out_group_channels) reduce_wgrad_element<T>(p, w, index);
+  if (index < wgrad_outputs(p, w)) reduce_wgrad_element<T>(p, w, index);
 }
 
 template <typename T, class Tile, Pipeline kPipeline>
@@ -92,7 +104,7 @@ cudaError_t launch_typed_tile(const ConvWgradParams& p, const WgradGemm& w, cuda
   kernel<<<grid, Tile::kThreads, kSmemBytes, stream>>>(p, w);
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
-  const int64_t elements = int64_t(p.groups) * w.rows * w.out_group_channels;
+  const int64_t elements = wgrad_outputs(p, w);
   reduce_wgrad_kernel<T><<<unsigned((elements + kReduceThreads - 1) / kReduceThreads), kReduceThreads, 0, stream>>>(
       p, w);
   return cudaGetLastError();
@@ -145,7 +157,7 @@ const char* plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
   const int tiles_per_split = ceil_div(std::max(unsplit.depth_tiles, 1), std::max(splits, 1));
   p.splits = std::max(1, ceil_div(unsplit.depth_tiles, tiles_per_split));
   const WgradGemm w = make_wgrad_gemm(p);
-  workspace_floats = int64_t(p.splits) * p.groups * w.rows_padded * w.cols_padded;
+  workspace_floats = w.bias_offset + (w.bias ? int64_t(p.splits) * p.groups * w.cols_padded : 0);
   if (p.pipeline == Pipeline::kAuto) p.pipeline = w.async_copy ? Pipeline::kAsyncCopy : Pipeline::kRegisters;
   if (p.pipeline == Pipeline::kAsyncCopy && !w.async_copy) {
     return "pipeline 2 (cp.async) moves 16-byte chunks only: it needs channel counts that are multiples of 8, "
@@ -158,7 +170,7 @@ const char* plan_conv_wgrad(ConvWgradParams& p, int64_t& workspace_floats) {
 
 cudaError_t launch_conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
   const WgradGemm w = make_wgrad_gemm(p);
-  if (w.rows == 0 || p.out_channels == 0) return cudaSuccess;  // nothing wanted, or nothing to write
+  if (wgrad_outputs(p, w) == 0) return cudaSuccess;  // nothing wanted, or nothing to write
   return p.dtype == DType::kFloat16 ? launch_typed<__half>(p, w, stream) : launch_typed<__nv_bfloat16>(p, w, stream);
 }
 

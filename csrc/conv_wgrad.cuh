@@ -1,9 +1,14 @@
 // wgrad as an implicit GEMM (conv_wgrad.h): its sizes, its operand gathers and its final sum.
 //
 //   rows  j = (tap, input channel) of the group, channel fastest (KRSC order), then the merged
-//             projection's input channels, then one row of ones whose product is the bias gradient
+//             projection's input channels
 //   cols  k = output channels of the group (grid axis z carries the group and the split)
 //   depth m = output pixels (batch * out_h * out_w), in kBlockK tiles, split across blocks
+//
+// The bias gradient (the sum of g over the depth) is added up by the blocks of the first row tile
+// as their g tiles land (WgradLoader::observe), then summed over the block in a fixed order: no
+// row of ones in the GEMM, which would cost a whole extra row of tiles wherever the weight's rows
+// fill whole tiles (a 1x1 conv of 128 or 256 channels).
 //
 // The operands' contiguous dimension is the rows (columns) here -- 8 channels of one pixel -- so each
 // thread moves 8 rows (or columns) at one depth position in one 16-byte load, and the tiles lie in
@@ -12,6 +17,7 @@
 // them. Anything outside the problem loads as zero, as in the forward.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "async_copy.cuh"
@@ -29,10 +35,12 @@ struct WgradGemm {
   int in_group_channels, out_group_channels;
   int conv_rows;      // kernel_h * kernel_w * in_group_channels, 0 without grad_weight
   int shortcut_rows;  // shortcut_channels, 0 without grad_shortcut_weight
-  int rows;           // conv_rows + shortcut_rows + (grad_bias ? 1 : 0)
+  int rows;           // conv_rows + shortcut_rows
+  bool bias;          // grad_bias wanted: the first row tile's blocks add up g
   int block_m, block_n;            // the tile's
   int rows_padded, cols_padded;    // to whole tiles: the workspace's shape per (split, group)
   int depth_tiles, tiles_per_split;
+  int64_t bias_offset;  // where the bias partials start in the workspace: after the GEMM's
   bool vector_x;         // conv rows move 8 input channels per aligned 16-byte load
   bool vector_shortcut;  // projection rows likewise
   bool vector_grad;      // columns likewise (8 output channels of the gradient, and of its mask)
@@ -56,21 +64,23 @@ inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
   w.out_group_channels = p.out_channels / p.groups;
   w.conv_rows = p.grad_weight ? p.kernel_h * p.kernel_w * w.in_group_channels : 0;
   w.shortcut_rows = p.grad_shortcut_weight ? p.shortcut_channels : 0;
-  w.rows = w.conv_rows + w.shortcut_rows + (p.grad_bias ? 1 : 0);
+  w.rows = w.conv_rows + w.shortcut_rows;
+  w.bias = p.grad_bias != nullptr;
   w.block_m = tile_block_m(p.tile);
   w.block_n = tile_block_n(p.tile);
-  w.rows_padded = ceil_div(w.rows, w.block_m) * w.block_m;
+  w.rows_padded = std::max(ceil_div(w.rows, w.block_m), w.bias ? 1 : 0) * w.block_m;  // a row tile sums g
   w.cols_padded = ceil_div(w.out_group_channels, w.block_n) * w.block_n;
   w.depth_tiles = ceil_div(w.depth, kBlockK);
   w.tiles_per_split = ceil_div(w.depth_tiles, p.splits > 0 ? p.splits : 1);
+  w.bias_offset = int64_t(p.splits > 0 ? p.splits : 1) * p.groups * w.rows_padded * w.cols_padded;
   w.vector_x = w.in_group_channels % 8 == 0 && aligned16(p.x);
   w.vector_shortcut = p.shortcut_x != nullptr && p.shortcut_channels % 8 == 0 && w.conv_rows % 8 == 0 &&
                       aligned16(p.shortcut_x);
   w.vector_grad = w.out_group_channels % 8 == 0 && aligned16(p.grad) &&
                   (p.grad_mask == nullptr || aligned16(p.grad_mask));
-  // The ones row then starts a chunk of its own (a constant); a ReLU mask needs the registers.
+  // A ReLU mask needs the registers (it is applied between the load and the store).
   w.async_copy = (w.conv_rows == 0 || w.vector_x) && (w.shortcut_rows == 0 || w.vector_shortcut) && w.vector_grad &&
-                 p.grad_mask == nullptr && (w.conv_rows + w.shortcut_rows) % kVector == 0;
+                 p.grad_mask == nullptr;
   return w;
 }
 
@@ -110,7 +120,7 @@ FR_HOST_DEVICE int64_t wgrad_shortcut_offset(const ConvWgradParams& p, const Dep
           int64_t(d.ow) * p.shortcut_stride) * p.shortcut_channels + c;
 }
 
-// Row j's operand at pixel d, one element: conv row, projection row, the ones row, or past the rows (0).
+// Row j's operand at pixel d, one element: conv row, projection row, or past the rows (0).
 FR_HOST_DEVICE uint16_t wgrad_row_element(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d, int j,
                                           int group) {
   if (!d.valid || j >= w.rows) return 0;
@@ -118,10 +128,7 @@ FR_HOST_DEVICE uint16_t wgrad_row_element(const ConvWgradParams& p, const WgradG
     const int64_t offset = wgrad_x_offset(p, w, d, j, group);
     return offset < 0 ? uint16_t(0) : load_global(static_cast<const uint16_t*>(p.x) + offset);
   }
-  if (j < w.conv_rows + w.shortcut_rows) {
-    return load_global(static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, j - w.conv_rows));
-  }
-  return p.dtype == DType::kFloat16 ? uint16_t(0x3c00) : uint16_t(0x3f80);  // 1.0: the bias row
+  return load_global(static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, j - w.conv_rows));
 }
 
 // Each thread owns one chunk of 8 rows (A) and of 8 columns (B) of the block tile, at the depth
@@ -148,14 +155,13 @@ class WgradLoader {
         b_chunk_(thread % kBChunksPerDepth),
         b_depth0_(thread / kBChunksPerDepth),
         a_row_(row0 + a_chunk_ * kVector),
-        b_col_(col0 + b_chunk_ * kVector) {
+        b_col_(col0 + b_chunk_ * kVector),
+        sums_bias_(w.bias && row0 == 0) {
     // Whole-chunk loads where all 8 rows are 8 channels of one x tap or of the projection input.
     if (w.vector_x && a_row_ < w.conv_rows) {
       a_kind_ = kConvVector;
     } else if (w.vector_shortcut && a_row_ >= w.conv_rows && a_row_ < w.conv_rows + w.shortcut_rows) {
       a_kind_ = kShortcutVector;
-    } else if (a_row_ == w.conv_rows + w.shortcut_rows && a_row_ < w.rows) {
-      a_kind_ = kOnesRow;  // the bias row, then rows past the last: (1, 0, ..., 0) at every pixel
     } else {
       a_kind_ = a_row_ < w.rows ? kElements : kZeros;
     }
@@ -191,7 +197,7 @@ class WgradLoader {
   }
 
   // Global -> shared with cp.async (w.async_copy only: every chunk one aligned 16-byte copy, zero-filled
-  // where masked, or the ones row's constant, stored plainly). The caller commits.
+  // where masked). The caller commits.
   FR_HOST_DEVICE void copy_async(const ConvWgradParams& p, const WgradGemm& w, int k_tile, uint16_t* a_tile,
                                  uint16_t* b_tile) const {
     const int m0 = depth_begin_ + k_tile * kBlockK;
@@ -201,10 +207,6 @@ class WgradLoader {
       const int depth = a_depth0_ + i * kADepthStep;
       if (depth >= kBlockK) continue;
       uint16_t* dst = a_tile + Tiles::a_index(a_chunk_ * kVector, depth);
-      if (a_kind_ == kOnesRow) {
-        *reinterpret_cast<uint4*>(dst) = ones_row_chunk(p);
-        continue;
-      }
       const DepthPixel d = make_depth_pixel(w, p, m0 + depth);
       const uint16_t* src = x;  // any valid address for a zero-filled chunk
       bool valid = d.valid && a_kind_ != kZeros;
@@ -229,14 +231,30 @@ class WgradLoader {
     }
   }
 
- private:
-  enum Kind { kConvVector, kShortcutVector, kOnesRow, kElements, kZeros };
-
-  // 1.0 in the first row, 0 in the seven past the last: the bias row's chunk at any pixel (past the
-  // last pixel the gradient's chunk is zero, so the product is too).
-  FR_HOST_DEVICE static uint4 ones_row_chunk(const ConvWgradParams& p) {
-    return make_uint4(p.dtype == DType::kFloat16 ? 0x3c00u : 0x3f80u, 0u, 0u, 0u);
+  // The main loops call this with each K tile's stage once it is in shared memory (and visible):
+  // a first-row-tile block adds up this thread's chunks of g there, for the bias gradient.
+  template <typename T>
+  FR_HOST_DEVICE void observe(const uint16_t* b_tile) {
+    if (!sums_bias_) return;
+#pragma unroll
+    for (int i = 0; i < kBIters; ++i) {
+      const int depth = b_depth0_ + i * kBDepthStep;
+      if (depth >= kBlockK) continue;
+      uint16_t e[kVector];
+      unpack8(*reinterpret_cast<const uint4*>(b_tile + Tiles::b_index(b_chunk_ * kVector, depth)), e);
+#pragma unroll
+      for (int j = 0; j < kVector; ++j) bias_sums_[j] += Numeric<T>::to_float(e[j]);
+    }
   }
+
+  // This thread's sums, 8 columns from its chunk's first (zeros where it observed nothing).
+  FR_HOST_DEVICE void write_bias_sums(float* out) const {
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) out[j] = bias_sums_[j];
+  }
+
+ private:
+  enum Kind { kConvVector, kShortcutVector, kElements, kZeros };
 
   FR_HOST_DEVICE int64_t grad_offset(const ConvWgradParams& p, const WgradGemm& w, int m) const {
     return int64_t(m) * p.out_channels + int64_t(group_) * w.out_group_channels + b_col_;
@@ -244,7 +262,6 @@ class WgradLoader {
 
   FR_HOST_DEVICE uint4 a_chunk(const ConvWgradParams& p, const WgradGemm& w, const DepthPixel& d) const {
     const uint4 zeros = make_uint4(0, 0, 0, 0);
-    if (a_kind_ == kOnesRow) return ones_row_chunk(p);
     if (a_kind_ == kZeros || !d.valid) return zeros;
     if (a_kind_ == kConvVector) {
       const int64_t offset = wgrad_x_offset(p, w, d, a_row_, group_);
@@ -279,6 +296,8 @@ class WgradLoader {
   const int depth_begin_;
   const int a_chunk_, a_depth0_, b_chunk_, b_depth0_;
   const int a_row_, b_col_;  // this thread's first row / column (within the group)
+  const bool sums_bias_;
+  float bias_sums_[kVector] = {};
   Kind a_kind_;
   uint4 a_regs_[kAIters];
   uint4 b_regs_[kBIters];
@@ -289,10 +308,43 @@ FR_HOST_DEVICE int64_t wgrad_workspace_offset(const WgradGemm& w, int split_grou
   return (int64_t(split_group) * w.rows_padded + row) * w.cols_padded + col;
 }
 
-// Element `index` of (group, row, column), column fastest: the splits' partial sums added in
-// split order, then stored where the row belongs (weight, projection weight or bias gradient).
+// A first-row-tile block's bias partial of column t (of its tile): its threads' sums for that
+// column (sums[thread * kVector + j], the threads that own its chunk) added in thread order.
+template <class Tile>
+FR_HOST_DEVICE float block_bias_sum(const float* sums, int t) {
+  constexpr int kChunksPerDepth = Tile::kBlockN / kVector;
+  float total = 0.f;
+  for (int thread = t / kVector; thread < Tile::kThreads; thread += kChunksPerDepth) {
+    total += sums[thread * kVector + t % kVector];
+  }
+  return total;
+}
+
+FR_HOST_DEVICE int64_t wgrad_bias_offset(const WgradGemm& w, int split_group, int col) {
+  return w.bias_offset + int64_t(split_group) * w.cols_padded + col;
+}
+
+// The number of final sums: every (group, row, column) of the weights, then each bias column.
+FR_HOST_DEVICE int64_t wgrad_outputs(const ConvWgradParams& p, const WgradGemm& w) {
+  return int64_t(p.groups) * w.out_group_channels * (int64_t(w.rows) + (w.bias ? 1 : 0));
+}
+
+// Output `index` (wgrad_outputs' order; column fastest): the splits' partial sums added in split
+// order, then stored where it belongs (weight, projection weight or bias gradient).
 template <typename T>
 FR_HOST_DEVICE void reduce_wgrad_element(const ConvWgradParams& p, const WgradGemm& w, int64_t index) {
+  const int64_t weight_outputs = int64_t(p.groups) * w.rows * w.out_group_channels;
+  if (index >= weight_outputs) {
+    const int64_t bias_index = index - weight_outputs;
+    const int col = int(bias_index % w.out_group_channels);
+    const int group = int(bias_index / w.out_group_channels);
+    float sum = 0.f;
+    for (int split = 0; split < p.splits; ++split) {
+      sum += p.workspace[wgrad_bias_offset(w, split * p.groups + group, col)];
+    }
+    p.grad_bias[int64_t(group) * w.out_group_channels + col] = sum;
+    return;
+  }
   const int col = int(index % w.out_group_channels);
   const int64_t rest = index / w.out_group_channels;
   const int row = int(rest % w.rows);
@@ -309,12 +361,10 @@ FR_HOST_DEVICE void reduce_wgrad_element(const ConvWgradParams& p, const WgradGe
     const int s = tap - r * p.kernel_w;
     const Strides4& st = p.grad_weight_strides;
     static_cast<uint16_t*>(p.grad_weight)[k * st.n + c * st.c + r * st.h + s * st.w] = Numeric<T>::from_float(sum);
-  } else if (row < w.conv_rows + w.shortcut_rows) {
+  } else {
     const Strides4& st = p.grad_shortcut_weight_strides;
     static_cast<uint16_t*>(p.grad_shortcut_weight)[k * st.n + int64_t(row - w.conv_rows) * st.c] =
         Numeric<T>::from_float(sum);
-  } else {
-    p.grad_bias[k] = sum;
   }
 }
 

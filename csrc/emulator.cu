@@ -136,6 +136,7 @@ void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
   std::vector<float> acc(Tile::kBlockM * Tile::kBlockN);
   std::vector<WgradLoader<Tile>> loaders;
   loaders.reserve(Tile::kThreads);
+  std::vector<float> bias_sums(Tile::kThreads * kVector);
   for (int split_group = 0; split_group < p.splits * p.groups; ++split_group) {
     const int split = split_group / p.groups;
     const int group = split_group - split * p.groups;
@@ -159,7 +160,16 @@ void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
               loader.store(a_tile.data(), b_tile.data());
             }
           }
+          for (auto& loader : loaders) loader.template observe<T>(b_tile.data());
           multiply_tile_on_host<T, Tile, Tiles>(a_tile.data(), b_tile.data(), acc);
+        }
+        if (w.bias && row0 == 0) {  // the block's bias partials, summed as the kernel does
+          for (int thread = 0; thread < Tile::kThreads; ++thread) {
+            loaders[thread].write_bias_sums(bias_sums.data() + thread * kVector);
+          }
+          for (int t = 0; t < Tile::kBlockN; ++t) {
+            p.workspace[wgrad_bias_offset(w, split_group, col0 + t)] = block_bias_sum<Tile>(bias_sums.data(), t);
+          }
         }
         for (int r = 0; r < Tile::kBlockM; ++r) {
           for (int c = 0; c < Tile::kBlockN; ++c) {
@@ -169,7 +179,7 @@ void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
       }
     }
   }
-  const int64_t elements = int64_t(p.groups) * w.rows * w.out_group_channels;
+  const int64_t elements = wgrad_outputs(p, w);
   for (int64_t index = 0; index < elements; ++index) reduce_wgrad_element<T>(p, w, index);
 }
 
@@ -191,7 +201,7 @@ void emulate_wgrad_typed(const ConvWgradParams& p, const WgradGemm& w) {
 
 void emulate_conv_wgrad(const ConvWgradParams& p) {
   const WgradGemm w = make_wgrad_gemm(p);
-  if (w.rows == 0 || p.out_channels == 0) return;
+  if (wgrad_outputs(p, w) == 0) return;
   if (p.dtype == DType::kFloat16) {
     emulate_wgrad_typed<__half>(p, w);
   } else {

@@ -220,6 +220,10 @@ class TileLoader {
     }
   }
 
+  // The main loops show each stage here before multiplying it; the forward has no use for it.
+  template <typename T>
+  FR_HOST_DEVICE void observe(const uint16_t*) const {}
+
   // Registers -> shared: the tiles the next compute step reads.
   FR_HOST_DEVICE void store(uint16_t* a_tile, uint16_t* b_tile) const {
 #pragma unroll
