@@ -48,17 +48,8 @@ cudaError_t launch_tile(const ConvBiasActParams& p, const ConvGemm& g, cudaStrea
 
 template <typename T>
 cudaError_t launch_typed(const ConvBiasActParams& p, const ConvGemm& g, cudaStream_t stream) {
-  switch (choose_tile_shape(p, g)) {
-    case TileShapeKind::kNarrow:
-      return launch_tile<T, NarrowTile>(p, g, stream);
-    case TileShapeKind::kMedium:
-      return launch_tile<T, MediumTile>(p, g, stream);
-    case TileShapeKind::kLarge:
-      return launch_tile<T, LargeTile>(p, g, stream);
-    case TileShapeKind::kAuto:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_tile_shape(choose_tile_shape(p, g), cudaErrorInvalidValue,
+                         [&](auto tile) { return launch_tile<T, decltype(tile)>(p, g, stream); });
 }
 
 }  // namespace

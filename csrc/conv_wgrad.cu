@@ -118,17 +118,9 @@ cudaError_t launch_pipeline(const ConvWgradParams& p, const WgradGemm& w, cudaSt
 
 template <typename T>
 cudaError_t launch_typed(const ConvWgradParams& p, const WgradGemm& w, cudaStream_t stream) {
-  switch (p.tile) {
-    case TileShapeKind::kNarrow:
-      return launch_pipeline<T, NarrowTile>(p, w, stream);
-    case TileShapeKind::kMedium:
-      return launch_pipeline<T, MediumTile>(p, w, stream);
-    case TileShapeKind::kLarge:
-      return launch_pipeline<T, LargeTile>(p, w, stream);
-    case TileShapeKind::kAuto:
-      break;  // plan_conv_wgrad resolves it
-  }
-  return cudaErrorInvalidValue;
+  // kAuto never gets here: plan_conv_wgrad resolves it
+  return with_tile_shape(p.tile, cudaErrorInvalidValue,
+                         [&](auto tile) { return launch_pipeline<T, decltype(tile)>(p, w, stream); });
 }
 
 }  // namespace

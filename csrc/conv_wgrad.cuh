@@ -47,14 +47,6 @@ struct WgradGemm {
   bool async_copy;       // every chunk is a 16-byte copy or a constant: the cp.async main loop may run it
 };
 
-inline int tile_block_m(TileShapeKind) {
-  return 128;  // every shape's
-}
-
-inline int tile_block_n(TileShapeKind tile) {
-  return tile == TileShapeKind::kNarrow ? 16 : tile == TileShapeKind::kMedium ? 64 : 128;
-}
-
 // params.tile and params.splits resolved (plan_conv_wgrad).
 inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
   WgradGemm w;
@@ -66,8 +58,8 @@ inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
   w.shortcut_rows = p.grad_shortcut_weight ? p.shortcut_channels : 0;
   w.rows = w.conv_rows + w.shortcut_rows;
   w.bias = p.grad_bias != nullptr;
-  w.block_m = tile_block_m(p.tile);
-  w.block_n = tile_block_n(p.tile);
+  w.block_m = with_tile_shape(p.tile, 0, [](auto tile) { return decltype(tile)::kBlockM; });
+  w.block_n = with_tile_shape(p.tile, 0, [](auto tile) { return decltype(tile)::kBlockN; });
   w.rows_padded = std::max(ceil_div(w.rows, w.block_m), w.bias ? 1 : 0) * w.block_m;  // a row tile sums g
   w.cols_padded = ceil_div(w.out_group_channels, w.block_n) * w.block_n;
   w.depth_tiles = ceil_div(w.depth, kBlockK);

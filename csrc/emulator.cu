@@ -116,16 +116,10 @@ void emulate_tile(const ConvBiasActParams& p, const ConvGemm& g) {
 
 template <typename T>
 void emulate_typed(const ConvBiasActParams& p, const ConvGemm& g) {
-  switch (choose_tile_shape(p, g)) {
-    case TileShapeKind::kNarrow:
-      return emulate_tile<T, NarrowTile>(p, g);
-    case TileShapeKind::kMedium:
-      return emulate_tile<T, MediumTile>(p, g);
-    case TileShapeKind::kLarge:
-      return emulate_tile<T, LargeTile>(p, g);
-    case TileShapeKind::kAuto:
-      return;
-  }
+  with_tile_shape(choose_tile_shape(p, g), false, [&](auto tile) {
+    emulate_tile<T, decltype(tile)>(p, g);
+    return true;
+  });
 }
 
 // wgrad's blocks in grid order, each writing its padded tile of partial sums, then the reduction.
@@ -185,16 +179,10 @@ void emulate_wgrad(const ConvWgradParams& p, const WgradGemm& w) {
 
 template <typename T>
 void emulate_wgrad_typed(const ConvWgradParams& p, const WgradGemm& w) {
-  switch (p.tile) {
-    case TileShapeKind::kNarrow:
-      return emulate_wgrad<T, NarrowTile>(p, w);
-    case TileShapeKind::kMedium:
-      return emulate_wgrad<T, MediumTile>(p, w);
-    case TileShapeKind::kLarge:
-      return emulate_wgrad<T, LargeTile>(p, w);
-    case TileShapeKind::kAuto:
-      return;  // plan_conv_wgrad resolves it
-  }
+  with_tile_shape(p.tile, false, [&](auto tile) {  // kAuto never gets here: plan_conv_wgrad resolves it
+    emulate_wgrad<T, decltype(tile)>(p, w);
+    return true;
+  });
 }
 
 }  // namespace

@@ -105,6 +105,23 @@ using LargeTile = TileShape<128, 128, 2, 4, 1>;
 using MediumTile = TileShape<128, 64, 4, 2, 2>;
 using NarrowTile = TileShape<128, 16, 8, 1, 3>;
 
+// f(Tile{}) for the tile shape `kind` names (kNarrow, kMedium, kLarge): the one place a kind becomes
+// its type, for the launchers and the emulator. kAuto (unresolved) returns `unresolved`.
+template <class F, class R>
+R with_tile_shape(TileShapeKind kind, R unresolved, F&& f) {
+  switch (kind) {
+    case TileShapeKind::kNarrow:
+      return f(NarrowTile{});
+    case TileShapeKind::kMedium:
+      return f(MediumTile{});
+    case TileShapeKind::kLarge:
+      return f(LargeTile{});
+    case TileShapeKind::kAuto:
+      break;
+  }
+  return unresolved;
+}
+
 // kAuto: narrow tiles for per-group widths up to 16 (ResNeXt), medium up to 64
 // or when large tiles would leave SMs idle (small batches, 7x7 maps), else large.
 inline TileShapeKind choose_tile_shape(const ConvBiasActParams& p, const ConvGemm& g) {

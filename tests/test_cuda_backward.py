@@ -41,13 +41,24 @@ def _seed(case) -> int:
     return zlib.crc32(case.name.encode())
 
 
-# --------------------------------------------------------------------------- emulated (CI)
-@needs_ext
+def device_backward(**args):
+    return cuda_backend.conv_bias_act_backward(**args)
+
+
+# Where the backward runs: the host emulation of the kernels (CI), or the kernels on a GPU.
+TARGETS = [pytest.param(emulated_backward, "cpu", id="emulated", marks=needs_ext),
+           pytest.param(device_backward, "cuda", id="cuda", marks=needs_gpu)]
+
+
+@pytest.mark.parametrize("backward, device", TARGETS)
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_emulated_backward_matches_reference(case, dtype, channels_last):
-    check_backward(emulated_backward, make_inputs(case, dtype, "cpu", channels_last, _seed(case)), ALL)
+def test_backward_matches_reference(case, dtype, channels_last, backward, device):
+    check_backward(backward, make_inputs(case, dtype, device, channels_last, _seed(case)), ALL)
+
+
+# --------------------------------------------------------------------------- emulated (CI)
 
 
 @needs_ext
@@ -319,18 +330,6 @@ def test_backend_supports_the_eval_backward():
 
 
 # --------------------------------------------------------------------------- on the GPU
-def device_backward(**args):
-    return cuda_backend.conv_bias_act_backward(**args)
-
-
-@needs_gpu
-@pytest.mark.parametrize("channels_last", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_backward_matches_reference(case, dtype, channels_last):
-    check_backward(device_backward, make_inputs(case, dtype, "cuda", channels_last, _seed(case)), ALL)
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", RESNET_CASES, ids=str)
