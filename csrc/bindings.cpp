@@ -110,100 +110,100 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
                               int64_t residual_offset, const std::optional<at::Tensor>& shortcut_x,
                               const std::optional<at::Tensor>& shortcut_weight, int64_t shortcut_stride, bool relu,
                               std::optional<at::Tensor>& out, int64_t tile, int64_t pipeline, Target target,
-                              std::vector<at::Tensor>& keep) {
+                              std::vector<at::Tensor>& keep, const char* op = kOp) {
   // ---- devices and dtypes
-  TORCH_CHECK(x.defined(), kOp, ": x is undefined");
-  check_device(x, "x", x, target);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  check_device(x, "x", x, target, op);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               ": expected float16 or bfloat16 for x, got ", x.scalar_type(),
               " (float32 and TF32 run on the triton or reference backend)");
-  TORCH_CHECK(x.dim() == 4, kOp, ": expected a 4-D (N, C, H, W) tensor for x, got shape ", x.sizes());
-  check_activation(weight, "weight", x, target);
+  TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for x, got shape ", x.sizes());
+  check_activation(weight, "weight", x, target, op);
 
   // ---- convolution geometry
-  const auto [stride_h, stride_w] = checked_pair(stride, "stride", 1);
-  const auto [pad_h, pad_w] = checked_pair(padding, "padding", 0);
-  const auto [dilation_h, dilation_w] = checked_pair(dilation, "dilation", 1);
+  const auto [stride_h, stride_w] = checked_pair(stride, "stride", 1, op);
+  const auto [pad_h, pad_w] = checked_pair(padding, "padding", 0, op);
+  const auto [dilation_h, dilation_w] = checked_pair(dilation, "dilation", 1, op);
   const int64_t batch = x.size(0), in_channels = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const int64_t out_channels = weight.size(0), kernel_h = weight.size(2), kernel_w = weight.size(3);
-  TORCH_CHECK(groups >= 1 && groups <= 65535, kOp, ": groups must be in [1, 65535], got ", groups);
-  TORCH_CHECK(in_channels % groups == 0 && out_channels % groups == 0, kOp, ": groups=", groups, " must divide x's ",
+  TORCH_CHECK(groups >= 1 && groups <= 65535, op, ": groups must be in [1, 65535], got ", groups);
+  TORCH_CHECK(in_channels % groups == 0 && out_channels % groups == 0, op, ": groups=", groups, " must divide x's ",
               in_channels, " channels and weight's ", out_channels, " output channels");
-  TORCH_CHECK(weight.size(1) * groups == in_channels, kOp, ": weight of shape ", weight.sizes(), " expects ",
+  TORCH_CHECK(weight.size(1) * groups == in_channels, op, ": weight of shape ", weight.sizes(), " expects ",
               weight.size(1) * groups, " input channels (", weight.size(1), " per group x groups=", groups,
               "), but x has ", in_channels);
-  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, kOp, ": empty kernel, weight shape ", weight.sizes());
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, op, ": empty kernel, weight shape ", weight.sizes());
   TORCH_CHECK(
-      in_h + 2 * pad_h >= dilation_h * (kernel_h - 1) + 1 && in_w + 2 * pad_w >= dilation_w * (kernel_w - 1) + 1, kOp,
+      in_h + 2 * pad_h >= dilation_h * (kernel_h - 1) + 1 && in_w + 2 * pad_w >= dilation_w * (kernel_w - 1) + 1, op,
       ": the padded input ", in_h, "x", in_w, " (padding ", at::IntArrayRef(padding), ") is smaller than the kernel ",
       kernel_h, "x", kernel_w, " at dilation ", at::IntArrayRef(dilation));
   const int64_t out_h = (in_h + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
   const int64_t out_w = (in_w + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
   const int64_t rows = batch * out_h * out_w;
-  TORCH_CHECK(rows <= INT_MAX - 4096, kOp, ": batch * out_h * out_w = ", rows, " exceeds the kernel's 32-bit range");
+  TORCH_CHECK(rows <= INT_MAX - 4096, op, ": batch * out_h * out_w = ", rows, " exceeds the kernel's 32-bit range");
   const int64_t depth = kernel_h * kernel_w * (in_channels / groups);
-  TORCH_CHECK(depth <= INT_MAX - 4096, kOp, ": kernel_h * kernel_w * in_channels / groups = ", depth,
+  TORCH_CHECK(depth <= INT_MAX - 4096, op, ": kernel_h * kernel_w * in_channels / groups = ", depth,
               " exceeds the kernel's 32-bit range");
   // grid.y counts column tiles of at least 16 channels, and CUDA caps it at 65535
-  TORCH_CHECK(out_channels / groups <= 65535 * 16, kOp, ": ", out_channels / groups,
+  TORCH_CHECK(out_channels / groups <= 65535 * 16, op, ": ", out_channels / groups,
               " output channels per group exceed the grid's limit (", 65535 * 16, ")");
 
   // ---- bias
   if (bias) {
-    check_device(*bias, "bias", x, target);
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, kOp, ": expected float32 bias (BN folded in fp32), got ",
+    check_device(*bias, "bias", x, target, op);
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, op, ": expected float32 bias (BN folded in fp32), got ",
                 bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, kOp, ": expected bias of shape (", out_channels,
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": expected bias of shape (", out_channels,
                 ",), got ", bias->sizes());
   }
 
   // ---- mapped residual
   if (residual) {
-    check_activation(*residual, "residual", x, target);
-    TORCH_CHECK(residual_stride >= 1 && residual_offset >= 0, kOp, ": residual_stride must be >= 1 and ",
+    check_activation(*residual, "residual", x, target, op);
+    TORCH_CHECK(residual_stride >= 1 && residual_offset >= 0, op, ": residual_stride must be >= 1 and ",
                 "residual_offset >= 0, got ", residual_stride, " and ", residual_offset);
     const int64_t rh = (residual->size(2) + residual_stride - 1) / residual_stride;
     const int64_t rw = (residual->size(3) + residual_stride - 1) / residual_stride;
-    TORCH_CHECK(residual->size(0) == batch && rh == out_h && rw == out_w, kOp, ": residual of shape ",
+    TORCH_CHECK(residual->size(0) == batch && rh == out_h && rw == out_w, op, ": residual of shape ",
                 residual->sizes(), " read at stride ", residual_stride, " gives ", rh, "x", rw,
                 " pixels; the output is ", batch, "x", out_channels, "x", out_h, "x", out_w);
-    TORCH_CHECK(residual_offset + residual->size(1) <= out_channels, kOp, ": residual channels [", residual_offset,
+    TORCH_CHECK(residual_offset + residual->size(1) <= out_channels, op, ": residual channels [", residual_offset,
                 ", ", residual_offset + residual->size(1), ") fall outside the ", out_channels, " output channels");
   }
 
   // ---- merged projection shortcut
-  TORCH_CHECK(shortcut_x.has_value() == shortcut_weight.has_value(), kOp,
+  TORCH_CHECK(shortcut_x.has_value() == shortcut_weight.has_value(), op,
               ": shortcut_x and shortcut_weight go together");
   if (shortcut_x) {
-    check_activation(*shortcut_x, "shortcut_x", x, target);
-    check_activation(*shortcut_weight, "shortcut_weight", x, target);
-    TORCH_CHECK(shortcut_stride >= 1, kOp, ": shortcut_stride must be >= 1, got ", shortcut_stride);
+    check_activation(*shortcut_x, "shortcut_x", x, target, op);
+    check_activation(*shortcut_weight, "shortcut_weight", x, target, op);
+    TORCH_CHECK(shortcut_stride >= 1, op, ": shortcut_stride must be >= 1, got ", shortcut_stride);
     const int64_t sc_channels = shortcut_x->size(1);
     TORCH_CHECK(shortcut_weight->size(0) == out_channels && shortcut_weight->size(1) == sc_channels &&
                     shortcut_weight->size(2) == 1 && shortcut_weight->size(3) == 1,
-                kOp, ": expected shortcut_weight of shape (", out_channels, ", ", sc_channels, ", 1, 1), got ",
+                op, ": expected shortcut_weight of shape (", out_channels, ", ", sc_channels, ", 1, 1), got ",
                 shortcut_weight->sizes());
     const int64_t sh = (shortcut_x->size(2) - 1) / shortcut_stride + 1;
     const int64_t sw = (shortcut_x->size(3) - 1) / shortcut_stride + 1;
     TORCH_CHECK(shortcut_x->size(0) == batch && shortcut_x->size(2) >= 1 && shortcut_x->size(3) >= 1 && sh == out_h &&
                     sw == out_w,
-                kOp, ": shortcut_x of shape ", shortcut_x->sizes(), " at stride ", shortcut_stride, " gives ", sh, "x",
+                op, ": shortcut_x of shape ", shortcut_x->sizes(), " at stride ", shortcut_stride, " gives ", sh, "x",
                 sw, " pixels; the output is ", batch, "x", out_channels, "x", out_h, "x", out_w);
   }
 
   // ---- output
   if (out) {
-    check_device(*out, "out", x, target);
-    TORCH_CHECK(out->scalar_type() == x.scalar_type(), kOp, ": out has dtype ", out->scalar_type(), ", x has ",
+    check_device(*out, "out", x, target, op);
+    TORCH_CHECK(out->scalar_type() == x.scalar_type(), op, ": out has dtype ", out->scalar_type(), ", x has ",
                 x.scalar_type());
-    TORCH_CHECK(out->sizes() == at::IntArrayRef({batch, out_channels, out_h, out_w}), kOp, ": expected out of shape (",
+    TORCH_CHECK(out->sizes() == at::IntArrayRef({batch, out_channels, out_h, out_w}), op, ": expected out of shape (",
                 batch, ", ", out_channels, ", ", out_h, ", ", out_w, "), got ", out->sizes());
-    TORCH_CHECK(out->is_non_overlapping_and_dense(), kOp, ": out must be non-overlapping and dense");
+    TORCH_CHECK(out->is_non_overlapping_and_dense(), op, ": out must be non-overlapping and dense");
   } else {
     out = at::empty({batch, out_channels, out_h, out_w}, x.options().memory_format(memory_format_of(x)));
   }
-  TORCH_CHECK(tile >= 0 && tile <= 3, kOp, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
-  TORCH_CHECK(pipeline >= 0 && pipeline <= 4, kOp,
+  TORCH_CHECK(tile >= 0 && tile <= 3, op, ": tile must be 0 (auto), 1 (narrow), 2 (medium) or 3 (large)");
+  TORCH_CHECK(pipeline >= 0 && pipeline <= 4, op,
               ": pipeline must be 0 (auto), 1 (registers), 2 (cp.async), 3 (TMA + wgmma) or 4 (WMMA, its own main "
               "loop), got ", pipeline);
 
@@ -227,21 +227,21 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   fr::ConvBiasActParams p{};
   p.dtype = x.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
   p.x = x_nhwc.data_ptr();
-  p.batch = checked_int(batch, "batch");
-  p.in_h = checked_int(in_h, "input height");
-  p.in_w = checked_int(in_w, "input width");
-  p.in_channels = checked_int(in_channels, "input channels");
+  p.batch = checked_int(batch, "batch", op);
+  p.in_h = checked_int(in_h, "input height", op);
+  p.in_w = checked_int(in_w, "input width", op);
+  p.in_channels = checked_int(in_channels, "input channels", op);
   p.weight = weight_krsc.data_ptr();
-  p.out_channels = checked_int(out_channels, "output channels");
-  p.kernel_h = checked_int(kernel_h, "kernel height");
-  p.kernel_w = checked_int(kernel_w, "kernel width");
+  p.out_channels = checked_int(out_channels, "output channels", op);
+  p.kernel_h = checked_int(kernel_h, "kernel height", op);
+  p.kernel_w = checked_int(kernel_w, "kernel width", op);
   p.groups = int(groups);
-  p.stride_h = checked_int(stride_h, "stride");
-  p.stride_w = checked_int(stride_w, "stride");
-  p.pad_h = checked_int(pad_h, "padding");
-  p.pad_w = checked_int(pad_w, "padding");
-  p.dilation_h = checked_int(dilation_h, "dilation");
-  p.dilation_w = checked_int(dilation_w, "dilation");
+  p.stride_h = checked_int(stride_h, "stride", op);
+  p.stride_w = checked_int(stride_w, "stride", op);
+  p.pad_h = checked_int(pad_h, "padding", op);
+  p.pad_w = checked_int(pad_w, "padding", op);
+  p.dilation_h = checked_int(dilation_h, "dilation", op);
+  p.dilation_w = checked_int(dilation_w, "dilation", op);
   if (bias) {
     const at::Tensor b = bias->contiguous();
     keep.push_back(b);
@@ -250,9 +250,9 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   if (residual) {
     p.residual = residual->data_ptr();
     p.residual_strides = strides_of(*residual);
-    p.residual_channels = checked_int(residual->size(1), "residual channels");
-    p.residual_stride = checked_int(residual_stride, "residual_stride");
-    p.residual_offset = checked_int(residual_offset, "residual_offset");
+    p.residual_channels = checked_int(residual->size(1), "residual channels", op);
+    p.residual_stride = checked_int(residual_stride, "residual_stride", op);
+    p.residual_offset = checked_int(residual_offset, "residual_offset", op);
   }
   if (shortcut_x) {
     const at::Tensor sx = shortcut_x->contiguous(at::MemoryFormat::ChannelsLast);
@@ -261,10 +261,10 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
     keep.push_back(sw);
     p.shortcut_x = sx.data_ptr();
     p.shortcut_weight = sw.data_ptr();
-    p.shortcut_h = checked_int(sx.size(2), "shortcut height");
-    p.shortcut_w = checked_int(sx.size(3), "shortcut width");
-    p.shortcut_channels = checked_int(sx.size(1), "shortcut channels");
-    p.shortcut_stride = checked_int(shortcut_stride, "shortcut_stride");
+    p.shortcut_h = checked_int(sx.size(2), "shortcut height", op);
+    p.shortcut_w = checked_int(sx.size(3), "shortcut width", op);
+    p.shortcut_channels = checked_int(sx.size(1), "shortcut channels", op);
+    p.shortcut_stride = checked_int(shortcut_stride, "shortcut_stride", op);
   }
   p.out = out->data_ptr();
   p.out_strides = strides_of(*out);
@@ -273,7 +273,7 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   p.relu = relu;
   p.tile = fr::TileShapeKind(int(tile));
   p.pipeline = fr::Pipeline(int(pipeline));
-  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), kOp,
+  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), op,
               ": pipeline 2 (cp.async) moves 16-byte chunks only: it needs channels per group and shortcut "
               "channels that are multiples of 8 and 16-byte-aligned x, weight, shortcut_x and shortcut_weight");
   p.num_sms = 1;
@@ -389,6 +389,82 @@ std::string kernel_image_error(int64_t device_index) {
   if (error == cudaSuccess) return "";
   (void)cudaGetLastError();  // the probe's error must not surface at an unrelated later check
   return cudaGetErrorString(error);
+}
+
+// ---------------------------------------------------------------- conv_stats (training mode)
+// y = conv(relu?(BN_in(x))) + bias with the batch statistics of y: the forward kernel with the
+// prologue in its operand gather and the statistics epilogue, then the finalize launch (conv_stats.cuh).
+constexpr char kStatsOp[] = "fused_resblock._C.conv_stats";
+
+// A BN vector of the prologue: fp32 [channels] on x's device, when given.
+const float* prologue_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
+                             const at::Tensor& x, Target target, std::vector<at::Tensor>& keep) {
+  if (!v) return nullptr;
+  check_device(*v, name, x, target, kStatsOp);
+  TORCH_CHECK(v->scalar_type() == at::kFloat, kStatsOp, ": expected float32 for ", name, " (BN statistics and "
+              "parameters are fp32 for fp16/bf16 activations), got ", v->scalar_type());
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, kStatsOp, ": expected ", name, " of shape (", channels,
+              ",) (x's channels), got ", v->sizes());
+  const at::Tensor dense = v->contiguous();
+  keep.push_back(dense);
+  return dense.data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_impl(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+    int64_t groups, const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_invstd,
+    const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias, bool in_relu,
+    bool compute_stats, std::optional<at::Tensor> out, int64_t tile, int64_t pipeline, Target target, int num_sms,
+    int compute_capability) {
+  TORCH_CHECK(pipeline != 3, kStatsOp, ": pipeline 3 (CUTLASS's TMA + wgmma kernel) has no prologue or statistics "
+              "epilogue; use 0 (auto), 1 (registers), 2 (cp.async) or 4 (WMMA)");
+  std::vector<at::Tensor> keep;
+  const std::optional<at::Tensor> none;
+  fr::ConvBiasActParams p = prepare(x, weight, bias, stride, padding, dilation, groups, none, 1, 0, none, none, 1,
+                                    false, out, tile, pipeline, target, keep, kStatsOp);
+  TORCH_CHECK(in_mean.has_value() == in_invstd.has_value(), kStatsOp, ": in_mean and in_invstd go together");
+  TORCH_CHECK(in_mean || (!in_weight && !in_bias), kStatsOp, ": in_weight and in_bias need in_mean and in_invstd");
+  const int64_t in_channels = x.size(1);
+  p.in_mean = prologue_vector(in_mean, "in_mean", in_channels, x, target, keep);
+  p.in_invstd = prologue_vector(in_invstd, "in_invstd", in_channels, x, target, keep);
+  p.in_weight = prologue_vector(in_weight, "in_weight", in_channels, x, target, keep);
+  p.in_bias = prologue_vector(in_bias, "in_bias", in_channels, x, target, keep);
+  p.in_relu = in_relu && in_mean.has_value();
+  for (const at::Tensor& input : keep) {
+    if (input.scalar_type() == at::kFloat) at::assert_no_overlap(*out, input);
+  }
+  TORCH_CHECK(p.pipeline != fr::Pipeline::kAsyncCopy || fr::async_copy_applies(p, fr::make_conv_gemm(p)), kStatsOp,
+              ": pipeline 2 (cp.async) moves 16-byte chunks only: it needs channels per group that are a multiple of "
+              "8, 16-byte-aligned x and weight, and no prologue (applied in registers)");
+  p.num_sms = num_sms;
+  p.compute_capability = compute_capability;
+  p.sm90a_image = false;  // never CUTLASS's kernel (tma_wgmma_refusal says so too)
+
+  const int64_t out_channels = weight.size(0);
+  const int64_t rows = x.size(0) * out->size(2) * out->size(3);
+  const at::TensorOptions stat_options = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({compute_stats ? out_channels : 0}, stat_options);
+  at::Tensor var = at::empty({compute_stats ? out_channels : 0}, stat_options);
+  at::Tensor partials;
+  if (compute_stats) {  // every (row tile, channel) entry is written by its block: no fill
+    const int64_t row_tiles = (rows + fr::kStatsRowTile - 1) / fr::kStatsRowTile;
+    partials = at::empty({std::max<int64_t>(row_tiles * out_channels * 2, 1)}, stat_options);
+    p.stats_partials = partials.data_ptr<float>();
+  }
+  if (target == Target::kHost) {
+    fr::emulate_conv_bias_act(p);
+    if (compute_stats) fr::emulate_conv_stats_finalize(p, mean.data_ptr<float>(), var.data_ptr<float>());
+    return {*out, mean, var};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t error = fr::launch_conv_bias_act(p, stream);
+  TORCH_CHECK(error == cudaSuccess, kStatsOp, ": kernel launch failed: ", cudaGetErrorString(error));
+  if (compute_stats) {
+    error = fr::launch_conv_stats_finalize(p, mean.data_ptr<float>(), var.data_ptr<float>(), stream);
+    TORCH_CHECK(error == cudaSuccess, kStatsOp, ": finalize launch failed: ", cudaGetErrorString(error));
+  }
+  return {*out, mean, var};
 }
 
 // ---------------------------------------------------------------- the eval-mode backward
@@ -703,8 +779,8 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
 }
 
 // The device's SM count and compute capability, after checking it runs the kernels (sm_80+).
-std::pair<int, int> launch_device(const at::Tensor& grad, const char* op) {
-  TORCH_CHECK(grad.defined() && grad.is_cuda(), op, ": expected CUDA tensor for grad, got ",
+std::pair<int, int> launch_device(const at::Tensor& grad, const char* op, const char* name = "grad") {
+  TORCH_CHECK(grad.defined() && grad.is_cuda(), op, ": expected CUDA tensor for ", name, ", got ",
               grad.defined() ? grad.device().str() : std::string("an undefined tensor"),
               " (the cuda backend runs CUDA tensors only; the reference backend runs CPU ones)");
   const int device = grad.device().index();
@@ -734,6 +810,28 @@ at::Tensor emulate_conv_dgrad(const at::Tensor& grad, const std::optional<at::Te
                               int64_t tile, int64_t pipeline) {
   return conv_dgrad_impl(grad, grad_mask, weight, stride, padding, dilation, groups, input_size, out, tile, pipeline,
                          Target::kHost, kEmulatedSms, 90);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+    int64_t groups, const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_invstd,
+    const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias, bool in_relu,
+    bool compute_stats, std::optional<at::Tensor> out, int64_t tile, int64_t pipeline) {
+  const auto [num_sms, compute_capability] = launch_device(x, kStatsOp, "x");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  return conv_stats_impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
+                         in_relu, compute_stats, out, tile, pipeline, Target::kCuda, num_sms, compute_capability);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+    int64_t groups, const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_invstd,
+    const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias, bool in_relu,
+    bool compute_stats, std::optional<at::Tensor> out, int64_t tile, int64_t pipeline) {
+  return conv_stats_impl(x, weight, bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias,
+                         in_relu, compute_stats, out, tile, pipeline, Target::kHost, kEmulatedSms, 90);
 }
 
 void conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
@@ -780,7 +878,9 @@ pybind11::dict build_info() {
       "conv_bias_act: nvcuda::wmma implicit GEMM, fp16/bf16 in, fp32 accumulate; cp.async 3-stage or "
       "register-staged 2-stage main loop; on sm_90, CUTLASS's TMA + wgmma implicit GEMM where it applies. "
       "conv_dgrad: the same WMMA kernel as a transposed convolution, the ReLU mask applied as it loads. "
-      "conv_wgrad: a split-K WMMA implicit GEMM (weight, projection and bias gradients in one), fixed-order sum");
+      "conv_wgrad: a split-K WMMA implicit GEMM (weight, projection and bias gradients in one), fixed-order sum. "
+      "conv_stats: the WMMA kernel with a BN + ReLU prologue in its gather and a batch-statistics epilogue "
+      "(per-tile mean and M2, merged in a fixed order by a second launch)");
   const std::string cutlass = fr::tma_wgmma_version();
   if (cutlass.empty()) {
     info["tma_wgmma"] = pybind11::none();
@@ -841,6 +941,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
         py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
         py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0);
+  m.def("conv_stats", &conv_stats,
+        "(y, mean, var): y = conv(relu?(BN_in(x))) + bias and its per-channel batch mean and biased variance "
+        "(empty when compute_stats is false), on the current CUDA stream; the contract is reference.conv_stats. "
+        "The prologue BN_in (in_mean, in_invstd, optional in_weight, in_bias) applies as x loads.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("in_mean"), py::arg("in_invstd"), py::arg("in_weight"), py::arg("in_bias"),
+        py::arg("in_relu"), py::arg("compute_stats"), py::arg("out") = py::none(), py::arg("tile") = 0,
+        py::arg("pipeline") = 0);
+  m.def("_emulate_conv_stats", &emulate_conv_stats, "conv_stats on CPU tensors through the host emulator; for tests.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("in_mean"), py::arg("in_invstd"), py::arg("in_weight"), py::arg("in_bias"),
+        py::arg("in_relu"), py::arg("compute_stats"), py::arg("out") = py::none(), py::arg("tile") = 0,
+        py::arg("pipeline") = 0);
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

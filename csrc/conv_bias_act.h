@@ -35,6 +35,10 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
+// conv_stats' workspace has one row of partial statistics per kStatsRowTile output pixels: every
+// tile shape's rows per block (conv_stats.cuh asserts it).
+constexpr int kStatsRowTile = 128;
+
 struct ConvBiasActParams {
   DType dtype;
 
@@ -77,6 +81,22 @@ struct ConvBiasActParams {
   // pad_h/pad_w and dilation_h/dilation_w may then be negative (taps walk g backwards).
   const void* grad_mask;
 
+  // conv_stats (training mode) runs as this kernel too (bindings.cpp: conv_stats), with relu false,
+  // no residual and no projection:
+  // * the prologue, when in_mean is set: x's elements load as relu?((x - in_mean[c]) * in_invstd[c]
+  //   * in_weight[c] + in_bias[c]) (fp32 [in_channels] each; in_weight/in_bias may be null: 1 and 0),
+  //   rounded to the dtype, the padding still zero (the previous layer's BN and ReLU, applied as the
+  //   conv reads its input: the register main loop);
+  // * the statistics epilogue, when stats_partials is set: each block's (mean, M2) of its stored
+  //   outputs per channel into stats_partials [ceil(m / kStatsRowTile)][out_channels][2] fp32, which
+  //   launch_conv_stats_finalize() turns into the batch mean and variance (conv_stats.cuh).
+  const float* in_mean;
+  const float* in_invstd;
+  const float* in_weight;
+  const float* in_bias;
+  bool in_relu;
+  float* stats_partials;
+
   TileShapeKind tile;
   Pipeline pipeline;
   int num_sms;             // of the launching device: for kAuto's choice
@@ -108,6 +128,11 @@ const char* tma_wgmma_version();
 // CPU memory): its operand gathers, shared-memory tiles and epilogue, with a
 // scalar product in place of the tensor cores. For tests without a GPU.
 void emulate_conv_bias_act(const ConvBiasActParams& params);
+
+// conv_stats' second launch: mean[c] and var[c] (biased; fp32 [out_channels]) from the partials the
+// forward kernel wrote for `params` (its m = batch * out_h * out_w rows); NaN for an empty batch.
+cudaError_t launch_conv_stats_finalize(const ConvBiasActParams& params, float* mean, float* var, cudaStream_t stream);
+void emulate_conv_stats_finalize(const ConvBiasActParams& params, float* mean, float* var);
 
 // cudaSuccess when the current device can load the kernels (an image for its
 // architecture was compiled in), else the error the launch would give.

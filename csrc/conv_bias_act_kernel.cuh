@@ -30,6 +30,7 @@
 #include "async_copy.cuh"
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
+#include "conv_stats.cuh"
 #include "epilogue.cuh"
 #include "numeric.cuh"
 #include "tile_loader.cuh"
@@ -138,6 +139,28 @@ __device__ __forceinline__ void mainloop_async(const Params& p, const Gemm& g, L
   __syncthreads();         // every warp is done with the stages before the epilogue reuses them
 }
 
+// conv_stats: the block's (mean, M2) per channel from its stats tile (the outputs it stored, in shared
+// memory after the warps' scratch tiles) into its row of the workspace (conv_stats.cuh).
+template <typename T, class Tile>
+__device__ __forceinline__ void store_block_stats(const ConvBiasActParams& p, const ConvGemm& g, unsigned char* smem,
+                                                  int m0, int n0, int group) {
+  using Parts = StatsParts<T, Tile>;
+  static_assert(Tile::kThreads * sizeof(Moments) <= Tile::kEpilogueBytes, "the parts fit in the scratch tiles' bytes");
+  const uint16_t* stats_tile = reinterpret_cast<const uint16_t*>(smem + Tile::kEpilogueBytes);
+  Moments* const parts = reinterpret_cast<Moments*>(smem);  // [kParts][kBlockN]: part * kBlockN + column = thread
+  const int valid_rows = min(Tile::kBlockM, g.m - m0);
+  __syncthreads();  // every warp has stored its outputs in the stats tile and finished with its scratch tile
+  parts[threadIdx.x] = Parts::part(stats_tile, valid_rows, int(threadIdx.x));
+  __syncthreads();
+  const int col = int(threadIdx.x);
+  if (col < Tile::kBlockN && n0 + col < g.out_group_channels) {
+    const Moments total = Parts::block(parts, col);
+    const int64_t at = stats_partial_offset(int(blockIdx.x), group * g.out_group_channels + n0 + col, p.out_channels);
+    p.stats_partials[at] = total.mean;
+    p.stats_partials[at + 1] = total.m2;
+  }
+}
+
 // grid: (ceil(m / kBlockM), ceil(out_group_channels / kBlockN), groups);
 // dynamic shared memory: Tile::smem_bytes(2) for kRegisters, Tile::smem_bytes(kAsyncStages) for kAsyncCopy.
 template <typename T, class Tile, Pipeline kPipeline>
@@ -177,6 +200,9 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
   // scratch tile (aliasing the main-loop buffers: the barrier above ended all
   // reads of them); lane l then owns row l / 2, columns (l % 2) * 8 .. + 8.
   float* const scratch = reinterpret_cast<float*>(smem) + warp * kFragment * kFragment;
+  uint16_t* const stats_tile = p.stats_partials != nullptr
+                                   ? reinterpret_cast<uint16_t*>(smem + Tile::kEpilogueBytes)  // [kBlockM][kBlockN]
+                                   : nullptr;
   const int lane_row = lane / 2;
   const int lane_col = (lane % 2) * kVector;
 #pragma unroll
@@ -192,11 +218,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocksPerSM)
 #pragma unroll
         for (int e = 0; e < kVector; ++e) value[e] = scratch[lane_row * kFragment + lane_col + e];
         const int count = min(kVector, g.out_group_channels - channel);
-        store_output_chunk<T>(p, g, value, m, group * g.out_group_channels + channel, count);
+        uint16_t* const stats_row =
+            stats_tile != nullptr ? stats_tile + (m - m0) * Tile::kBlockN + (channel - n0) : nullptr;
+        store_output_chunk<T>(p, g, value, m, group * g.out_group_channels + channel, count, stats_row);
       }
       __syncwarp();  // all lanes have read the scratch before the next fragment overwrites it
     }
   }
+  if (p.stats_partials != nullptr) store_block_stats<T, Tile>(p, g, smem, m0, n0, group);
 }
 
 }  // namespace fused_resblock

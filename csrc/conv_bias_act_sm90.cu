@@ -91,6 +91,9 @@ const char* tma_wgmma_refusal(const ConvBiasActParams& p) {
   if (p.grad_mask != nullptr || p.pad_h < 0 || p.pad_w < 0 || p.dilation_h < 1 || p.dilation_w < 1) {
     return "a convolution's input gradient (dgrad) runs the WMMA kernel";
   }
+  if (p.in_mean != nullptr || p.stats_partials != nullptr) {
+    return "conv_stats (its BN prologue and statistics epilogue) runs the WMMA kernel";
+  }
   if (p.groups != 1) return "grouped convolutions run the WMMA kernel";
   if (p.shortcut_x != nullptr) return "a merged projection shortcut runs the WMMA kernel";
   if (!p.relu) return "it always ends in a ReLU";

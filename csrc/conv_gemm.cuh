@@ -56,9 +56,10 @@ inline ConvGemm make_conv_gemm(const ConvBiasActParams& p) {
 }
 
 // kAsyncCopy moves whole 16-byte chunks only: every operand must be vector-loadable, and a
-// dgrad's ReLU mask needs the registers (it is applied between the load and the store).
+// dgrad's ReLU mask or conv_stats' prologue needs the registers (applied between the load and the store).
 inline bool async_copy_applies(const ConvBiasActParams& p, const ConvGemm& g) {
-  return g.vector_conv && (p.shortcut_x == nullptr || g.vector_shortcut) && p.grad_mask == nullptr;
+  return g.vector_conv && (p.shortcut_x == nullptr || g.vector_shortcut) && p.grad_mask == nullptr &&
+         p.in_mean == nullptr;
 }
 
 inline Pipeline choose_pipeline(const ConvBiasActParams& p, const ConvGemm& g) {

@@ -1,5 +1,5 @@
-// Host emulation of conv_bias_act_kernel (also the dgrad) and of conv_wgrad's two launches, so CI
-// can test their index math without a GPU.
+// Host emulation of conv_bias_act_kernel (also the dgrad and conv_stats, with its statistics epilogue
+// and finalize) and of conv_wgrad's two launches, so CI can test their index math without a GPU.
 //
 // It runs the kernel's own pieces on the CPU, in the kernel's order, block by
 // block: the operand gathers and shared-memory stores of every thread
@@ -21,6 +21,7 @@
 
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
+#include "conv_stats.cuh"
 #include "conv_wgrad.cuh"
 #include "conv_wgrad.h"
 #include "epilogue.cuh"
@@ -62,6 +63,8 @@ void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
   constexpr int kStages = kPipeline == Pipeline::kAsyncCopy ? kAsyncStages : 2;
   std::vector<uint16_t> a_tiles(kStages * Tile::kATileElems), b_tiles(kStages * Tile::kBTileElems);
   std::vector<float> acc(Tile::kBlockM * Tile::kBlockN);
+  std::vector<uint16_t> stats_tile(Tile::kBlockM * Tile::kBlockN);  // conv_stats: the block's stored outputs
+  std::vector<Moments> parts(Tile::kThreads);
   std::vector<TileLoader<Tile>> loaders;
   loaders.reserve(Tile::kThreads);
   const auto a_stage = [&](int k_tile) { return a_tiles.data() + k_tile % kStages * Tile::kATileElems; };
@@ -92,12 +95,28 @@ void emulate_blocks(const ConvBiasActParams& p, const ConvGemm& g) {
           multiply_tile_on_host<T, Tile>(a_stage(k_tile), b_stage(k_tile), acc);
         }
 
+        std::fill(stats_tile.begin(), stats_tile.end(), kNaNBits<T>);  // an output not kept there turns NaN
         for (int r = 0; r < Tile::kBlockM && m0 + r < g.m; ++r) {
           for (int c = 0; c < Tile::kBlockN && n0 + c < g.out_group_channels; c += kVector) {
             float value[kVector];
             for (int e = 0; e < kVector; ++e) value[e] = acc[r * Tile::kBlockN + c + e];
             const int count = std::min(kVector, g.out_group_channels - (n0 + c));
-            store_output_chunk<T>(p, g, value, m0 + r, group * g.out_group_channels + n0 + c, count);
+            uint16_t* const stats_row = p.stats_partials != nullptr ? &stats_tile[r * Tile::kBlockN + c] : nullptr;
+            store_output_chunk<T>(p, g, value, m0 + r, group * g.out_group_channels + n0 + c, count, stats_row);
+          }
+        }
+        if (p.stats_partials != nullptr) {  // store_block_stats' two phases, thread by thread
+          using Parts = StatsParts<T, Tile>;
+          const int valid_rows = std::min(Tile::kBlockM, g.m - m0);
+          for (int thread = 0; thread < Tile::kThreads; ++thread) {
+            parts[thread] = Parts::part(stats_tile.data(), valid_rows, thread);
+          }
+          for (int col = 0; col < Tile::kBlockN && n0 + col < g.out_group_channels; ++col) {
+            const Moments total = Parts::block(parts.data(), col);
+            const int64_t at =
+                stats_partial_offset(m0 / Tile::kBlockM, group * g.out_group_channels + n0 + col, p.out_channels);
+            p.stats_partials[at] = total.mean;
+            p.stats_partials[at + 1] = total.m2;
           }
         }
       }
@@ -194,6 +213,20 @@ void emulate_conv_wgrad(const ConvWgradParams& p) {
     emulate_wgrad_typed<__half>(p, w);
   } else {
     emulate_wgrad_typed<__nv_bfloat16>(p, w);
+  }
+}
+
+void emulate_conv_stats_finalize(const ConvBiasActParams& p, float* mean, float* var) {
+  const int rows = p.batch * p.out_h * p.out_w;
+  std::vector<Moments> moments(kStatsFinalizeThreads);
+  for (int channel = 0; channel < p.out_channels; ++channel) {  // conv_stats_finalize_kernel's block
+    for (int thread = 0; thread < kStatsFinalizeThreads; ++thread) {
+      moments[thread] = finalize_thread_moments(p.stats_partials, rows, p.out_channels, channel, thread);
+    }
+    for (int half = kStatsFinalizeThreads / 2; half > 0; half /= 2) {
+      for (int thread = 0; thread < half; ++thread) moments[thread] = merge_moments(moments[thread], moments[thread + half]);
+    }
+    store_channel_stats(moments[0], channel, mean, var);
   }
 }
 

@@ -15,10 +15,11 @@
 namespace fused_resblock {
 
 // value[0..count) are output channels [channel, channel + count) of GEMM row m
-// (count <= 8; m < g.m and channel + count <= out_channels: the caller masks).
+// (count <= 8; m < g.m and channel + count <= out_channels: the caller masks). stats_row, when
+// set (conv_stats), receives the stored 16-bit values too (16-byte aligned: the stats tile's row).
 template <typename T>
 FR_HOST_DEVICE void store_output_chunk(const ConvBiasActParams& p, const ConvGemm& g, float (&value)[kVector], int m,
-                                       int channel, int count) {
+                                       int channel, int count, uint16_t* stats_row = nullptr) {
   const int n = m / g.out_hw;
   const int rem = m - n * g.out_hw;
   const int oh = rem / p.out_w;
@@ -64,6 +65,13 @@ FR_HOST_DEVICE void store_output_chunk(const ConvBiasActParams& p, const ConvGem
   uint16_t e[kVector];
 #pragma unroll
   for (int j = 0; j < kVector; ++j) e[j] = Numeric<T>::from_float(value[j]);
+  if (stats_row != nullptr) {
+    if (count == kVector) {
+      *reinterpret_cast<uint4*>(stats_row) = pack8(e);
+    } else {
+      for (int j = 0; j < count; ++j) stats_row[j] = e[j];
+    }
+  }
   if (count == kVector && o.c == 1 && is_aligned16(dst)) {
     *reinterpret_cast<uint4*>(dst) = pack8(e);
   } else {

@@ -94,19 +94,53 @@ FR_HOST_DEVICE uint4 load_masked8(const uint16_t* src, const uint16_t* mask, int
   return pack8(e);
 }
 
-// 8 convolution K elements [k, k + 8) of `row` (a dgrad's ReLU mask applied).
-FR_HOST_DEVICE uint4 conv_chunk(const ConvBiasActParams& p, const ConvGemm& g, const PixelRow& row, int k) {
+FR_HOST_DEVICE float to_float(uint16_t bits, DType dtype) {
+  return dtype == DType::kFloat16 ? Numeric<__half>::to_float(bits) : Numeric<__nv_bfloat16>::to_float(bits);
+}
+
+FR_HOST_DEVICE uint16_t from_float(float value, DType dtype) {
+  return dtype == DType::kFloat16 ? Numeric<__half>::from_float(value) : Numeric<__nv_bfloat16>::from_float(value);
+}
+
+// conv_stats' prologue on x's element of input channel `channel` (p.in_mean set): the previous BN,
+// centred first as the reference computes it, then its ReLU; NaN stays NaN, as torch.relu.
+FR_HOST_DEVICE uint16_t apply_prologue(const ConvBiasActParams& p, uint16_t bits, int channel) {
+  const float centred = (to_float(bits, p.dtype) - load_global(p.in_mean + channel)) * load_global(p.in_invstd + channel);
+  const float weight = p.in_weight != nullptr ? load_global(p.in_weight + channel) : 1.f;
+  const float bias = p.in_bias != nullptr ? load_global(p.in_bias + channel) : 0.f;
+  float value = fmaf(centred, weight, bias);  // one rounding on the host and the device alike
+  if (p.in_relu) value = value < 0.f ? 0.f : value;
+  return from_float(value, p.dtype);
+}
+
+// x's channel (within the whole tensor) of convolution K index k of group `channel_base / in_group_channels`.
+FR_HOST_DEVICE int conv_channel(const ConvGemm& g, int channel_base, int k) {
+  return channel_base + k % g.in_group_channels;
+}
+
+// 8 convolution K elements [k, k + 8) of `row` (a dgrad's ReLU mask, or conv_stats' prologue, applied;
+// padding taps stay zero). channel_base: the group's first channel of x.
+FR_HOST_DEVICE uint4 conv_chunk(const ConvBiasActParams& p, const ConvGemm& g, const PixelRow& row, int k,
+                                int channel_base) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const uint16_t* mask = static_cast<const uint16_t*>(p.grad_mask);
+  uint16_t e[kVector];
   if (g.vector_conv) {  // k % 8 == 0 and in_group_channels % 8 == 0: one tap, one aligned load
     const int64_t offset = conv_offset(p, g, row, k);
-    return offset < 0 ? make_uint4(0, 0, 0, 0) : load_masked8(x, mask, offset, p.dtype);
+    if (offset < 0) return make_uint4(0, 0, 0, 0);
+    const uint4 chunk = load_masked8(x, mask, offset, p.dtype);
+    if (p.in_mean == nullptr) return chunk;
+    unpack8(chunk, e);
+    const int channel = conv_channel(g, channel_base, k);
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) e[j] = apply_prologue(p, e[j], channel + j);
+    return pack8(e);
   }
-  uint16_t e[kVector];
 #pragma unroll
   for (int j = 0; j < kVector; ++j) {
     const int64_t offset = conv_offset(p, g, row, k + j);
     e[j] = offset < 0 ? uint16_t(0) : load_masked(x, mask, offset, p.dtype);
+    if (offset >= 0 && p.in_mean != nullptr) e[j] = apply_prologue(p, e[j], conv_channel(g, channel_base, k + j));
   }
   return pack8(e);
 }
@@ -141,7 +175,9 @@ class TileLoader {
   // m0: the block's first GEMM row; n0: its first output channel within `group`;
   // thread: this thread's index in the block.
   FR_HOST_DEVICE TileLoader(const ConvBiasActParams& p, const ConvGemm& g, int m0, int n0, int group, int thread)
-      : k_chunk_(thread % kChunksPerRow * kVector), row0_(thread / kChunksPerRow) {
+      : k_chunk_(thread % kChunksPerRow * kVector),
+        row0_(thread / kChunksPerRow),
+        channel_base_(group * g.in_group_channels) {
 #pragma unroll
     for (int i = 0; i < kAIters; ++i) {
       const int row = row0_ + i * kRowsPerIter;
@@ -166,7 +202,7 @@ class TileLoader {
     if (k_tile < g.k_tiles_conv) {
       const int k = k_tile * kBlockK + k_chunk_;
 #pragma unroll
-      for (int i = 0; i < kAIters; ++i) a_regs_[i] = conv_chunk(p, g, a_rows_[i], k);
+      for (int i = 0; i < kAIters; ++i) a_regs_[i] = conv_chunk(p, g, a_rows_[i], k, channel_base_);
 #pragma unroll
       for (int i = 0; i < kBIters; ++i) {
         b_regs_[i] = row_chunk(b_conv_[i], b_valid_[i], k, g.k_conv, g.vector_conv);
@@ -241,6 +277,7 @@ class TileLoader {
  private:
   const int k_chunk_;  // this thread's K offset within a tile: 0, 8, 16 or 24
   const int row0_;     // this thread's first row within a tile
+  const int channel_base_;  // the group's first channel of x (conv_stats' prologue vectors)
   PixelRow a_rows_[kAIters];
   const uint16_t* b_conv_[kBIters];
   const uint16_t* b_shortcut_[kBIters];

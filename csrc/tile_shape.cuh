@@ -45,11 +45,14 @@ struct TileShape {
   static constexpr int kATileElems = kBlockM * kSmemPitch;
   static constexpr int kBTileElems = kBlockN * kSmemPitch;
   static constexpr int kEpilogueBytes = kWarps * kFragment * kFragment * int(sizeof(float));
+  // conv_stats: the block's stored outputs, [kBlockM][kBlockN] 16-bit, after the scratch tiles.
+  static constexpr int kStatsTileBytes = kBlockM * kBlockN * int(sizeof(uint16_t));
   static constexpr int smem_bytes(int stages) {
     const int mainloop = stages * (kATileElems + kBTileElems) * int(sizeof(uint16_t));
     return mainloop > kEpilogueBytes ? mainloop : kEpilogueBytes;
   }
   static_assert(smem_bytes(2) <= 48 * 1024, "the register pipeline fits the default shared-memory limit");
+  static_assert(kEpilogueBytes + kStatsTileBytes <= smem_bytes(2), "the stats tile fits beside the scratch tiles");
   static_assert(smem_bytes(kAsyncStages) <= 227 * 1024, "the cp.async pipeline fits an sm_80/sm_90 block");
   // WMMA pointers must be 32-byte aligned: fragment rows are 16 apart, columns 16 elements apart.
   static_assert((kFragment * kSmemPitch * sizeof(uint16_t)) % 32 == 0, "A/B fragment rows 32-byte aligned");

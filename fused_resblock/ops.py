@@ -244,11 +244,16 @@ def _conv_stats(
     in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     config = _config(x, weight, stride, padding, dilation, groups, prologue=in_mean is not None)
-    impl = backends.select("conv_stats", backend or None, config)
-    return impl.conv_stats(
-        x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-        in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats,
-    )
+    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+            in_mean, in_invstd, in_weight, in_bias, in_relu, compute_stats)
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (str(x.dtype), *(_layout(t) for t in (x, weight, bias)), *args[3:7],
+                     in_mean is not None, in_weight is not None, in_bias is not None, in_relu, compute_stats)
+        return shape_key, lambda module: module.conv_stats(*args)
+
+    impl = backends.select("conv_stats", backend or None, config, measure=measure)
+    return impl.conv_stats(*args)
 
 
 @_conv_stats.register_fake

@@ -4,7 +4,8 @@
 eval-mode op fuses (residual, merged projection, ReLU). ``conv_bias_act_inputs``
 draws fresh random arguments for ``conv_bias_act`` under the reference
 backend's names, and ``check_conv_bias_act`` judges an output by the numerical
-rule against float64 and against PyTorch at the same dtype.
+rule against float64 and against PyTorch at the same dtype. ``conv_stats_inputs`` and
+``check_conv_stats`` do the same for the training-mode ``conv_stats`` (with its BN prologue).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from fused_resblock.backends import reference
 from fused_resblock.testing import assert_rule
-from helpers import check_grads, float64_cpu
+from helpers import DEVICE, check_grads, float64_cpu
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,67 @@ def check_backward(backward, args: dict, needs: list, **kw) -> list:
     ref64 = reference.conv_bias_act_backward(**float64_cpu(bargs))
     check_grads(BACKWARD_NAMES, fused, ref_t, ref64, args["x"].dtype)
     return fused
+
+
+# --------------------------------------------------------------------------- conv_stats (training mode)
+def _rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, channels_last=False, device=DEVICE):
+    t = torch.randn(*shape, device=device) * scale + shift
+    return t.to(dtype).contiguous(memory_format=_layout(channels_last))
+
+
+def bn_vectors(c: int, affine=True, weight_only=False, device=DEVICE):
+    """(mean, invstd, weight, bias) of a BN, float32, random (never the 0/1 defaults)."""
+    mean = torch.randn(c, device=device)
+    invstd = torch.rand(c, device=device) + 0.5
+    weight = torch.rand(c, device=device) + 0.5 if affine else None
+    bias = torch.randn(c, device=device) if affine and not weight_only else None
+    return mean, invstd, weight, bias
+
+
+PROLOGUES = {
+    # (affine, relu, weight only) of the previous BN applied as the input loads
+    "none": None,
+    "bn_relu": (True, True, False),
+    "bn_norelu": (True, False, False),
+    "bn_relu_noaffine": (False, True, False),
+    "bn_weight_only": (True, True, True),
+}
+
+
+def conv_stats_inputs(case: ConvGeometry, dtype, channels_last: bool, prologue="bn_relu", compute_stats=True,
+                      bias_shift=0.0, device=DEVICE) -> dict:
+    """Fresh random keyword arguments for ``conv_stats``: x shaped like a previous conv's raw output."""
+    fan_in = case.in_channels // case.groups * case.kernel ** 2
+    # the input looks like the previous conv's raw output: off-centre, not unit scale
+    x = _rand(case.batch, case.in_channels, case.size, case.size, dtype=dtype, scale=1.5, shift=0.7,
+              channels_last=channels_last, device=device)
+    weight = _rand(case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel,
+                   dtype=dtype, scale=fan_in ** -0.5, device=device)
+    bias = torch.randn(case.out_channels, device=device) + bias_shift if case.bias else None
+    spec = PROLOGUES[prologue]
+    if spec is None:
+        vectors, in_relu = (None,) * 4, False
+    else:
+        affine, in_relu, weight_only = spec
+        vectors = bn_vectors(case.in_channels, affine, weight_only, device=device)
+    in_mean, in_invstd, in_weight, in_bias = vectors
+    return dict(x=x, weight=weight, bias=bias, stride=(case.stride,) * 2, padding=(case.padding,) * 2,
+                dilation=(case.dilation,) * 2, groups=case.groups, in_mean=in_mean, in_invstd=in_invstd,
+                in_weight=in_weight, in_bias=in_bias, in_relu=in_relu, compute_stats=compute_stats)
+
+
+def check_conv_stats(args: dict, result) -> None:
+    """(y, mean, var) by the rule against float64 and PyTorch at the same dtype, with dtypes, shapes and y's format."""
+    y, mean, var = result
+    y64, mean64, var64 = reference.conv_stats(**float64_cpu(args))
+    y_t, mean_t, var_t = reference.conv_stats(**args)
+    dtype = args["x"].dtype
+    assert y.dtype == dtype and mean.dtype == var.dtype == torch.float32
+    assert reference.memory_format_of(y) == reference.memory_format_of(args["x"]), "y's memory format"
+    assert_rule("y", y, y64, y_t, dtype=dtype)
+    if args["compute_stats"]:
+        assert mean.shape == var.shape == (args["weight"].shape[0],)
+        assert_rule("mean", mean, mean64, mean_t, dtype=dtype)
+        assert_rule("var", var, var64, var_t, dtype=dtype)
+    else:
+        assert mean.shape == var.shape == (0,)

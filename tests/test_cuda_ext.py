@@ -255,7 +255,7 @@ _CONFIG = dict(device=torch.device("cuda"), dtype=torch.float16, kernel=(3, 3), 
 
 
 @pytest.mark.parametrize("op, change, expected", [
-    ("conv_stats", {}, "no kernel for conv_stats"),
+    ("conv_stats", {"dtype": torch.float32}, "float32"),
     ("conv_stats_backward", {}, "no kernel for conv_stats_backward"),
     ("bn_add_act", {}, "no kernel for bn_add_act"),
     ("no_such_op", {}, "unknown op"),

@@ -31,6 +31,7 @@ from fused_resblock.testing import assert_rule, check_rule  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 
 from conv_cases import ConvGeometry as Conv  # noqa: E402
+from conv_cases import PROLOGUES, bn_vectors, check_conv_stats, conv_stats_inputs as conv_args  # noqa: E402
 from helpers import DEVICE, DTYPES, float64_cpu, needs_gpu  # noqa: E402
 INTERPRETING = autotune.interpreter_requested()
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
@@ -51,15 +52,6 @@ def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, channels_last=False)
     return t.to(dtype).contiguous(memory_format=fmt(channels_last))
 
 
-def bn_vectors(c: int, affine=True, weight_only=False):
-    """(mean, invstd, weight, bias) of a BN, float32, random (never the 0/1 defaults)."""
-    mean = torch.randn(c, device=DEVICE)
-    invstd = torch.rand(c, device=DEVICE) + 0.5
-    weight = torch.rand(c, device=DEVICE) + 0.5 if affine else None
-    bias = torch.randn(c, device=DEVICE) if affine and not weight_only else None
-    return mean, invstd, weight, bias
-
-
 # --------------------------------------------------------------------------- conv_stats
 CONVS = {
     "1x1_s1": Conv(3, 12, 7, 20, kernel=1, padding=0),
@@ -70,51 +62,6 @@ CONVS = {
     "3x3_groups4": Conv(3, 16, 7, 16, groups=4),  # 4 channels per group: the flat K walk
     "7x7_s2_stem": Conv(1, 3, 13, 16, kernel=7, stride=2, padding=3),
 }
-PROLOGUES = {
-    # (has BN, relu, affine, weight only)
-    "none": None,
-    "bn_relu": (True, True, False),
-    "bn_norelu": (True, False, False),
-    "bn_relu_noaffine": (False, True, False),
-    "bn_weight_only": (True, True, True),
-}
-
-
-def conv_args(case: Conv, dtype, channels_last: bool, prologue="bn_relu", compute_stats=True,
-              bias_shift=0.0) -> dict:
-    fan_in = case.in_channels // case.groups * case.kernel ** 2
-    # the input looks like the previous conv's raw output: off-centre, not unit scale
-    x = rand(case.batch, case.in_channels, case.size, case.size, dtype=dtype, scale=1.5, shift=0.7,
-             channels_last=channels_last)
-    weight = rand(case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel,
-                  dtype=dtype, scale=fan_in ** -0.5)
-    bias = torch.randn(case.out_channels, device=DEVICE) + bias_shift if case.bias else None
-    spec = PROLOGUES[prologue]
-    if spec is None:
-        vectors, in_relu = (None,) * 4, False
-    else:
-        affine, in_relu, weight_only = spec
-        vectors = bn_vectors(case.in_channels, affine, weight_only)
-    in_mean, in_invstd, in_weight, in_bias = vectors
-    return dict(x=x, weight=weight, bias=bias, stride=(case.stride,) * 2, padding=(case.padding,) * 2,
-                dilation=(case.dilation,) * 2, groups=case.groups, in_mean=in_mean, in_invstd=in_invstd,
-                in_weight=in_weight, in_bias=in_bias, in_relu=in_relu, compute_stats=compute_stats)
-
-
-def check_conv_stats(args: dict, result) -> None:
-    y, mean, var = result
-    y64, mean64, var64 = reference.conv_stats(**float64_cpu(args))
-    y_t, mean_t, var_t = reference.conv_stats(**args)
-    dtype = args["x"].dtype
-    assert y.dtype == dtype and mean.dtype == var.dtype == torch.float32
-    assert reference.memory_format_of(y) == reference.memory_format_of(args["x"]), "y's memory format"
-    assert_rule("y", y, y64, y_t, dtype=dtype)
-    if args["compute_stats"]:
-        assert mean.shape == var.shape == (args["weight"].shape[0],)
-        assert_rule("mean", mean, mean64, mean_t, dtype=dtype)
-        assert_rule("var", var, var64, var_t, dtype=dtype)
-    else:
-        assert mean.shape == var.shape == (0,)
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)

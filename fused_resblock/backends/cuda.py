@@ -3,8 +3,11 @@
 Implemented so far, fp16 and bf16 (see ``csrc/``): ``conv_bias_act`` (eval mode:
 one implicit-GEMM launch on the tensor cores per conv) and its backward
 ``conv_bias_act_backward`` (fine-tuning through frozen, folded BN: a dgrad and a
-split-K wgrad launch per conv). The training ops report themselves unsupported,
-so the op layer falls back for them.
+split-K wgrad launch per conv); of the training ops, ``conv_stats`` (the conv
+with the previous BN + ReLU as a prologue and the batch statistics as an
+epilogue, plus one small launch merging them). The other training ops
+(``conv_stats_backward``, ``bn_add_act`` and its backward) report themselves
+unsupported, so the op layer runs another backend for them.
 
 Importing this module never imports the extension. The first ``available()``
 or call loads it: ``fused_resblock._C`` as built by
@@ -39,7 +42,9 @@ OPS = (
     "conv_stats", "conv_stats_backward",
     "bn_add_act", "bn_add_act_backward",
 )
-SUPPORTED_OPS = ("conv_bias_act", "conv_bias_act_backward")
+SUPPORTED_OPS = ("conv_bias_act", "conv_bias_act_backward", "conv_stats")
+# The ops whose kernel applies an input prologue (the previous BN + ReLU) as it loads x.
+PROLOGUE_OPS = ("conv_stats",)
 DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
 # The kernel and its main loop (csrc/README.md): auto (on sm_90 CUTLASS's TMA + wgmma kernel where it
@@ -213,8 +218,8 @@ def supports(op: str, config: dict) -> Optional[str]:
     if dtype not in DTYPES:
         return (f"cuda backend has fp16/bf16 tensor-core kernels only, not {str(dtype).replace('torch.', '')} "
                 "(float32, with or without TF32, runs on the triton or reference backend)")
-    if config.get("prologue"):
-        return "cuda backend has no input prologue (scale/shift/ReLU as the input loads) yet"
+    if config.get("prologue") and op not in PROLOGUE_OPS:
+        return f"cuda backend has no input prologue (BN/ReLU as the input loads) for {op}"
     reason = conv_geometry_reason(config)
     if reason is not None:
         return reason
@@ -245,6 +250,22 @@ def conv_bias_act(
         residual, residual_stride, residual_offset, shortcut_x, shortcut_weight, shortcut_stride,
         relu, out, 0, PIPELINE,
     )
+
+
+def conv_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride, padding, dilation, groups: int,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, compute_stats: bool, *, out: Optional[Tensor] = None,
+):
+    """``reference.conv_stats`` on the extension (same contract): the forward's WMMA kernel with the
+    prologue BN_in + ReLU applied as x loads (register main loop) and a statistics epilogue (each
+    block's per-channel mean and M2 of the outputs it stored), then one launch merging the blocks'
+    moments in a fixed order (deterministic). ``out`` as in ``conv_bias_act``. Never CUTLASS's kernel:
+    FUSED_RESBLOCK_CUDA_PIPELINE's "tma_wgmma" runs the WMMA kernel's own choice here."""
+    pipeline = PIPELINES["wmma"] if PIPELINE == PIPELINES["tma_wgmma"] else PIPELINE
+    return _require().conv_stats(x, weight, bias, list(stride), list(padding), list(dilation), groups, in_mean,
+                                 in_invstd, in_weight, in_bias, in_relu, compute_stats, out, 0, pipeline)
 
 
 def conv_bias_act_backward(
