@@ -20,6 +20,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <numeric>
@@ -27,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "channel_ops.h"
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
 #include "conv_wgrad.h"
@@ -398,12 +400,13 @@ constexpr char kStatsOp[] = "fused_resblock._C.conv_stats";
 
 // A BN vector of the prologue: fp32 [channels] on x's device, when given.
 const float* prologue_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
-                             const at::Tensor& x, Target target, std::vector<at::Tensor>& keep) {
+                             const at::Tensor& x, Target target, std::vector<at::Tensor>& keep,
+                             const char* op = kStatsOp) {
   if (!v) return nullptr;
-  check_device(*v, name, x, target, kStatsOp);
-  TORCH_CHECK(v->scalar_type() == at::kFloat, kStatsOp, ": expected float32 for ", name, " (BN statistics and "
+  check_device(*v, name, x, target, op);
+  TORCH_CHECK(v->scalar_type() == at::kFloat, op, ": expected float32 for ", name, " (BN statistics and "
               "parameters are fp32 for fp16/bf16 activations), got ", v->scalar_type());
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, kStatsOp, ": expected ", name, " of shape (", channels,
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": expected ", name, " of shape (", channels,
               ",) (x's channels), got ", v->sizes());
   const at::Tensor dense = v->contiguous();
   keep.push_back(dense);
@@ -465,6 +468,277 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_impl(
     TORCH_CHECK(error == cudaSuccess, kStatsOp, ": finalize launch failed: ", cudaGetErrorString(error));
   }
   return {*out, mean, var};
+}
+
+// ---------------------------------------------------------------- the training-mode BN ops
+// bn_add_act and its backward, and the per-channel pass conv_stats_backward's prologue and
+// statistics take (channel_ops.h). Tensors are made dense NHWC for the kernels; outputs come back
+// in their input's memory format (an NCHW one costs a copy each way).
+constexpr char kBnOp[] = "fused_resblock._C.bn_add_act";
+constexpr char kBnBackwardOp[] = "fused_resblock._C.bn_add_act_backward";
+constexpr char kChannelOp[] = "fused_resblock._C.channel_backward";
+
+// fp32 [channels] on `like`'s device, when given (kept alive in `keep`).
+const float* channel_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
+                            const at::Tensor& like, Target target, const char* op, std::vector<at::Tensor>& keep) {
+  if (!v || !v->defined()) return nullptr;
+  check_device(*v, name, like, target, op, "y");
+  TORCH_CHECK(v->scalar_type() == at::kFloat, op, ": expected float32 for ", name, " (BN vectors are fp32 for "
+              "fp16/bf16 activations), got ", v->scalar_type());
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": expected ", name, " of shape (", channels, ",), got ",
+              v->sizes());
+  const at::Tensor dense = v->contiguous();
+  keep.push_back(dense);
+  return dense.data_ptr<float>();
+}
+
+void check_half_activation(const at::Tensor& t, const char* name, Target target, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  check_device(t, name, t, target, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": expected float16 or bfloat16 for ",
+              name, ", got ", t.scalar_type(), " (float32 runs on the triton or reference backend)");
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for ", name, ", got shape ", t.sizes());
+}
+
+fr::DType dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+}
+
+// residual read at `stride` from channel `offset` must give `like`'s (N, H, W) inside its channels.
+void check_mapped_residual(const at::Tensor& residual, const at::Tensor& like, int64_t stride, int64_t offset,
+                           const char* op) {
+  TORCH_CHECK(stride >= 1 && offset >= 0, op, ": residual_stride must be >= 1 and residual_offset >= 0, got ", stride,
+              " and ", offset);
+  const int64_t rh = (residual.size(2) + stride - 1) / stride, rw = (residual.size(3) + stride - 1) / stride;
+  TORCH_CHECK(residual.size(0) == like.size(0) && rh == like.size(2) && rw == like.size(3), op, ": residual of shape ",
+              residual.sizes(), " read at stride ", stride, " gives ", rh, "x", rw, " pixels; y is ", like.sizes());
+  TORCH_CHECK(offset + residual.size(1) <= like.size(1), op, ": residual channels [", offset, ", ",
+              offset + residual.size(1), ") fall outside y's ", like.size(1));
+}
+
+at::Tensor nhwc(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A dense NHWC result as `like`'s memory format (no copy when that is channels_last).
+at::Tensor in_format_of(const at::Tensor& result, const at::Tensor& like) {
+  return result.contiguous(memory_format_of(like));
+}
+
+void launch_or_emulate(const fr::ChannelBackwardParams& p, Target target, const char* op) {
+  if (target == Target::kHost) {
+    fr::emulate_channel_backward(p);
+    return;
+  }
+  const cudaError_t error = fr::launch_channel_backward(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
+}
+
+at::Tensor bn_add_act_impl(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_mean,
+                           const std::optional<at::Tensor>& res_invstd, const std::optional<at::Tensor>& res_weight,
+                           const std::optional<at::Tensor>& res_bias, int64_t residual_stride, int64_t residual_offset,
+                           bool relu, Target target) {
+  const char* op = kBnOp;
+  check_half_activation(y, "y", target, op);
+  const int64_t channels = y.size(1);
+  std::vector<at::Tensor> keep;
+  fr::BnAddActParams p{};
+  p.dtype = dtype_of(y);
+  p.mean = channel_vector(mean, "mean", channels, y, target, op, keep);
+  p.invstd = channel_vector(invstd, "invstd", channels, y, target, op, keep);
+  p.weight = channel_vector(weight, "weight", channels, y, target, op, keep);
+  p.bias = channel_vector(bias, "bias", channels, y, target, op, keep);
+  const at::Tensor y_nhwc = nhwc(y);
+  at::Tensor residual_nhwc;
+  if (residual) {
+    check_activation(*residual, "residual", y, target, op, "y");
+    check_mapped_residual(*residual, y, residual_stride, residual_offset, op);
+    TORCH_CHECK(res_mean.has_value() == res_invstd.has_value(), op, ": res_mean and res_invstd go together");
+    residual_nhwc = nhwc(*residual);
+    const int64_t rc = residual->size(1);
+    p.residual = residual_nhwc.data_ptr();
+    p.res_h = checked_int(residual->size(2), "residual height", op);
+    p.res_w = checked_int(residual->size(3), "residual width", op);
+    p.res_channels = checked_int(rc, "residual channels", op);
+    p.res_stride = checked_int(residual_stride, "residual_stride", op);
+    p.res_offset = checked_int(residual_offset, "residual_offset", op);
+    p.res_mean = channel_vector(res_mean, "res_mean", rc, y, target, op, keep);
+    p.res_invstd = channel_vector(res_invstd, "res_invstd", rc, y, target, op, keep);
+    p.res_weight = channel_vector(res_weight, "res_weight", rc, y, target, op, keep);
+    p.res_bias = channel_vector(res_bias, "res_bias", rc, y, target, op, keep);
+  } else {
+    TORCH_CHECK(!res_mean && !res_invstd && !res_weight && !res_bias, op, ": a residual BN needs a residual");
+  }
+  at::Tensor out = at::empty_like(y_nhwc, y_nhwc.options(), at::MemoryFormat::ChannelsLast);
+  p.y = y_nhwc.data_ptr();
+  p.out = out.data_ptr();
+  p.batch = checked_int(y.size(0), "batch", op);
+  p.channels = checked_int(channels, "channels", op);
+  p.height = checked_int(y.size(2), "height", op);
+  p.width = checked_int(y.size(3), "width", op);
+  p.relu = relu;
+  if (target == Target::kHost) {
+    fr::emulate_bn_add_act(p);
+  } else {
+    const cudaError_t error = fr::launch_bn_add_act(p, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(error == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(error));
+  }
+  return in_format_of(out, y);
+}
+
+// One channel_backward pass over T (tensor `t`, NHWC copy `t_nhwc`): grad_t when `want_t`, the
+// requested per-channel outputs (each fp32 [channels] or undefined) from its sums.
+struct ChannelPass {
+  at::Tensor grad_t, grad_mean, grad_invstd, grad_weight, grad_bias;
+};
+
+ChannelPass run_channel_pass(fr::ChannelBackwardParams p, const at::Tensor& t_nhwc, bool want_t,
+                             const std::array<bool, 4>& want, Target target, const char* op) {
+  ChannelPass out;
+  const at::TensorOptions f32 = t_nhwc.options().dtype(at::kFloat);
+  const int64_t channels = t_nhwc.size(1);
+  p.t = t_nhwc.data_ptr();
+  p.batch = checked_int(t_nhwc.size(0), "batch", op);
+  p.t_channels = checked_int(channels, "channels", op);
+  p.t_h = checked_int(t_nhwc.size(2), "height", op);
+  p.t_w = checked_int(t_nhwc.size(3), "width", op);
+  if (want_t) {
+    out.grad_t = at::empty_like(t_nhwc, t_nhwc.options(), at::MemoryFormat::ChannelsLast);
+    p.grad_t = out.grad_t.data_ptr();
+  }
+  at::Tensor* const targets[4] = {&out.grad_mean, &out.grad_invstd, &out.grad_weight, &out.grad_bias};
+  float** const slots[4] = {&p.grad_mean, &p.grad_invstd, &p.grad_weight, &p.grad_bias};
+  bool sums = false;
+  for (int i = 0; i < 4; ++i) {
+    if (!want[i]) continue;
+    *targets[i] = at::empty({channels}, f32);
+    *slots[i] = targets[i]->data_ptr<float>();
+    sums = true;
+  }
+  at::Tensor partials;
+  if (sums) {
+    partials = at::empty({std::max<int64_t>(fr::channel_backward_partial_floats(p), 1)}, f32);
+    p.partials = partials.data_ptr<float>();
+  }
+  if (want_t || sums) launch_or_emulate(p, target, op);
+  return out;
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+std::vector<std::optional<at::Tensor>> bn_add_act_backward_impl(
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_invstd,
+    const std::optional<at::Tensor>& res_weight, int64_t residual_stride, int64_t residual_offset, bool relu,
+    const std::vector<bool>& needs, Target target) {
+  const char* op = kBnBackwardOp;
+  TORCH_CHECK(needs.size() == 10, op, ": expected 10 needs, got ", needs.size());
+  check_half_activation(grad, "grad", target, op);
+  check_activation(out, "out", grad, target, op, "grad");
+  check_activation(y, "y", grad, target, op, "grad");
+  TORCH_CHECK(out.sizes() == grad.sizes() && y.sizes() == grad.sizes(), op, ": grad ", grad.sizes(), ", out ",
+              out.sizes(), " and y ", y.sizes(), " must have one shape");
+  const int64_t channels = y.size(1);
+  std::vector<at::Tensor> keep;
+  const at::Tensor grad_nhwc = nhwc(grad), y_nhwc = nhwc(y);
+  at::Tensor mask_nhwc;
+  if (relu) mask_nhwc = nhwc(out);
+
+  fr::ChannelBackwardParams base{};
+  base.dtype = dtype_of(grad);
+  base.grad = grad_nhwc.data_ptr();
+  base.mask = relu ? mask_nhwc.data_ptr() : nullptr;
+  base.out_h = checked_int(grad.size(2), "height", op);
+  base.out_w = checked_int(grad.size(3), "width", op);
+  base.out_channels = checked_int(channels, "channels", op);
+  base.stride = 1;
+
+  std::vector<std::optional<at::Tensor>> grads(10);
+  fr::ChannelBackwardParams main = base;
+  main.mean = channel_vector(mean, "mean", channels, grad, target, op, keep);
+  main.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep);
+  main.weight = channel_vector(weight, "weight", channels, grad, target, op, keep);
+  const bool has_weight = main.weight != nullptr;
+  const ChannelPass m = run_channel_pass(main, y_nhwc, needs[0], {needs[1], needs[2], needs[3] && has_weight, needs[4]},
+                                         target, op);
+  if (m.grad_t.defined()) grads[0] = in_format_of(m.grad_t, y);
+  grads[1] = defined_or_none(m.grad_mean);
+  grads[2] = defined_or_none(m.grad_invstd);
+  grads[3] = defined_or_none(m.grad_weight);
+  grads[4] = defined_or_none(m.grad_bias);
+
+  const bool any_residual = needs[5] || needs[6] || needs[7] || needs[8] || needs[9];
+  if (residual && any_residual) {
+    check_activation(*residual, "residual", grad, target, op, "grad");
+    check_mapped_residual(*residual, y, residual_stride, residual_offset, op);
+    TORCH_CHECK(res_mean.has_value() == res_invstd.has_value(), op, ": res_mean and res_invstd go together");
+    const int64_t rc = residual->size(1);
+    fr::ChannelBackwardParams res = base;
+    res.stride = checked_int(residual_stride, "residual_stride", op);
+    res.offset = checked_int(residual_offset, "residual_offset", op);
+    res.mean = channel_vector(res_mean, "res_mean", rc, grad, target, op, keep);
+    res.invstd = channel_vector(res_invstd, "res_invstd", rc, grad, target, op, keep);
+    res.weight = channel_vector(res_weight, "res_weight", rc, grad, target, op, keep);
+    const bool bn = res.mean != nullptr;
+    const at::Tensor residual_nhwc = nhwc(*residual);
+    const ChannelPass r = run_channel_pass(
+        res, residual_nhwc, needs[5],
+        {bn && needs[6], bn && needs[7], bn && needs[8] && res.weight != nullptr, bn && needs[9]}, target, op);
+    if (r.grad_t.defined()) grads[5] = in_format_of(r.grad_t, *residual);
+    grads[6] = defined_or_none(r.grad_mean);
+    grads[7] = defined_or_none(r.grad_invstd);
+    grads[8] = defined_or_none(r.grad_weight);
+    grads[9] = defined_or_none(r.grad_bias);
+  }
+  return grads;
+}
+
+// conv_stats_backward's two per-channel passes (fused_resblock/backends/cuda.py composes them with
+// conv_dgrad and conv_wgrad):
+// * fold (t = y, the conv's output): g = grad_y + shift[c] + slope[c] * (y - mean[c]) in fp32, out in
+//   the dtype, and its channel sums as grad_bias when asked;
+// * prologue (t = x, grad = the dgrad's result): the ReLU mask recomputed from x when in_relu, grad_x =
+//   g * in_weight * in_invstd, and the prologue BN's gradients (grad_in_*) from the sums.
+// Returns [grad_t, grad_mean, grad_invstd, grad_weight, grad_bias] (None where not asked).
+std::vector<std::optional<at::Tensor>> channel_backward_impl(
+    const at::Tensor& grad, const at::Tensor& t, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& fold_shift,
+    const std::optional<at::Tensor>& fold_slope, bool prologue_relu, const std::vector<bool>& needs, Target target) {
+  const char* op = kChannelOp;
+  TORCH_CHECK(needs.size() == 5, op, ": expected 5 needs, got ", needs.size());
+  check_half_activation(grad, "grad", target, op);
+  check_activation(t, "t", grad, target, op, "grad");
+  TORCH_CHECK(t.sizes() == grad.sizes(), op, ": t ", t.sizes(), " and grad ", grad.sizes(), " must have one shape");
+  TORCH_CHECK(!prologue_relu || (mean && invstd), op, ": the prologue's ReLU mask needs mean and invstd");
+  TORCH_CHECK(!(needs[1] || needs[2] || needs[3]) || (mean && invstd), op, ": BN gradients need mean and invstd");
+  const int64_t channels = t.size(1);
+  std::vector<at::Tensor> keep;
+  const at::Tensor grad_nhwc = nhwc(grad), t_nhwc = nhwc(t);
+  fr::ChannelBackwardParams p{};
+  p.dtype = dtype_of(grad);
+  p.grad = grad_nhwc.data_ptr();
+  p.out_h = checked_int(grad.size(2), "height", op);
+  p.out_w = checked_int(grad.size(3), "width", op);
+  p.out_channels = checked_int(channels, "channels", op);
+  p.stride = 1;
+  p.mean = channel_vector(mean, "mean", channels, grad, target, op, keep);
+  p.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep);
+  p.weight = channel_vector(weight, "weight", channels, grad, target, op, keep);
+  p.prologue_bias = channel_vector(bias, "bias", channels, grad, target, op, keep);
+  p.fold_shift = channel_vector(fold_shift, "fold_shift", channels, grad, target, op, keep);
+  p.fold_slope = channel_vector(fold_slope, "fold_slope", channels, grad, target, op, keep);
+  p.prologue_mask = prologue_relu;
+  const ChannelPass r = run_channel_pass(p, t_nhwc, needs[0], {needs[1], needs[2], needs[3] && p.weight != nullptr,
+                                                                 needs[4]}, target, op);
+  return {r.grad_t.defined() ? std::optional<at::Tensor>(in_format_of(r.grad_t, t)) : std::nullopt,
+          defined_or_none(r.grad_mean), defined_or_none(r.grad_invstd), defined_or_none(r.grad_weight),
+          defined_or_none(r.grad_bias)};
 }
 
 // ---------------------------------------------------------------- the eval-mode backward
@@ -674,7 +948,9 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
                      const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
                      const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
                      const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, int64_t pipeline,
-                     Target target, int num_sms) {
+                     Target target, int num_sms, const std::optional<at::Tensor>& in_mean,
+                     const std::optional<at::Tensor>& in_invstd, const std::optional<at::Tensor>& in_weight,
+                     const std::optional<at::Tensor>& in_bias, bool in_relu) {
   const char* op = kWgradOp;
   check_grad(grad, grad_mask, op, target);
   check_activation(x, "x", grad, target, op, "grad");
@@ -759,6 +1035,15 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
     TORCH_CHECK(grad_bias->is_contiguous(), op, ": grad_bias must be contiguous");
     p.grad_bias = grad_bias->data_ptr<float>();
   }
+  TORCH_CHECK(in_mean.has_value() == in_invstd.has_value(), op, ": in_mean and in_invstd go together");
+  TORCH_CHECK(in_mean || (!in_weight && !in_bias), op, ": in_weight and in_bias need in_mean and in_invstd");
+  TORCH_CHECK(!in_mean || !shortcut_x, op, ": the prologue applies to x alone, never with a merged projection");
+  std::vector<at::Tensor> keep;
+  p.in_mean = prologue_vector(in_mean, "in_mean", in_channels, grad, target, keep, op);
+  p.in_invstd = prologue_vector(in_invstd, "in_invstd", in_channels, grad, target, keep, op);
+  p.in_weight = prologue_vector(in_weight, "in_weight", in_channels, grad, target, keep, op);
+  p.in_bias = prologue_vector(in_bias, "in_bias", in_channels, grad, target, keep, op);
+  p.in_relu = in_relu && in_mean.has_value();
   p.tile = fr::TileShapeKind(int(tile));
   p.splits = checked_int(splits, "splits", op);
   p.num_sms = num_sms;
@@ -839,11 +1124,14 @@ void conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_ma
                 const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
                 const std::optional<at::Tensor>& shortcut_x, int64_t shortcut_stride,
                 const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_shortcut_weight,
-                const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, int64_t pipeline) {
+                const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits, int64_t pipeline,
+                const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_invstd,
+                const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias, bool in_relu) {
   const int num_sms = launch_device(grad, kWgradOp).first;
   const c10::cuda::CUDAGuard device_guard(grad.device());
   conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
-                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kCuda, num_sms);
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kCuda, num_sms,
+                  in_mean, in_invstd, in_weight, in_bias, in_relu);
 }
 
 void emulate_conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const at::Tensor& x,
@@ -853,9 +1141,76 @@ void emulate_conv_wgrad(const at::Tensor& grad, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& grad_weight,
                         const std::optional<at::Tensor>& grad_shortcut_weight,
                         const std::optional<at::Tensor>& grad_bias, int64_t tile, int64_t splits,
-                        int64_t pipeline) {
+                        int64_t pipeline, const std::optional<at::Tensor>& in_mean,
+                        const std::optional<at::Tensor>& in_invstd, const std::optional<at::Tensor>& in_weight,
+                        const std::optional<at::Tensor>& in_bias, bool in_relu) {
   conv_wgrad_impl(grad, grad_mask, x, kernel_size, stride, padding, dilation, groups, shortcut_x, shortcut_stride,
-                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kHost, kEmulatedSms);
+                  grad_weight, grad_shortcut_weight, grad_bias, tile, splits, pipeline, Target::kHost, kEmulatedSms,
+                  in_mean, in_invstd, in_weight, in_bias, in_relu);
+}
+
+at::Tensor bn_add_act(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_mean,
+                      const std::optional<at::Tensor>& res_invstd, const std::optional<at::Tensor>& res_weight,
+                      const std::optional<at::Tensor>& res_bias, int64_t residual_stride, int64_t residual_offset,
+                      bool relu) {
+  launch_device(y, kBnOp, "y");
+  const c10::cuda::CUDAGuard device_guard(y.device());
+  return bn_add_act_impl(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+                         residual_stride, residual_offset, relu, Target::kCuda);
+}
+
+at::Tensor emulate_bn_add_act(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_mean,
+                              const std::optional<at::Tensor>& res_invstd, const std::optional<at::Tensor>& res_weight,
+                              const std::optional<at::Tensor>& res_bias, int64_t residual_stride,
+                              int64_t residual_offset, bool relu) {
+  return bn_add_act_impl(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+                         residual_stride, residual_offset, relu, Target::kHost);
+}
+
+std::vector<std::optional<at::Tensor>> bn_add_act_backward(
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_invstd,
+    const std::optional<at::Tensor>& res_weight, int64_t residual_stride, int64_t residual_offset, bool relu,
+    const std::vector<bool>& needs) {
+  launch_device(grad, kBnBackwardOp);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return bn_add_act_backward_impl(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+                                  residual_stride, residual_offset, relu, needs, Target::kCuda);
+}
+
+std::vector<std::optional<at::Tensor>> emulate_bn_add_act_backward(
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_invstd,
+    const std::optional<at::Tensor>& res_weight, int64_t residual_stride, int64_t residual_offset, bool relu,
+    const std::vector<bool>& needs) {
+  return bn_add_act_backward_impl(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+                                  residual_stride, residual_offset, relu, needs, Target::kHost);
+}
+
+std::vector<std::optional<at::Tensor>> channel_backward(
+    const at::Tensor& grad, const at::Tensor& t, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& fold_shift,
+    const std::optional<at::Tensor>& fold_slope, bool prologue_relu, const std::vector<bool>& needs) {
+  launch_device(grad, kChannelOp);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return channel_backward_impl(grad, t, mean, invstd, weight, bias, fold_shift, fold_slope, prologue_relu, needs,
+                               Target::kCuda);
+}
+
+std::vector<std::optional<at::Tensor>> emulate_channel_backward(
+    const at::Tensor& grad, const at::Tensor& t, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& fold_shift,
+    const std::optional<at::Tensor>& fold_slope, bool prologue_relu, const std::vector<bool>& needs) {
+  return channel_backward_impl(grad, t, mean, invstd, weight, bias, fold_shift, fold_slope, prologue_relu, needs,
+                               Target::kHost);
 }
 
 pybind11::dict build_info() {
@@ -880,7 +1235,9 @@ pybind11::dict build_info() {
       "conv_dgrad: the same WMMA kernel as a transposed convolution, the ReLU mask applied as it loads. "
       "conv_wgrad: a split-K WMMA implicit GEMM (weight, projection and bias gradients in one), fixed-order sum. "
       "conv_stats: the WMMA kernel with a BN + ReLU prologue in its gather and a batch-statistics epilogue "
-      "(per-tile mean and M2, merged in a fixed order by a second launch)");
+      "(per-tile mean and M2, merged in a fixed order by a second launch). bn_add_act: one elementwise launch; "
+      "its backward and conv_stats_backward's prologue and statistics: a per-channel pass with a fixed-order "
+      "finalize (conv_stats_backward's dgrad and wgrad as above, the wgrad applying the prologue as it loads)");
   const std::string cutlass = fr::tma_wgmma_version();
   if (cutlass.empty()) {
     info["tma_wgmma"] = pybind11::none();
@@ -935,12 +1292,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
         py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
-        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0);
+        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0, py::arg("in_mean") = py::none(),
+        py::arg("in_invstd") = py::none(), py::arg("in_weight") = py::none(), py::arg("in_bias") = py::none(),
+        py::arg("in_relu") = false);
   m.def("_emulate_conv_wgrad", &emulate_conv_wgrad, "conv_wgrad on CPU tensors through the host emulator; for tests.",
         py::arg("grad"), py::arg("grad_mask"), py::arg("x"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("shortcut_x"),
         py::arg("shortcut_stride"), py::arg("grad_weight"), py::arg("grad_shortcut_weight"), py::arg("grad_bias"),
-        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0);
+        py::arg("tile") = 0, py::arg("splits") = 0, py::arg("pipeline") = 0, py::arg("in_mean") = py::none(),
+        py::arg("in_invstd") = py::none(), py::arg("in_weight") = py::none(), py::arg("in_bias") = py::none(),
+        py::arg("in_relu") = false);
   m.def("conv_stats", &conv_stats,
         "(y, mean, var): y = conv(relu?(BN_in(x))) + bias and its per-channel batch mean and biased variance "
         "(empty when compute_stats is false), on the current CUDA stream; the contract is reference.conv_stats. "
@@ -954,6 +1315,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("groups"), py::arg("in_mean"), py::arg("in_invstd"), py::arg("in_weight"), py::arg("in_bias"),
         py::arg("in_relu"), py::arg("compute_stats"), py::arg("out") = py::none(), py::arg("tile") = 0,
         py::arg("pipeline") = 0);
+  m.def("bn_add_act", &bn_add_act,
+        "relu?(BN(y) + BN_res(residual) or the mapped residual) in one elementwise launch on the current CUDA "
+        "stream; the contract is reference.bn_add_act.",
+        py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
+        py::arg("res_mean"), py::arg("res_invstd"), py::arg("res_weight"), py::arg("res_bias"),
+        py::arg("residual_stride"), py::arg("residual_offset"), py::arg("relu"));
+  m.def("_emulate_bn_add_act", &emulate_bn_add_act, "bn_add_act on CPU tensors through the host emulator; for tests.",
+        py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
+        py::arg("res_mean"), py::arg("res_invstd"), py::arg("res_weight"), py::arg("res_bias"),
+        py::arg("residual_stride"), py::arg("residual_offset"), py::arg("relu"));
+  m.def("bn_add_act_backward", &bn_add_act_backward,
+        "The gradients of bn_add_act (reference.bn_add_act_backward's order, None where not needed): one "
+        "per-channel pass per BN and a fixed-order finalize, on the current CUDA stream.",
+        py::arg("grad"), py::arg("out"), py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+        py::arg("residual"), py::arg("res_mean"), py::arg("res_invstd"), py::arg("res_weight"),
+        py::arg("residual_stride"), py::arg("residual_offset"), py::arg("relu"), py::arg("needs"));
+  m.def("_emulate_bn_add_act_backward", &emulate_bn_add_act_backward,
+        "bn_add_act_backward on CPU tensors through the host emulator; for tests.",
+        py::arg("grad"), py::arg("out"), py::arg("y"), py::arg("mean"), py::arg("invstd"), py::arg("weight"),
+        py::arg("residual"), py::arg("res_mean"), py::arg("res_invstd"), py::arg("res_weight"),
+        py::arg("residual_stride"), py::arg("residual_offset"), py::arg("relu"), py::arg("needs"));
+  m.def("channel_backward", &channel_backward,
+        "conv_stats_backward's per-channel pass over t (y or x): [grad_t, grad_mean, grad_invstd, grad_weight, "
+        "grad_bias] for needs, g = grad + fold_shift + fold_slope * (t - mean), masked by the recomputed prologue "
+        "ReLU when prologue_relu, grad_t = g * weight * invstd (g without invstd).",
+        py::arg("grad"), py::arg("t"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("fold_shift"), py::arg("fold_slope"), py::arg("prologue_relu"), py::arg("needs"));
+  m.def("_emulate_channel_backward", &emulate_channel_backward,
+        "channel_backward on CPU tensors through the host emulator; for tests.",
+        py::arg("grad"), py::arg("t"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("fold_shift"), py::arg("fold_slope"), py::arg("prologue_relu"), py::arg("needs"));
   m.def("kernel_image_error", &kernel_image_error,
         "'' when the device can load the kernels, else the CUDA error a launch would give.", py::arg("device"));
   m.def("build_info", &build_info, "How this extension was built: CUDA version, architectures, torch version.");

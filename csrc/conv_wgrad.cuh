@@ -70,9 +70,9 @@ inline WgradGemm make_wgrad_gemm(const ConvWgradParams& p) {
                       aligned16(p.shortcut_x);
   w.vector_grad = w.out_group_channels % 8 == 0 && aligned16(p.grad) &&
                   (p.grad_mask == nullptr || aligned16(p.grad_mask));
-  // A ReLU mask needs the registers (it is applied between the load and the store).
+  // A ReLU mask or the prologue needs the registers (applied between the load and the store).
   w.async_copy = (w.conv_rows == 0 || w.vector_x) && (w.shortcut_rows == 0 || w.vector_shortcut) && w.vector_grad &&
-                 p.grad_mask == nullptr;
+                 p.grad_mask == nullptr && p.in_mean == nullptr;
   return w;
 }
 
@@ -118,7 +118,9 @@ FR_HOST_DEVICE uint16_t wgrad_row_element(const ConvWgradParams& p, const WgradG
   if (!d.valid || j >= w.rows) return 0;
   if (j < w.conv_rows) {
     const int64_t offset = wgrad_x_offset(p, w, d, j, group);
-    return offset < 0 ? uint16_t(0) : load_global(static_cast<const uint16_t*>(p.x) + offset);
+    if (offset < 0) return 0;
+    const uint16_t value = load_global(static_cast<const uint16_t*>(p.x) + offset);
+    return p.in_mean == nullptr ? value : apply_prologue(p, value, group * w.in_group_channels + j % w.in_group_channels);
   }
   return load_global(static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, j - w.conv_rows));
 }
@@ -257,7 +259,15 @@ class WgradLoader {
     if (a_kind_ == kZeros || !d.valid) return zeros;
     if (a_kind_ == kConvVector) {
       const int64_t offset = wgrad_x_offset(p, w, d, a_row_, group_);
-      return offset < 0 ? zeros : load_global(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + offset));
+      if (offset < 0) return zeros;
+      const uint4 chunk = load_global(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + offset));
+      if (p.in_mean == nullptr) return chunk;
+      uint16_t e[kVector];  // 8 consecutive channels of one tap
+      unpack8(chunk, e);
+      const int channel = group_ * w.in_group_channels + a_row_ % w.in_group_channels;
+#pragma unroll
+      for (int j = 0; j < kVector; ++j) e[j] = apply_prologue(p, e[j], channel + j);
+      return pack8(e);
     }
     if (a_kind_ == kShortcutVector) {
       const uint16_t* src = static_cast<const uint16_t*>(p.shortcut_x) + wgrad_shortcut_offset(p, d, a_row_ - w.conv_rows);

@@ -6,8 +6,8 @@
 //
 // with g the output's gradient, zero where the forward's output (grad_mask) is <= 0 when a ReLU
 // ended it. One implicit GEMM per group computes all three: rows are the weight gradient's
-// (tap, input channel) pairs, then the projection's input channels, then one row of ones (the
-// bias); columns are the group's output channels; the depth is the output pixels, split across
+// (tap, input channel) pairs, then the projection's input channels; the bias gradient is summed
+// by the first row tile's blocks as g lands; columns are the group's output channels; the depth is the output pixels, split across
 // blocks (split-K) whose fp32 partial sums land in a workspace, summed in a fixed order by a
 // second launch that also casts and stores: deterministic, no atomics. bindings.cpp checks and
 // prepares the tensors; conv_wgrad.cu launches; emulator.cu runs the same schedule on the host.
@@ -35,6 +35,15 @@ struct ConvWgradParams {
   int in_h, in_w, in_channels;
   int kernel_h, kernel_w, groups;
   int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+
+  // conv_stats_backward's wgrad reads x through the forward's prologue (conv_bias_act.h: in_mean
+  // set): relu?((x - in_mean[c]) * in_invstd[c] * in_weight[c] + in_bias[c]) rounded to the dtype, the
+  // padding zero -- the prologue's output, recomputed as x loads rather than stored.
+  const float* in_mean;
+  const float* in_invstd;
+  const float* in_weight;
+  const float* in_bias;
+  bool in_relu;
 
   // The merged 1x1 projection (groups 1), or null: shortcut_x dense NHWC [batch, shortcut_h,
   // shortcut_w, shortcut_channels] read at shortcut_stride.

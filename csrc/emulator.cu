@@ -1,5 +1,6 @@
 // Host emulation of conv_bias_act_kernel (also the dgrad and conv_stats, with its statistics epilogue
-// and finalize) and of conv_wgrad's two launches, so CI can test their index math without a GPU.
+// and finalize), of conv_wgrad's two launches and of the training-mode BN ops (channel_ops.h), so CI
+// can test their index math without a GPU.
 //
 // It runs the kernel's own pieces on the CPU, in the kernel's order, block by
 // block: the operand gathers and shared-memory stores of every thread
@@ -19,6 +20,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "channel_ops.cuh"
+#include "channel_ops.h"
 #include "conv_bias_act.h"
 #include "conv_gemm.cuh"
 #include "conv_stats.cuh"
@@ -213,6 +216,47 @@ void emulate_conv_wgrad(const ConvWgradParams& p) {
     emulate_wgrad_typed<__half>(p, w);
   } else {
     emulate_wgrad_typed<__nv_bfloat16>(p, w);
+  }
+}
+
+void emulate_bn_add_act(const BnAddActParams& p) {
+  const int64_t elements = int64_t(p.batch) * p.height * p.width * p.channels;
+  for (int64_t index = 0; index < elements; ++index) bn_add_act_element(p, index);
+}
+
+// channel_backward_kernel's blocks (each thread, then its row lanes' sums in order), then the
+// finalize's threads and tree, as on the device.
+void emulate_channel_backward(const ChannelBackwardParams& p) {
+  if (p.t_channels == 0) return;
+  const int row_blocks = channel_backward_row_blocks(p);
+  std::vector<float2> sums(kChannelThreads);
+  for (int c0 = 0; c0 < p.t_channels; c0 += kChannelLanes) {
+    for (int row_block = 0; row_block < row_blocks; ++row_block) {
+      for (int row_lane = 0; row_lane < kRowLanes; ++row_lane) {
+        for (int lane = 0; lane < kChannelLanes; ++lane) {
+          sums[row_lane * kChannelLanes + lane] = channel_backward_thread(p, row_block, c0 + lane, row_lane);
+        }
+      }
+      if (p.partials == nullptr) continue;
+      for (int lane = 0; lane < kChannelLanes && c0 + lane < p.t_channels; ++lane) {
+        const float2 total = channel_backward_block_sum(sums.data(), lane);
+        const int64_t at = (int64_t(row_block) * p.t_channels + c0 + lane) * 2;
+        p.partials[at] = total.x;
+        p.partials[at + 1] = total.y;
+      }
+    }
+  }
+  if (p.partials == nullptr) return;
+  std::vector<float2> finals(kFinalizeThreads);
+  for (int c = 0; c < p.t_channels; ++c) {
+    for (int thread = 0; thread < kFinalizeThreads; ++thread) finals[thread] = channel_finalize_thread(p, c, thread);
+    for (int half = kFinalizeThreads / 2; half > 0; half /= 2) {
+      for (int thread = 0; thread < half; ++thread) {
+        finals[thread].x += finals[thread + half].x;
+        finals[thread].y += finals[thread + half].y;
+      }
+    }
+    store_channel_grads(p, c, finals[0]);
   }
 }
 

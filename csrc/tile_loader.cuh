@@ -104,7 +104,8 @@ FR_HOST_DEVICE uint16_t from_float(float value, DType dtype) {
 
 // conv_stats' prologue on x's element of input channel `channel` (p.in_mean set): the previous BN,
 // centred first as the reference computes it, then its ReLU; NaN stays NaN, as torch.relu.
-FR_HOST_DEVICE uint16_t apply_prologue(const ConvBiasActParams& p, uint16_t bits, int channel) {
+template <class Params>  // ConvBiasActParams, ConvWgradParams: in_mean, in_invstd, in_weight, in_bias, in_relu, dtype
+FR_HOST_DEVICE uint16_t apply_prologue(const Params& p, uint16_t bits, int channel) {
   const float centred = (to_float(bits, p.dtype) - load_global(p.in_mean + channel)) * load_global(p.in_invstd + channel);
   const float weight = p.in_weight != nullptr ? load_global(p.in_weight + channel) : 1.f;
   const float bias = p.in_bias != nullptr ? load_global(p.in_bias + channel) : 0.f;

@@ -274,11 +274,17 @@ def _conv_stats_backward(
     in_bias: Optional[Tensor], in_relu: bool, needs: Sequence[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     config = _config(x, weight, stride, padding, dilation, groups, prologue=in_mean is not None)
-    impl = backends.select("conv_stats_backward", backend or None, config)
-    return _fill_absent(impl.conv_stats_backward(
-        grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, tuple(stride), tuple(padding),
-        tuple(dilation), groups, in_mean, in_invstd, in_weight, in_bias, in_relu, list(needs),
-    ), grad_y)
+    args = (grad_y, grad_mean, grad_var, x, y, mean, weight, has_bias, tuple(stride), tuple(padding),
+            tuple(dilation), groups, in_mean, in_invstd, in_weight, in_bias, in_relu, list(needs))
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (str(x.dtype), *(_layout(t) for t in (grad_y, x, weight)), *args[7:12],
+                     grad_mean is not None, grad_var is not None, in_mean is not None, in_weight is not None,
+                     in_bias is not None, in_relu, tuple(bool(n) for n in needs))
+        return shape_key, lambda module: module.conv_stats_backward(*args)
+
+    impl = backends.select("conv_stats_backward", backend or None, config, measure=measure)
+    return _fill_absent(impl.conv_stats_backward(*args), grad_y)
 
 
 @_conv_stats_backward.register_fake
@@ -332,9 +338,17 @@ def _bn_add_act(
     res_weight: Optional[Tensor], res_bias: Optional[Tensor],
     residual_stride: int, residual_offset: int, relu: bool, backend: str,
 ) -> Tensor:
-    impl = backends.select("bn_add_act", backend or None, _config(y, None))
-    return impl.bn_add_act(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight,
-                           res_bias, residual_stride, residual_offset, relu)
+    args = (y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias,
+            residual_stride, residual_offset, relu)
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (str(y.dtype), _layout(y), _layout(residual), weight is not None, bias is not None,
+                     res_mean is not None, res_weight is not None, res_bias is not None, residual_stride,
+                     residual_offset, relu)
+        return shape_key, lambda module: module.bn_add_act(*args)
+
+    impl = backends.select("bn_add_act", backend or None, _config(y, None), measure=measure)
+    return impl.bn_add_act(*args)
 
 
 @_bn_add_act.register_fake
@@ -350,10 +364,17 @@ def _bn_add_act_backward(
     res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool,
     needs: Sequence[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.select("bn_add_act_backward", backend or None, _config(y, None))
-    return _fill_absent(impl.bn_add_act_backward(
-        grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
-        residual_stride, residual_offset, relu, list(needs)), grad)
+    args = (grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight,
+            residual_stride, residual_offset, relu, list(needs))
+
+    def measure():  # built only when auto has several backends to choose from
+        shape_key = (str(y.dtype), *(_layout(t) for t in (grad, y, residual)), weight is not None,
+                     res_mean is not None, res_weight is not None, residual_stride, residual_offset, relu,
+                     tuple(bool(n) for n in needs))
+        return shape_key, lambda module: module.bn_add_act_backward(*args)
+
+    impl = backends.select("bn_add_act_backward", backend or None, _config(y, None), measure=measure)
+    return _fill_absent(impl.bn_add_act_backward(*args), grad)
 
 
 @_bn_add_act_backward.register_fake

@@ -256,8 +256,8 @@ _CONFIG = dict(device=torch.device("cuda"), dtype=torch.float16, kernel=(3, 3), 
 
 @pytest.mark.parametrize("op, change, expected", [
     ("conv_stats", {"dtype": torch.float32}, "float32"),
-    ("conv_stats_backward", {}, "no kernel for conv_stats_backward"),
-    ("bn_add_act", {}, "no kernel for bn_add_act"),
+    ("conv_stats_backward", {"device": torch.device("cpu")}, "CUDA tensors only"),
+    ("bn_add_act", {"dtype": torch.float64}, "fp16/bf16"),
     ("no_such_op", {}, "unknown op"),
     ("conv_bias_act", {"device": torch.device("cpu")}, "CUDA tensors only"),
     ("conv_bias_act", {"dtype": torch.float32}, "float32"),

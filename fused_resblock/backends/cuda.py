@@ -1,13 +1,15 @@
 """The CUDA backend: fused kernels of the compiled extension ``fused_resblock._C``.
 
-Implemented so far, fp16 and bf16 (see ``csrc/``): ``conv_bias_act`` (eval mode:
-one implicit-GEMM launch on the tensor cores per conv) and its backward
-``conv_bias_act_backward`` (fine-tuning through frozen, folded BN: a dgrad and a
-split-K wgrad launch per conv); of the training ops, ``conv_stats`` (the conv
-with the previous BN + ReLU as a prologue and the batch statistics as an
-epilogue, plus one small launch merging them). The other training ops
-(``conv_stats_backward``, ``bn_add_act`` and its backward) report themselves
-unsupported, so the op layer runs another backend for them.
+Every op of the contract is implemented, fp16 and bf16 (see ``csrc/``): ``conv_bias_act``
+(eval mode: one implicit-GEMM launch on the tensor cores per conv) and its backward
+``conv_bias_act_backward`` (fine-tuning through frozen, folded BN: a dgrad and a split-K
+wgrad launch per conv); in training, ``conv_stats`` (the conv with the previous BN + ReLU
+as a prologue and the batch statistics as an epilogue, plus one small launch merging
+them), ``bn_add_act`` (one elementwise launch) and the backward of both
+(``bn_add_act_backward``: a per-channel pass per BN with a fixed-order finalize;
+``conv_stats_backward``: that pass folding the statistics' gradients into y's, the dgrad
+and the wgrad -- which applies the prologue as it loads x -- and the pass again for the
+prologue's BN and ReLU).
 
 Importing this module never imports the extension. The first ``available()``
 or call loads it: ``fused_resblock._C`` as built by
@@ -42,9 +44,10 @@ OPS = (
     "conv_stats", "conv_stats_backward",
     "bn_add_act", "bn_add_act_backward",
 )
-SUPPORTED_OPS = ("conv_bias_act", "conv_bias_act_backward", "conv_stats")
-# The ops whose kernel applies an input prologue (the previous BN + ReLU) as it loads x.
-PROLOGUE_OPS = ("conv_stats",)
+SUPPORTED_OPS = OPS
+# The ops whose kernels apply an input prologue (the previous BN + ReLU) as they load x.
+PROLOGUE_OPS = ("conv_stats", "conv_stats_backward")
+ELEMENTWISE_OPS = ("bn_add_act", "bn_add_act_backward")  # their config has no convolution
 DTYPES = (torch.float16, torch.bfloat16)
 JIT_ENV = "FUSED_RESBLOCK_JIT_BUILD"
 # The kernel and its main loop (csrc/README.md): auto (on sm_90 CUTLASS's TMA + wgmma kernel where it
@@ -216,8 +219,10 @@ def supports(op: str, config: dict) -> Optional[str]:
         return f"cuda backend runs CUDA tensors only, not {device.type}"
     dtype = config["dtype"]
     if dtype not in DTYPES:
-        return (f"cuda backend has fp16/bf16 tensor-core kernels only, not {str(dtype).replace('torch.', '')} "
+        return (f"cuda backend has fp16/bf16 kernels only, not {str(dtype).replace('torch.', '')} "
                 "(float32, with or without TF32, runs on the triton or reference backend)")
+    if op in ELEMENTWISE_OPS:
+        return _machine_reason(device)
     if config.get("prologue") and op not in PROLOGUE_OPS:
         return f"cuda backend has no input prologue (BN/ReLU as the input loads) for {op}"
     reason = conv_geometry_reason(config)
@@ -226,6 +231,11 @@ def supports(op: str, config: dict) -> Optional[str]:
     if config["out_channels"] // config["groups"] > MAX_OUT_CHANNELS_PER_GROUP:
         return (f"{config['out_channels'] // config['groups']} output channels per group exceed the kernel's grid "
                 f"limit of {MAX_OUT_CHANNELS_PER_GROUP}")
+    return _machine_reason(device)
+
+
+def _machine_reason(device: torch.device) -> Optional[str]:
+    """None when this machine runs the extension's kernels on ``device``, else why not."""
     reason = available()
     if reason is None:
         reason = _device_reason(torch.cuda.current_device() if device.index is None else device.index)
@@ -266,6 +276,88 @@ def conv_stats(
     pipeline = PIPELINES["wmma"] if PIPELINE == PIPELINES["tma_wgmma"] else PIPELINE
     return _require().conv_stats(x, weight, bias, list(stride), list(padding), list(dilation), groups, in_mean,
                                  in_invstd, in_weight, in_bias, in_relu, compute_stats, out, 0, pipeline)
+
+
+def bn_add_act(
+    y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], res_bias: Optional[Tensor],
+    residual_stride: int, residual_offset: int, relu: bool,
+) -> Tensor:
+    """``reference.bn_add_act`` as one elementwise launch (same contract; NHWC inside, an NCHW y or
+    residual costs a copy)."""
+    return _require().bn_add_act(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight,
+                                 res_bias, residual_stride, residual_offset, relu)
+
+
+def bn_add_act_backward(
+    grad: Tensor, out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    residual: Optional[Tensor], res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+    res_weight: Optional[Tensor], residual_stride: int, residual_offset: int, relu: bool, needs: list,
+):
+    """``reference.bn_add_act_backward``: per BN (the block's, and the shortcut's or the identity
+    residual's) one pass writing its input's gradient and its per-channel sums, one launch adding
+    them up in a fixed order (deterministic)."""
+    return tuple(_require().bn_add_act_backward(grad, out, y, mean, invstd, weight, residual, res_mean, res_invstd,
+                                                res_weight, residual_stride, residual_offset, relu,
+                                                [bool(n) for n in needs]))
+
+
+def conv_stats_backward(
+    grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+    x: Tensor, y: Tensor, mean: Tensor, weight: Tensor, has_bias: bool,
+    stride, padding, dilation, groups: int,
+    in_mean: Optional[Tensor], in_invstd: Optional[Tensor], in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor], in_relu: bool, needs: list,
+):
+    """``reference.conv_stats_backward`` on the extension's kernels (same contract), see
+    ``stats_backward_with``."""
+    ext = _require()
+    return stats_backward_with(ext.channel_backward, ext.conv_dgrad, ext.conv_wgrad, grad_y, grad_mean, grad_var,
+                               x, y, mean, weight, has_bias, stride, padding, dilation, groups, in_mean, in_invstd,
+                               in_weight, in_bias, in_relu, needs)
+
+
+def stats_backward_with(channel_backward, conv_dgrad, conv_wgrad, grad_y, grad_mean, grad_var, x, y, mean, weight,
+                        has_bias, stride, padding, dilation, groups, in_mean, in_invstd, in_weight, in_bias, in_relu,
+                        needs):
+    """``conv_stats_backward`` through the given kernels: the extension's, or (tests) its host emulation.
+
+    1. One pass over y folds the statistics' gradients into y's, g = grad_y + grad_mean / count +
+       grad_var * 2 (y - mean) / count (fp32, stored in the dtype), and sums g for the bias gradient.
+    2. dgrad of g (the gradient of the prologue's output a) and wgrad of g against a, which the wgrad
+       recomputes from x as it loads it (the prologue in its gather: a is never stored).
+    3. With a prologue, one pass over x: the ReLU mask recomputed from x, grad_x = g_a * in_weight *
+       in_invstd, and the prologue BN's gradients from its per-channel sums.
+    """
+    needs = [bool(n) for n in needs]
+    has_prologue = in_mean is not None
+    need_ga = needs[0] or (has_prologue and any(needs[3:7]))
+    need_g = need_ga or needs[1]
+    want_bias = has_bias and needs[2]
+    count = max(y.numel() // max(y.shape[1], 1), 1)
+    shift = grad_mean / count if grad_mean is not None else None
+    slope = grad_var * (2.0 / count) if grad_var is not None else None
+    g = gb = None
+    if need_g or want_bias:
+        g, _, _, _, gb = channel_backward(grad_y, y, mean if slope is not None else None, None, None, None, shift,
+                                          slope, False, [need_g, False, False, False, want_bias])
+    ga = gw = None
+    if need_ga:
+        ga = torch.empty_like(x, memory_format=memory_format_of(x))
+        conv_dgrad(g, None, weight, list(stride), list(padding), list(dilation), groups, [x.shape[2], x.shape[3]], ga)
+    if needs[1]:
+        gw = torch.empty_like(weight, memory_format=weight_grad_format(x, weight))
+        conv_wgrad(g, None, x, list(weight.shape[2:]), list(stride), list(padding), list(dilation), groups, None, 1,
+                   gw, None, None, in_mean=in_mean, in_invstd=in_invstd, in_weight=in_weight, in_bias=in_bias,
+                   in_relu=in_relu)
+    if not has_prologue:
+        return ga if needs[0] else None, gw, gb, None, None, None, None
+    prologue = (None,) * 5
+    if need_ga:
+        prologue = channel_backward(ga, x, in_mean, in_invstd, in_weight, in_bias, None, None, in_relu,
+                                    [needs[0], needs[3], needs[4], needs[5] and in_weight is not None, needs[6]])
+    return (prologue[0], gw, gb, *prologue[1:])
 
 
 def conv_bias_act_backward(
