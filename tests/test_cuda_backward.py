@@ -288,26 +288,29 @@ def test_emulated_wgrad_output_aliasing_an_input_is_refused():
         EXT._emulate_conv_wgrad(**call)
 
 
-@pytest.fixture
-def cuda_backend_on_the_emulator(monkeypatch):
-    """The cuda backend made to run CPU tensors through the host emulation of its kernels, so that the
-    module layer's use of it (folding, the op layer's autograd, the backward's composition) runs in CI."""
-    def emulated_forward(x, weight, bias, stride, padding, dilation, groups, residual, residual_stride,
-                         residual_offset, shortcut_x, shortcut_weight, shortcut_stride, relu):
-        return EXT._emulate_conv_bias_act(x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                          residual, residual_stride, residual_offset, shortcut_x, shortcut_weight,
-                                          shortcut_stride, relu)
+def emulated_forward(x, weight, bias, stride, padding, dilation, groups, *rest):
+    return EXT._emulate_conv_bias_act(x, weight, bias, list(stride), list(padding), list(dilation), groups, *rest)
 
-    def supports(op, config):
-        return None if op in cuda_backend.SUPPORTED_OPS else f"cuda backend has no kernel for {op} yet"
 
+def run_cuda_backend_on_the_emulator(monkeypatch, ops: dict):
+    """The cuda backend made to run CPU tensors, ``ops`` (name -> function) through the host emulation of
+    its kernels, so that the module layer's use of it (folding, the op layer's autograd, the backward's
+    composition) runs in CI. A generator: the fixtures yield from it."""
     monkeypatch.setattr(cuda_backend, "available", lambda: None)
-    monkeypatch.setattr(cuda_backend, "supports", supports)
-    monkeypatch.setattr(cuda_backend, "conv_bias_act", emulated_forward)
-    monkeypatch.setattr(cuda_backend, "conv_bias_act_backward", emulated_backward)
+    monkeypatch.setattr(cuda_backend, "supports",
+                        lambda op, config: None if op in ops else f"cuda backend has no kernel for {op} here")
+    for name, fn in ops.items():
+        monkeypatch.setattr(cuda_backend, name, fn)
     backends.clear_caches()
     yield
     backends.clear_caches()
+
+
+@pytest.fixture
+def cuda_backend_on_the_emulator(monkeypatch):
+    """The eval-mode ops on the emulator (see ``run_cuda_backend_on_the_emulator``)."""
+    yield from run_cuda_backend_on_the_emulator(
+        monkeypatch, {"conv_bias_act": emulated_forward, "conv_bias_act_backward": emulated_backward})
 
 
 @needs_ext

@@ -18,11 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_resblock import backends, ops
+from fused_resblock import ops
 from fused_resblock.backends import cuda as cuda_backend, reference
 from fused_resblock.testing import assert_rule
 from conv_cases import PROLOGUES, ConvGeometry as Conv, check_conv_stats, conv_stats_inputs
 from helpers import float64_cpu
+from test_cuda_backward import run_cuda_backend_on_the_emulator
 from test_cuda_ext import _CONFIG, DTYPES, EXT, LAYOUTS, TILES, needs_ext, needs_gpu
 
 CONVS = {
@@ -38,10 +39,6 @@ CONVS = {
     # 144 output channels: two column tiles of the medium and large shapes, one partial
     "1x1_c144": Conv(2, 16, 9, 144, kernel=1, padding=0),
 }
-
-
-def emulated(**args):
-    return EXT._emulate_conv_stats(**_binding_args(args))
 
 
 def _binding_args(args: dict, **extra) -> dict:
@@ -168,17 +165,14 @@ def test_backend_supports_conv_stats_with_its_prologue():
     assert "prologue" in cuda_backend.supports("conv_bias_act", config)
 
 
+def emulated_stats(x, weight, bias, stride, padding, dilation, groups, *rest):
+    return EXT._emulate_conv_stats(x, weight, bias, list(stride), list(padding), list(dilation), groups, *rest)
+
+
 @pytest.fixture
 def conv_stats_on_the_emulator(monkeypatch):
     """The cuda backend made to run conv_stats on CPU tensors through the emulator: the op layer's use of it."""
-    monkeypatch.setattr(cuda_backend, "available", lambda: None)
-    monkeypatch.setattr(cuda_backend, "supports",
-                        lambda op, config: None if op in cuda_backend.SUPPORTED_OPS else f"no kernel for {op}")
-    monkeypatch.setattr(cuda_backend, "conv_stats", lambda *a: EXT._emulate_conv_stats(
-        a[0], a[1], a[2], list(a[3]), list(a[4]), list(a[5]), *a[6:]))
-    backends.clear_caches()
-    yield
-    backends.clear_caches()
+    yield from run_cuda_backend_on_the_emulator(monkeypatch, {"conv_stats": emulated_stats})
 
 
 @needs_ext

@@ -17,14 +17,16 @@ import pytest
 import torch
 
 import fused_resblock as frb
-from fused_resblock import backends
 from fused_resblock.backends import cuda as cuda_backend, reference
 from fused_resblock.testing import assert_equivalent
 from helpers import check_grads, float64_cpu, randomize_norms
+from test_cuda_backward import emulated_backward, emulated_forward, run_cuda_backend_on_the_emulator
 from test_cuda_ext import DTYPES, EXT, needs_ext, needs_gpu
+from test_cuda_train import emulated_stats
 from test_equivalence import BLOCKS
 from test_triton_train_bwd import (
-    BN_NAMES, CONV_CASES, CONV_NAMES, RESNET50_CONVS, ConvCase, _bn_case, _conv_inputs,
+    BN_NAMES, BN_NEEDS, CONV_CASES, CONV_NAMES, CONV_NEEDS, PROLOGUE_VARIANTS, RESNET50_CONVS, ConvCase, _bn_case,
+    _conv_inputs,
 )
 from test_triton_train_fwd import RESIDUALS, bn_add_act_args, check_bn_add_act
 
@@ -48,19 +50,13 @@ def emulated_conv_stats_backward(*args):
                                             EXT._emulate_conv_wgrad, *args)
 
 
-def _check_bn_backward(backward, args, needs, dtype):
+def _check_backward(backward, args, needs, dtype):
+    """``backward(*args, needs)`` gradient by gradient against the reference at the same dtype and in
+    float64: bn_add_act_backward's (10 arguments before needs) or conv_stats_backward's."""
     args = list(args) + [list(needs)]
+    op, names = ("bn_add_act_backward", BN_NAMES) if len(args) == 14 else ("conv_stats_backward", CONV_NAMES)
     fused = backward(*args)
-    check_grads(BN_NAMES, fused, reference.bn_add_act_backward(*args),
-                reference.bn_add_act_backward(*float64_cpu(args)), dtype)
-    return fused
-
-
-def _check_conv_backward(backward, args, needs, dtype):
-    args = list(args) + [list(needs)]
-    fused = backward(*args)
-    check_grads(CONV_NAMES, fused, reference.conv_stats_backward(*args),
-                reference.conv_stats_backward(*float64_cpu(args)), dtype)
+    check_grads(names, fused, getattr(reference, op)(*args), getattr(reference, op)(*float64_cpu(args)), dtype)
     return fused
 
 
@@ -83,18 +79,14 @@ def test_emulated_bn_add_act(kind, dtype, channels_last, relu):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_emulated_bn_add_act_backward(dtype, residual, relu, channels_last):
     args = _on(_bn_case(dtype, residual, relu, channels_last, shape=(3, 40, 9, 11)), "cpu")
-    _check_bn_backward(emulated_bn_add_act_backward, args, [True] * 10, dtype)
+    _check_backward(emulated_bn_add_act_backward, args, [True] * 10, dtype)
 
 
 @needs_ext
-@pytest.mark.parametrize("needs", [
-    [True] + [False] * 9, [False, False, False, True, True] + [False] * 5, [False, True, True] + [False] * 7,
-    [False] * 5 + [True] + [False] * 4, [False] * 8 + [True, True],
-    [True, False, False, False, False, True, True, False, False, False],
-], ids=["y", "w_b", "mean_invstd", "res", "res_params", "mixed"])
+@pytest.mark.parametrize("needs", BN_NEEDS)
 @pytest.mark.parametrize("residual", ["bn", "mapped"])
 def test_emulated_bn_add_act_backward_needs(needs, residual):
-    fused = _check_bn_backward(emulated_bn_add_act_backward, _on(_bn_case(torch.float16, residual, True), "cpu"),
+    fused = _check_backward(emulated_bn_add_act_backward, _on(_bn_case(torch.float16, residual, True), "cpu"),
                                needs, torch.float16)
     assert [g is not None for g in fused[:5]] == needs[:5]
 
@@ -103,7 +95,7 @@ def test_emulated_bn_add_act_backward_needs(needs, residual):
 def test_emulated_bn_add_act_backward_far_from_zero_and_no_affine():
     """|mean| >> std (centred sums), no affine, and more row blocks than a block's 256 rows."""
     args = _on(_bn_case(torch.float16, "bn", True, affine=False, shape=(2, 12, 17, 19), shift=60.0), "cpu")
-    _check_bn_backward(emulated_bn_add_act_backward, args, [True] * 10, torch.float16)
+    _check_backward(emulated_bn_add_act_backward, args, [True] * 10, torch.float16)
 
 
 @needs_ext
@@ -112,30 +104,24 @@ def test_emulated_bn_add_act_backward_far_from_zero_and_no_affine():
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_emulated_conv_stats_backward(case, dtype, channels_last):
     args = _on(_conv_inputs(case, dtype, channels_last), "cpu")
-    _check_conv_backward(emulated_conv_stats_backward, args, [True] * 7, dtype)
+    _check_backward(emulated_conv_stats_backward, args, [True] * 7, dtype)
 
 
 @needs_ext
-@pytest.mark.parametrize("prologue,in_relu,affine", [
-    (False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True),
-], ids=["none", "bn", "bn_relu", "bn_affine", "bn_affine_relu"])
+@pytest.mark.parametrize("prologue,in_relu,affine", PROLOGUE_VARIANTS)
 @pytest.mark.parametrize("stats_grads", [False, True], ids=["nostats", "stats"])
 def test_emulated_conv_stats_backward_prologue(prologue, in_relu, affine, stats_grads):
     case = ConvCase(2, 16, 6, 7, 24, stride=2, prologue=prologue, in_relu=in_relu, affine=affine,
                     stats_grads=stats_grads)
-    _check_conv_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.bfloat16, True), "cpu"),
+    _check_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.bfloat16, True), "cpu"),
                          [True] * 7, torch.bfloat16)
 
 
 @needs_ext
-@pytest.mark.parametrize("needs", [
-    [False, True, False, False, False, False, False], [True, False, False, False, False, False, False],
-    [False, False, True, False, False, False, False], [False, False, False, True, True, True, True],
-    [False, False, False, False, False, True, False], [True, False, True, True, False, False, True],
-], ids=["w", "x", "b", "prologue", "in_w", "mixed"])
+@pytest.mark.parametrize("needs", CONV_NEEDS)
 def test_emulated_conv_stats_backward_needs(needs):
     case = ConvCase(2, 8, 7, 7, 12, stride=2, groups=2)
-    fused = _check_conv_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.float16, True), "cpu"),
+    fused = _check_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.float16, True), "cpu"),
                                  needs, torch.float16)
     assert [g is not None for g in fused] == needs
 
@@ -143,7 +129,7 @@ def test_emulated_conv_stats_backward_needs(needs):
 @needs_ext
 def test_emulated_conv_stats_backward_far_from_zero():
     case = ConvCase(2, 8, 7, 7, 12, shift=30.0)
-    _check_conv_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.float16), "cpu"), [True] * 7,
+    _check_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.float16), "cpu"), [True] * 7,
                          torch.float16)
 
 
@@ -152,7 +138,7 @@ def test_emulated_wgrad_applies_the_prologue_on_both_gathers():
     """8-aligned channels (16-byte chunks) and 5 (element gathers), padding taps zero after the prologue."""
     for case in (ConvCase(2, 16, 9, 9, 16), ConvCase(2, 5, 9, 9, 8)):
         args = _on(_conv_inputs(case, torch.float16, True), "cpu")
-        _check_conv_backward(emulated_conv_stats_backward, args, [False, True] + [False] * 5, torch.float16)
+        _check_backward(emulated_conv_stats_backward, args, [False, True] + [False] * 5, torch.float16)
 
 
 @needs_ext
@@ -186,25 +172,11 @@ def test_backend_supports_every_training_op():
 def cuda_training_on_the_emulator(monkeypatch):
     """Every op of the cuda backend on CPU tensors through the emulator: blocks trained with backend="cuda"
     (forced: a missing kernel raises) run the module layer's whole training path in CI."""
-    from test_cuda_backward import emulated_backward
-
-    def emulated_forward(x, weight, bias, stride, padding, dilation, groups, *rest):
-        return EXT._emulate_conv_bias_act(x, weight, bias, list(stride), list(padding), list(dilation), groups, *rest)
-
-    def emulated_stats(x, weight, bias, stride, padding, dilation, groups, *rest):
-        return EXT._emulate_conv_stats(x, weight, bias, list(stride), list(padding), list(dilation), groups, *rest)
-
-    monkeypatch.setattr(cuda_backend, "available", lambda: None)
-    monkeypatch.setattr(cuda_backend, "supports",
-                        lambda op, config: None if op in cuda_backend.SUPPORTED_OPS else f"no kernel for {op}")
-    for name, fn in (("conv_bias_act", emulated_forward), ("conv_bias_act_backward", emulated_backward),
-                     ("conv_stats", emulated_stats), ("conv_stats_backward", emulated_conv_stats_backward),
-                     ("bn_add_act", lambda *a: EXT._emulate_bn_add_act(*a)),
-                     ("bn_add_act_backward", emulated_bn_add_act_backward)):
-        monkeypatch.setattr(cuda_backend, name, fn)
-    backends.clear_caches()
-    yield
-    backends.clear_caches()
+    yield from run_cuda_backend_on_the_emulator(monkeypatch, {
+        "conv_bias_act": emulated_forward, "conv_bias_act_backward": emulated_backward,
+        "conv_stats": emulated_stats, "conv_stats_backward": emulated_conv_stats_backward,
+        "bn_add_act": lambda *a: EXT._emulate_bn_add_act(*a), "bn_add_act_backward": emulated_bn_add_act_backward,
+    })
 
 
 @needs_ext
@@ -237,7 +209,7 @@ def test_cuda_bn_add_act(kind, dtype):
 ])
 def test_cuda_bn_add_act_backward_resnet50_shapes(dtype, residual, shape):
     args = _on(_bn_case(dtype, residual, True, channels_last=True, shape=shape), "cuda")
-    _check_bn_backward(cuda_backend.bn_add_act_backward, args, [True] * 10, dtype)
+    _check_backward(cuda_backend.bn_add_act_backward, args, [True] * 10, dtype)
 
 
 @needs_gpu
@@ -245,7 +217,7 @@ def test_cuda_bn_add_act_backward_resnet50_shapes(dtype, residual, shape):
 @pytest.mark.parametrize("case", RESNET50_CONVS, ids=str)
 def test_cuda_conv_stats_backward_resnet50_shapes(case, dtype):
     args = _on(_conv_inputs(case, dtype, channels_last=True), "cuda")
-    _check_conv_backward(cuda_backend.conv_stats_backward, args, [True] * 7, dtype)
+    _check_backward(cuda_backend.conv_stats_backward, args, [True] * 7, dtype)
 
 
 @needs_gpu

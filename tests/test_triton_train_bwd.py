@@ -96,14 +96,17 @@ def test_bn_add_act_backward_no_affine_batch1(residual):
     _run_bn(args, [True] * 10, torch.float32)
 
 
-@pytest.mark.parametrize("needs", [
-    [True] + [False] * 9,                      # only y
-    [False, False, False, True, True] + [False] * 5,   # only weight and bias
-    [False, True, True, False, False] + [False] * 5,   # only mean and invstd
-    [False] * 5 + [True] + [False] * 4,        # only the residual
-    [False] * 6 + [False, False, True, True],  # only the residual BN's parameters
-    [True, False, False, False, False, True, True, False, False, False],
-], ids=["y", "w_b", "mean_invstd", "res", "res_params", "mixed"])
+BN_NEEDS = [pytest.param(needs, id=name) for name, needs in (  # BN_NAMES' order
+    ("y", [True] + [False] * 9),
+    ("w_b", [False, False, False, True, True] + [False] * 5),
+    ("mean_invstd", [False, True, True, False, False] + [False] * 5),
+    ("res", [False] * 5 + [True] + [False] * 4),
+    ("res_params", [False] * 6 + [False, False, True, True]),
+    ("mixed", [True, False, False, False, False, True, True, False, False, False]),
+)]
+
+
+@pytest.mark.parametrize("needs", BN_NEEDS)
 @pytest.mark.parametrize("residual", ["bn", "mapped"])
 def test_bn_add_act_backward_needs(needs, residual):
     args = _bn_case(torch.float32, residual, True)
@@ -215,9 +218,23 @@ def test_conv_stats_backward(case, dtype, channels_last):
     _run_conv(_conv_inputs(case, dtype, channels_last), [True] * 7, dtype)
 
 
-@pytest.mark.parametrize("prologue,in_relu,affine", [
-    (False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True),
-], ids=["none", "bn", "bn_relu", "bn_affine", "bn_affine_relu"])
+# (prologue, in_relu, affine) of conv_stats_backward's cases, and ``needs`` subsets (CONV_NAMES' order)
+PROLOGUE_VARIANTS = [pytest.param(*v, id=name) for name, v in (
+    ("none", (False, False, False)), ("bn", (True, False, False)), ("bn_relu", (True, True, False)),
+    ("bn_affine", (True, False, True)), ("bn_affine_relu", (True, True, True)),
+)]
+CONV_NEEDS = [pytest.param(needs, id=name) for name, needs in (
+    ("w", [False, True, False, False, False, False, False]),         # only weight
+    ("x", [True, False, False, False, False, False, False]),         # only x
+    ("b", [False, False, True, False, False, False, False]),         # only the conv bias
+    ("prologue", [False, False, False, True, True, True, True]),     # only the prologue's parameters
+    ("in_w", [False, False, False, False, False, True, False]),      # only the prologue's weight
+    ("x_w", [True, True, False, False, False, False, False]),        # x and weight
+    ("mixed", [True, False, True, True, False, False, True]),
+)]
+
+
+@pytest.mark.parametrize("prologue,in_relu,affine", PROLOGUE_VARIANTS)
 @pytest.mark.parametrize("stats_grads", [False, True], ids=["nostats", "stats"])
 def test_conv_stats_backward_prologue(prologue, in_relu, affine, stats_grads):
     case = ConvCase(2, 6, 6, 7, 9, stride=2, prologue=prologue, in_relu=in_relu, affine=affine,
@@ -225,15 +242,7 @@ def test_conv_stats_backward_prologue(prologue, in_relu, affine, stats_grads):
     _run_conv(_conv_inputs(case, torch.float32), [True] * 7, torch.float32)
 
 
-@pytest.mark.parametrize("needs", [
-    [False, True, False, False, False, False, False],   # only weight
-    [True, False, False, False, False, False, False],   # only x
-    [False, False, True, False, False, False, False],   # only the conv bias
-    [False, False, False, True, True, True, True],      # only the prologue's parameters
-    [False, False, False, False, False, True, False],   # only the prologue's weight
-    [True, True, False, False, False, False, False],    # x and weight
-    [True, False, True, True, False, False, True],
-], ids=["w", "x", "b", "prologue", "in_w", "x_w", "mixed"])
+@pytest.mark.parametrize("needs", CONV_NEEDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_conv_stats_backward_needs(needs, channels_last):
     case = ConvCase(2, 8, 7, 7, 12, stride=2, groups=2)
