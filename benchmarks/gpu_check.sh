@@ -160,8 +160,9 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------- tests
-GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_backward.py tests/test_cuda_train.py tests/test_cuda_blocks.py
-                tests/test_triton_conv.py tests/test_triton_blocks.py tests/test_triton_train_fwd.py tests/test_triton_train_bwd.py
+GPU_TEST_FILES=(tests/test_cuda_ext.py tests/test_cuda_backward.py tests/test_cuda_train.py tests/test_cuda_train_bwd.py
+                tests/test_cuda_blocks.py tests/test_triton_conv.py tests/test_triton_blocks.py tests/test_triton_train_fwd.py
+                tests/test_triton_train_bwd.py
                 tests/test_equivalence.py tests/test_ops.py tests/test_backend_choice.py)
 if skipped tests; then
     record tests skipped 0 "GPU_CHECK_SKIP"
