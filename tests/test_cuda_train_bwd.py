@@ -25,8 +25,8 @@ from test_cuda_ext import DTYPES, EXT, needs_ext, needs_gpu
 from test_cuda_train import emulated_stats
 from test_equivalence import BLOCKS
 from test_triton_train_bwd import (
-    BN_NAMES, BN_NEEDS, CONV_CASES, CONV_NAMES, CONV_NEEDS, PROLOGUE_VARIANTS, RESNET50_CONVS, ConvCase, _bn_case,
-    _conv_inputs,
+    BN_NAMES, BN_NEEDS, CONV_CASES, CONV_NAMES, CONV_NEEDS, PROLOGUE_VARIANTS, RESNET50_CONVS, ConvCase, _bf16_wide,
+    _bn_case, _conv_inputs,
 )
 from test_triton_train_fwd import RESIDUALS, bn_add_act_args, check_bn_add_act
 
@@ -103,6 +103,8 @@ def test_emulated_bn_add_act_backward_far_from_zero_and_no_affine():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_emulated_conv_stats_backward(case, dtype, channels_last):
+    if dtype == torch.bfloat16:  # the prologue BN's gradients: see _bf16_wide
+        case = _bf16_wide(case)
     args = _on(_conv_inputs(case, dtype, channels_last), "cpu")
     _check_backward(emulated_conv_stats_backward, args, [True] * 7, dtype)
 
@@ -111,8 +113,8 @@ def test_emulated_conv_stats_backward(case, dtype, channels_last):
 @pytest.mark.parametrize("prologue,in_relu,affine", PROLOGUE_VARIANTS)
 @pytest.mark.parametrize("stats_grads", [False, True], ids=["nostats", "stats"])
 def test_emulated_conv_stats_backward_prologue(prologue, in_relu, affine, stats_grads):
-    case = ConvCase(2, 16, 6, 7, 24, stride=2, prologue=prologue, in_relu=in_relu, affine=affine,
-                    stats_grads=stats_grads)
+    case = _bf16_wide(ConvCase(2, 16, 6, 7, 24, stride=2, prologue=prologue, in_relu=in_relu, affine=affine,
+                               stats_grads=stats_grads))
     _check_backward(emulated_conv_stats_backward, _on(_conv_inputs(case, torch.bfloat16, True), "cpu"),
                          [True] * 7, torch.bfloat16)
 

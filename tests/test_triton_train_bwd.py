@@ -11,6 +11,7 @@ shapes (bf16 skipped: the 3.8 interpreter computes bf16 tl.dot wrongly). With
 CUDA the same tests run on the GPU, plus ResNet-50 layer shapes.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -202,6 +203,18 @@ def _conv_inputs(case: ConvCase, dtype, channels_last=False):
     return [grad_y, gm, gv, x, y, mean, weight, True, *geo, im, ii, iw, ib, c.in_relu]
 
 
+def _bf16_wide(case: ConvCase) -> ConvCase:
+    """The case with at least 64 input channels, for a bf16 check of the prologue BN's gradients. A bf16
+    rounding step is above the rule's floor, and each of those gradients is a sum over pixels of values
+    rounded to bf16 (g, and the dgrad's output), so torch's error is a random draw that can be lucky:
+    measured on the cuda backend's emulated kernels (their dgrad output is the correctly rounded exact one)
+    with 2x C x7x7 3x3 convs, fresh inputs per trial, a check failed in 4 of 420 at C = 8, 1 of 1050 at
+    16, 4 of 4200 at 32 and 0 of 4200 at 64 -- with the exact dgrad, unrounded, failing the same checks
+    (seed 41's in_mean: exact 0.076 and torch 0.026 against a bound of 0.062). The max over more
+    channels is not lucky everywhere at once (NOTES v0.10: bf16 gradient checks want wide tensors). Without a prologue: the case itself."""
+    return dataclasses.replace(case, in_channels=max(case.in_channels, 64)) if case.prologue else case
+
+
 def _run_conv(args, needs, dtype, **kw):
     args = list(args) + [list(needs)]
     fused = conv_bwd.conv_stats_backward(*args, **kw)
@@ -215,6 +228,8 @@ def _run_conv(args, needs, dtype, **kw):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv_stats_backward(case, dtype, channels_last):
+    if dtype == torch.bfloat16:
+        case = _bf16_wide(case)
     _run_conv(_conv_inputs(case, dtype, channels_last), [True] * 7, dtype)
 
 
