@@ -103,6 +103,50 @@ at::MemoryFormat memory_format_of(const at::Tensor& x) {
                                                                                : at::MemoryFormat::Contiguous;
 }
 
+fr::DType dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+}
+
+// A per-channel vector (BN statistics and parameters): fp32 [channels] on `like`'s device, when
+// given (kept alive in `keep`).
+const float* channel_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
+                            const at::Tensor& like, Target target, const char* op, std::vector<at::Tensor>& keep,
+                            const char* like_name = "y") {
+  if (!v || !v->defined()) return nullptr;
+  check_device(*v, name, like, target, op, like_name);
+  TORCH_CHECK(v->scalar_type() == at::kFloat, op, ": expected float32 for ", name, " (BN vectors are fp32 for "
+              "fp16/bf16 activations), got ", v->scalar_type());
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": expected ", name, " of shape (", channels, ",), got ",
+              v->sizes());
+  const at::Tensor dense = v->contiguous();
+  keep.push_back(dense);
+  return dense.data_ptr<float>();
+}
+
+void check_half_activation(const at::Tensor& t, const char* name, Target target, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  check_device(t, name, t, target, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": expected float16 or bfloat16 for ",
+              name, ", got ", t.scalar_type(), " (float32 and TF32 run on the triton or reference backend)");
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for ", name, ", got shape ", t.sizes());
+}
+
+// The forward's prologue (conv_stats, and the wgrad of its backward): the previous BN's vectors over
+// x's `channels`, checked and set in `p` (ConvBiasActParams or ConvWgradParams).
+template <class Params>
+void set_prologue(Params& p, const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_invstd,
+                  const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias, bool in_relu,
+                  int64_t channels, const at::Tensor& like, Target target, const char* op, const char* like_name,
+                  std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(in_mean.has_value() == in_invstd.has_value(), op, ": in_mean and in_invstd go together");
+  TORCH_CHECK(in_mean || (!in_weight && !in_bias), op, ": in_weight and in_bias need in_mean and in_invstd");
+  p.in_mean = channel_vector(in_mean, "in_mean", channels, like, target, op, keep, like_name);
+  p.in_invstd = channel_vector(in_invstd, "in_invstd", channels, like, target, op, keep, like_name);
+  p.in_weight = channel_vector(in_weight, "in_weight", channels, like, target, op, keep, like_name);
+  p.in_bias = channel_vector(in_bias, "in_bias", channels, like, target, op, keep, like_name);
+  p.in_relu = in_relu && in_mean.has_value();
+}
+
 // Checks every input, converts the kernel's operands to its layouts and fills
 // the launch parameters. `keep` holds converted copies alive until the launch.
 fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -227,7 +271,7 @@ fr::ConvBiasActParams prepare(const at::Tensor& x, const at::Tensor& weight, con
   }
 
   fr::ConvBiasActParams p{};
-  p.dtype = x.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  p.dtype = dtype_of(x);
   p.x = x_nhwc.data_ptr();
   p.batch = checked_int(batch, "batch", op);
   p.in_h = checked_int(in_h, "input height", op);
@@ -398,21 +442,6 @@ std::string kernel_image_error(int64_t device_index) {
 // prologue in its operand gather and the statistics epilogue, then the finalize launch (conv_stats.cuh).
 constexpr char kStatsOp[] = "fused_resblock._C.conv_stats";
 
-// A BN vector of the prologue: fp32 [channels] on x's device, when given.
-const float* prologue_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
-                             const at::Tensor& x, Target target, std::vector<at::Tensor>& keep,
-                             const char* op = kStatsOp) {
-  if (!v) return nullptr;
-  check_device(*v, name, x, target, op);
-  TORCH_CHECK(v->scalar_type() == at::kFloat, op, ": expected float32 for ", name, " (BN statistics and "
-              "parameters are fp32 for fp16/bf16 activations), got ", v->scalar_type());
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": expected ", name, " of shape (", channels,
-              ",) (x's channels), got ", v->sizes());
-  const at::Tensor dense = v->contiguous();
-  keep.push_back(dense);
-  return dense.data_ptr<float>();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_impl(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
@@ -426,14 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_impl(
   const std::optional<at::Tensor> none;
   fr::ConvBiasActParams p = prepare(x, weight, bias, stride, padding, dilation, groups, none, 1, 0, none, none, 1,
                                     false, out, tile, pipeline, target, keep, kStatsOp);
-  TORCH_CHECK(in_mean.has_value() == in_invstd.has_value(), kStatsOp, ": in_mean and in_invstd go together");
-  TORCH_CHECK(in_mean || (!in_weight && !in_bias), kStatsOp, ": in_weight and in_bias need in_mean and in_invstd");
-  const int64_t in_channels = x.size(1);
-  p.in_mean = prologue_vector(in_mean, "in_mean", in_channels, x, target, keep);
-  p.in_invstd = prologue_vector(in_invstd, "in_invstd", in_channels, x, target, keep);
-  p.in_weight = prologue_vector(in_weight, "in_weight", in_channels, x, target, keep);
-  p.in_bias = prologue_vector(in_bias, "in_bias", in_channels, x, target, keep);
-  p.in_relu = in_relu && in_mean.has_value();
+  set_prologue(p, in_mean, in_invstd, in_weight, in_bias, in_relu, x.size(1), x, target, kStatsOp, "x", keep);
   for (const at::Tensor& input : keep) {
     if (input.scalar_type() == at::kFloat) at::assert_no_overlap(*out, input);
   }
@@ -477,32 +499,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_impl(
 constexpr char kBnOp[] = "fused_resblock._C.bn_add_act";
 constexpr char kBnBackwardOp[] = "fused_resblock._C.bn_add_act_backward";
 constexpr char kChannelOp[] = "fused_resblock._C.channel_backward";
-
-// fp32 [channels] on `like`'s device, when given (kept alive in `keep`).
-const float* channel_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels,
-                            const at::Tensor& like, Target target, const char* op, std::vector<at::Tensor>& keep) {
-  if (!v || !v->defined()) return nullptr;
-  check_device(*v, name, like, target, op, "y");
-  TORCH_CHECK(v->scalar_type() == at::kFloat, op, ": expected float32 for ", name, " (BN vectors are fp32 for "
-              "fp16/bf16 activations), got ", v->scalar_type());
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, op, ": expected ", name, " of shape (", channels, ",), got ",
-              v->sizes());
-  const at::Tensor dense = v->contiguous();
-  keep.push_back(dense);
-  return dense.data_ptr<float>();
-}
-
-void check_half_activation(const at::Tensor& t, const char* name, Target target, const char* op) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  check_device(t, name, t, target, op, name);
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": expected float16 or bfloat16 for ",
-              name, ", got ", t.scalar_type(), " (float32 runs on the triton or reference backend)");
-  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for ", name, ", got shape ", t.sizes());
-}
-
-fr::DType dtype_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
-}
 
 // residual read at `stride` from channel `offset` must give `like`'s (N, H, W) inside its channels.
 void check_mapped_residual(const at::Tensor& residual, const at::Tensor& like, int64_t stride, int64_t offset,
@@ -660,9 +656,9 @@ std::vector<std::optional<at::Tensor>> bn_add_act_backward_impl(
 
   std::vector<std::optional<at::Tensor>> grads(10);
   fr::ChannelBackwardParams main = base;
-  main.mean = channel_vector(mean, "mean", channels, grad, target, op, keep);
-  main.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep);
-  main.weight = channel_vector(weight, "weight", channels, grad, target, op, keep);
+  main.mean = channel_vector(mean, "mean", channels, grad, target, op, keep, "grad");
+  main.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep, "grad");
+  main.weight = channel_vector(weight, "weight", channels, grad, target, op, keep, "grad");
   const bool has_weight = main.weight != nullptr;
   const ChannelPass m = run_channel_pass(main, y_nhwc, needs[0], {needs[1], needs[2], needs[3] && has_weight, needs[4]},
                                          target, op);
@@ -681,9 +677,9 @@ std::vector<std::optional<at::Tensor>> bn_add_act_backward_impl(
     fr::ChannelBackwardParams res = base;
     res.stride = checked_int(residual_stride, "residual_stride", op);
     res.offset = checked_int(residual_offset, "residual_offset", op);
-    res.mean = channel_vector(res_mean, "res_mean", rc, grad, target, op, keep);
-    res.invstd = channel_vector(res_invstd, "res_invstd", rc, grad, target, op, keep);
-    res.weight = channel_vector(res_weight, "res_weight", rc, grad, target, op, keep);
+    res.mean = channel_vector(res_mean, "res_mean", rc, grad, target, op, keep, "grad");
+    res.invstd = channel_vector(res_invstd, "res_invstd", rc, grad, target, op, keep, "grad");
+    res.weight = channel_vector(res_weight, "res_weight", rc, grad, target, op, keep, "grad");
     const bool bn = res.mean != nullptr;
     const at::Tensor residual_nhwc = nhwc(*residual);
     const ChannelPass r = run_channel_pass(
@@ -727,12 +723,12 @@ std::vector<std::optional<at::Tensor>> channel_backward_impl(
   p.out_w = checked_int(grad.size(3), "width", op);
   p.out_channels = checked_int(channels, "channels", op);
   p.stride = 1;
-  p.mean = channel_vector(mean, "mean", channels, grad, target, op, keep);
-  p.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep);
-  p.weight = channel_vector(weight, "weight", channels, grad, target, op, keep);
-  p.prologue_bias = channel_vector(bias, "bias", channels, grad, target, op, keep);
-  p.fold_shift = channel_vector(fold_shift, "fold_shift", channels, grad, target, op, keep);
-  p.fold_slope = channel_vector(fold_slope, "fold_slope", channels, grad, target, op, keep);
+  p.mean = channel_vector(mean, "mean", channels, grad, target, op, keep, "grad");
+  p.invstd = channel_vector(invstd, "invstd", channels, grad, target, op, keep, "grad");
+  p.weight = channel_vector(weight, "weight", channels, grad, target, op, keep, "grad");
+  p.prologue_bias = channel_vector(bias, "bias", channels, grad, target, op, keep, "grad");
+  p.fold_shift = channel_vector(fold_shift, "fold_shift", channels, grad, target, op, keep, "grad");
+  p.fold_slope = channel_vector(fold_slope, "fold_slope", channels, grad, target, op, keep, "grad");
   p.prologue_mask = prologue_relu;
   const ChannelPass r = run_channel_pass(p, t_nhwc, needs[0], {needs[1], needs[2], needs[3] && p.weight != nullptr,
                                                                  needs[4]}, target, op);
@@ -749,12 +745,7 @@ constexpr char kDgradOp[] = "fused_resblock._C.conv_dgrad";
 constexpr char kWgradOp[] = "fused_resblock._C.conv_wgrad";
 
 void check_grad(const at::Tensor& grad, const std::optional<at::Tensor>& grad_mask, const char* op, Target target) {
-  TORCH_CHECK(grad.defined(), op, ": grad is undefined");
-  check_device(grad, "grad", grad, target, op, "grad");
-  TORCH_CHECK(grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16, op,
-              ": expected float16 or bfloat16 for grad, got ", grad.scalar_type(),
-              " (float32 and TF32 run on the triton or reference backend)");
-  TORCH_CHECK(grad.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor for grad, got shape ", grad.sizes());
+  check_half_activation(grad, "grad", target, op);
   if (grad_mask) {
     check_activation(*grad_mask, "grad_mask", grad, target, op, "grad");
     TORCH_CHECK(grad_mask->sizes() == grad.sizes(), op, ": grad_mask (the forward's output) has shape ",
@@ -855,7 +846,7 @@ at::Tensor conv_dgrad_impl(const at::Tensor& grad, const std::optional<at::Tenso
   if (grad_mask) at::assert_no_overlap(*out, mask_nhwc);
 
   fr::ConvBiasActParams base{};
-  base.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  base.dtype = dtype_of(grad);
   base.x = grad_nhwc.data_ptr();
   base.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
   base.batch = checked_int(batch, "batch", op);
@@ -996,7 +987,7 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
               pipeline);
 
   fr::ConvWgradParams p{};
-  p.dtype = grad.scalar_type() == at::kHalf ? fr::DType::kFloat16 : fr::DType::kBFloat16;
+  p.dtype = dtype_of(grad);
   p.grad = grad_nhwc.data_ptr();
   p.grad_mask = grad_mask ? mask_nhwc.data_ptr() : nullptr;
   p.batch = checked_int(batch, "batch", op);
@@ -1035,15 +1026,9 @@ void conv_wgrad_impl(const at::Tensor& grad, const std::optional<at::Tensor>& gr
     TORCH_CHECK(grad_bias->is_contiguous(), op, ": grad_bias must be contiguous");
     p.grad_bias = grad_bias->data_ptr<float>();
   }
-  TORCH_CHECK(in_mean.has_value() == in_invstd.has_value(), op, ": in_mean and in_invstd go together");
-  TORCH_CHECK(in_mean || (!in_weight && !in_bias), op, ": in_weight and in_bias need in_mean and in_invstd");
   TORCH_CHECK(!in_mean || !shortcut_x, op, ": the prologue applies to x alone, never with a merged projection");
   std::vector<at::Tensor> keep;
-  p.in_mean = prologue_vector(in_mean, "in_mean", in_channels, grad, target, keep, op);
-  p.in_invstd = prologue_vector(in_invstd, "in_invstd", in_channels, grad, target, keep, op);
-  p.in_weight = prologue_vector(in_weight, "in_weight", in_channels, grad, target, keep, op);
-  p.in_bias = prologue_vector(in_bias, "in_bias", in_channels, grad, target, keep, op);
-  p.in_relu = in_relu && in_mean.has_value();
+  set_prologue(p, in_mean, in_invstd, in_weight, in_bias, in_relu, in_channels, grad, target, op, "grad", keep);
   p.tile = fr::TileShapeKind(int(tile));
   p.splits = checked_int(splits, "splits", op);
   p.num_sms = num_sms;

@@ -13,7 +13,6 @@
 
 #include "channel_ops.h"
 #include "numeric.cuh"
-#include "tile_loader.cuh"  // to_float / from_float at a runtime dtype, relu_masks
 
 namespace fused_resblock {
 

@@ -6,11 +6,12 @@
 //
 // with g the output's gradient, zero where the forward's output (grad_mask) is <= 0 when a ReLU
 // ended it. One implicit GEMM per group computes all three: rows are the weight gradient's
-// (tap, input channel) pairs, then the projection's input channels; the bias gradient is summed
-// by the first row tile's blocks as g lands; columns are the group's output channels; the depth is the output pixels, split across
-// blocks (split-K) whose fp32 partial sums land in a workspace, summed in a fixed order by a
-// second launch that also casts and stores: deterministic, no atomics. bindings.cpp checks and
-// prepares the tensors; conv_wgrad.cu launches; emulator.cu runs the same schedule on the host.
+// (tap, input channel) pairs, then the projection's input channels (the bias gradient is summed by
+// the first row tile's blocks as g lands); columns are the group's output channels; the depth is
+// the output pixels, split across blocks (split-K) whose fp32 partial sums land in a workspace,
+// summed in a fixed order by a second launch that also casts and stores: deterministic, no
+// atomics. bindings.cpp checks and prepares the tensors; conv_wgrad.cu launches; emulator.cu runs
+// the same schedule on the host.
 #pragma once
 
 #include <cstdint>

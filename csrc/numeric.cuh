@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "conv_bias_act.h"  // DType
+
 #define FR_HOST_DEVICE __host__ __device__ __forceinline__
 
 namespace fused_resblock {
@@ -52,6 +54,23 @@ struct Numeric<__nv_bfloat16> {
     return __bfloat16_as_ushort(__float2bfloat16_rn(value));
   }
 };
+
+// The same at a dtype known at run time (the gathers and the BN passes, typed by their params).
+FR_HOST_DEVICE float to_float(uint16_t bits, DType dtype) {
+  return dtype == DType::kFloat16 ? Numeric<__half>::to_float(bits) : Numeric<__nv_bfloat16>::to_float(bits);
+}
+
+FR_HOST_DEVICE uint16_t from_float(float value, DType dtype) {
+  return dtype == DType::kFloat16 ? Numeric<__half>::from_float(value) : Numeric<__nv_bfloat16>::from_float(value);
+}
+
+// The ReLU backward's test on one raw fp16/bf16 value: true where it is <= 0 (+-0, negatives,
+// -inf), false for positives and every NaN (torch's threshold_backward passes a NaN's gradient).
+FR_HOST_DEVICE bool relu_masks(uint16_t bits, DType dtype) {
+  const uint16_t magnitude = bits & 0x7fffu;
+  const uint16_t infinity = dtype == DType::kFloat16 ? 0x7c00u : 0x7f80u;
+  return magnitude == 0 || ((bits & 0x8000u) != 0 && magnitude <= infinity);
+}
 
 // Eight 16-bit elements = 16 bytes: the unit every vector load and store moves.
 constexpr int kVector = 8;

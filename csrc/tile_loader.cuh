@@ -68,14 +68,6 @@ FR_HOST_DEVICE int64_t conv_offset(const ConvBiasActParams& p, const ConvGemm& g
   return row.x_offset + (int64_t(ih) * p.in_w + iw) * p.in_channels + c;
 }
 
-// The ReLU backward's test on one raw fp16/bf16 value: true where it is <= 0 (+-0, negatives,
-// -inf), false for positives and every NaN (torch's threshold_backward passes a NaN's gradient).
-FR_HOST_DEVICE bool relu_masks(uint16_t bits, DType dtype) {
-  const uint16_t magnitude = bits & 0x7fffu;
-  const uint16_t infinity = dtype == DType::kFloat16 ? 0x7c00u : 0x7f80u;
-  return magnitude == 0 || ((bits & 0x8000u) != 0 && magnitude <= infinity);
-}
-
 // src[offset], or 0 where `mask` (a ReLU's output, for its backward; null: none) is <= 0 there.
 FR_HOST_DEVICE uint16_t load_masked(const uint16_t* src, const uint16_t* mask, int64_t offset, DType dtype) {
   const uint16_t value = load_global(src + offset);
@@ -92,14 +84,6 @@ FR_HOST_DEVICE uint4 load_masked8(const uint16_t* src, const uint16_t* mask, int
 #pragma unroll
   for (int j = 0; j < kVector; ++j) e[j] = relu_masks(m[j], dtype) ? uint16_t(0) : e[j];
   return pack8(e);
-}
-
-FR_HOST_DEVICE float to_float(uint16_t bits, DType dtype) {
-  return dtype == DType::kFloat16 ? Numeric<__half>::to_float(bits) : Numeric<__nv_bfloat16>::to_float(bits);
-}
-
-FR_HOST_DEVICE uint16_t from_float(float value, DType dtype) {
-  return dtype == DType::kFloat16 ? Numeric<__half>::from_float(value) : Numeric<__nv_bfloat16>::from_float(value);
 }
 
 // conv_stats' prologue on x's element of input channel `channel` (p.in_mean set): the previous BN,

@@ -48,12 +48,10 @@ def _binding_args(args: dict, **extra) -> dict:
 
 def _poisoned_y(args: dict) -> torch.Tensor:
     """NaN everywhere, shaped and laid out as y: an output the kernel does not write fails the rule."""
-    x, w = args["x"], args["weight"]
-    out_h = (x.shape[2] + 2 * args["padding"][0] - args["dilation"][0] * (w.shape[2] - 1) - 1) // args["stride"][0] + 1
-    out_w = (x.shape[3] + 2 * args["padding"][1] - args["dilation"][1] * (w.shape[3] - 1) - 1) // args["stride"][1] + 1
-    y = torch.full((x.shape[0], w.shape[0], out_h, out_w), float("nan"), dtype=x.dtype, device=x.device)
-    return y.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                        and not x.is_contiguous() else torch.contiguous_format)
+    x = args["x"]
+    shape = ops._conv_out_shape(x, args["weight"], args["stride"], args["padding"], args["dilation"])
+    y = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    return y.contiguous(memory_format=reference.memory_format_of(x))
 
 
 def run_checked(run, args: dict, **kw):
