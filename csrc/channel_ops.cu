@@ -8,11 +8,12 @@
 namespace fused_resblock {
 namespace {
 
+template <bool kVectorized>
 __global__ void __launch_bounds__(kElementwiseThreads) bn_add_act_kernel(const __grid_constant__ BnAddActParams p) {
-  const int64_t elements = int64_t(p.batch) * p.height * p.width * p.channels;
+  const int64_t chunks = bn_add_act_chunks(p);
   const int64_t step = int64_t(gridDim.x) * kElementwiseThreads;
-  for (int64_t index = int64_t(blockIdx.x) * kElementwiseThreads + threadIdx.x; index < elements; index += step) {
-    bn_add_act_element(p, index);
+  for (int64_t chunk = int64_t(blockIdx.x) * kElementwiseThreads + threadIdx.x; chunk < chunks; chunk += step) {
+    bn_add_act_chunk<kVectorized>(p, chunk);
   }
 }
 
@@ -58,11 +59,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }  // namespace
 
 cudaError_t launch_bn_add_act(const BnAddActParams& p, cudaStream_t stream) {
-  const int64_t elements = int64_t(p.batch) * p.height * p.width * p.channels;
-  if (elements == 0) return cudaSuccess;
+  const int64_t chunks = bn_add_act_chunks(p);
+  if (chunks == 0) return cudaSuccess;
   // enough blocks to fill any GPU several times over; the grid-stride loop takes the rest
-  const int64_t blocks = std::min<int64_t>((elements + kElementwiseThreads - 1) / kElementwiseThreads, 65536);
-  bn_add_act_kernel<<<unsigned(blocks), kElementwiseThreads, 0, stream>>>(p);
+  const unsigned blocks = unsigned(std::min<int64_t>((chunks + kElementwiseThreads - 1) / kElementwiseThreads, 65536));
+  if (bn_add_act_vectorized(p)) {
+    bn_add_act_kernel<true><<<blocks, kElementwiseThreads, 0, stream>>>(p);
+  } else {
+    bn_add_act_kernel<false><<<blocks, kElementwiseThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

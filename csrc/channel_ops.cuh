@@ -1,7 +1,8 @@
 // The per-element work and the fixed reduction orders of the training-mode BN ops (channel_ops.h),
 // shared by the kernels (channel_ops.cu) and the host emulator.
 //
-// bn_add_act: one thread per element (grid-stride), elementwise.
+// bn_add_act: one thread per chunk of 8 channels of a pixel (grid-stride), 16-byte loads and stores
+// where the shapes and pointers allow.
 // The backward pass: blocks of kChannelLanes channels x kRowLanes row lanes over kRowsPerBlock rows
 // of T; each thread walks its channel down rows ty, ty + kRowLanes, ... adding S1 and S2, the
 // block adds its row lanes in order, and its row of the partials holds the block's sums; the
@@ -28,33 +29,108 @@ FR_HOST_DEVICE float vector_or(const float* v, int c, float absent) {
   return v != nullptr ? load_global(v + c) : absent;
 }
 
-// BN(v) of channel c, centred first as the reference computes it.
+// normalize() with channel c's entries of the vectors (weight, bias null: 1, 0).
 FR_HOST_DEVICE float normalize(float v, const float* mean, const float* invstd, const float* weight,
                                const float* bias, int c) {
-  const float centred = (v - load_global(mean + c)) * load_global(invstd + c);
-  return fmaf(centred, vector_or(weight, c, 1.f), vector_or(bias, c, 0.f));
+  return normalize(v, load_global(mean + c), load_global(invstd + c), vector_or(weight, c, 1.f), vector_or(bias, c, 0.f));
 }
 
-// bn_add_act's element `index` (NHWC order).
-FR_HOST_DEVICE void bn_add_act_element(const BnAddActParams& p, int64_t index) {
-  const int c = int(index % p.channels);
-  const int64_t row = index / p.channels;
-  float value = normalize(to_float(load_global(static_cast<const uint16_t*>(p.y) + index), p.dtype), p.mean,
-                          p.invstd, p.weight, p.bias, c);
-  const int rc = c - p.res_offset;
-  if (p.residual != nullptr && rc >= 0 && rc < p.res_channels) {
-    const int w = int(row % p.width);
-    const int64_t nh = row / p.width;
-    const int h = int(nh % p.height);
-    const int64_t n = nh / p.height;
-    const int64_t at =
-        ((n * p.res_h + int64_t(h) * p.res_stride) * p.res_w + int64_t(w) * p.res_stride) * p.res_channels + rc;
-    float r = to_float(load_global(static_cast<const uint16_t*>(p.residual) + at), p.dtype);
-    if (p.res_mean != nullptr) r = normalize(r, p.res_mean, p.res_invstd, p.res_weight, p.res_bias, rc);
-    value += r;
-  }
+// One BN's vectors at 4 consecutive channels [c, c + 4) in 16-byte loads where aligned: scalar
+// loads from the threads' consecutive chunks would cost 4 times the L1 wavefronts.
+struct ChannelBn4 {
+  float mean[4], invstd[4], weight[4], bias[4];
+};
+
+FR_HOST_DEVICE ChannelBn4 load_bn4(const float* mean, const float* invstd, const float* weight, const float* bias,
+                                   int c) {
+  ChannelBn4 bn;
+  load_channels4(mean, c, 0.f, bn.mean);
+  load_channels4(invstd, c, 1.f, bn.invstd);
+  load_channels4(weight, c, 1.f, bn.weight);
+  load_channels4(bias, c, 0.f, bn.bias);
+  return bn;
+}
+
+// bn_add_act works in chunks of kVector channels of one pixel (the last chunk of a row may be
+// short): the pixel's coordinates are found once per chunk, not per element.
+FR_HOST_DEVICE int bn_add_act_row_chunks(const BnAddActParams& p) {
+  return (p.channels + kVector - 1) / kVector;
+}
+
+FR_HOST_DEVICE int64_t bn_add_act_chunks(const BnAddActParams& p) {
+  return int64_t(p.batch) * p.height * p.width * bn_add_act_row_chunks(p);
+}
+
+// Whether every chunk moves as 16-byte vectors: whole chunks, aligned rows, and the residual's
+// channels covering whole chunks (or none of one).
+FR_HOST_DEVICE bool bn_add_act_vectorized(const BnAddActParams& p) {
+  const bool rows = p.channels % kVector == 0 && is_aligned16(p.y) && is_aligned16(p.out);
+  return rows && (p.residual == nullptr || (p.res_channels % kVector == 0 && p.res_offset % kVector == 0 &&
+                                            is_aligned16(p.residual)));
+}
+
+// The residual's element offset of channel 0 at output pixel `row`: the same pixel when the
+// residual has y's map, else (n, h * stride, w * stride).
+FR_HOST_DEVICE int64_t residual_pixel(const BnAddActParams& p, int64_t row) {
+  if (p.res_stride == 1 && p.res_h == p.height && p.res_w == p.width) return row * p.res_channels;
+  const int w = int(row % p.width);
+  const int64_t nh = row / p.width;
+  const int h = int(nh % p.height);
+  const int64_t n = nh / p.height;
+  return ((n * p.res_h + int64_t(h) * p.res_stride) * p.res_w + int64_t(w) * p.res_stride) * p.res_channels;
+}
+
+// The output's bits from BN(y) plus the residual's term: the ReLU, the rounding.
+FR_HOST_DEVICE uint16_t bn_add_act_out(const BnAddActParams& p, float value) {
   if (p.relu) value = value < 0.f ? 0.f : value;  // NaN stays NaN, as torch.relu
-  static_cast<uint16_t*>(p.out)[index] = from_float(value, p.dtype);
+  return from_float(value, p.dtype);
+}
+
+// bn_add_act's chunk `chunk` (row-major over pixels, then chunks of a pixel's channels).
+template <bool kVectorized>
+FR_HOST_DEVICE void bn_add_act_chunk(const BnAddActParams& p, int64_t chunk) {
+  const int row_chunks = bn_add_act_row_chunks(p);
+  const int64_t row = chunk / row_chunks;
+  const int c0 = int(chunk - row * row_chunks) * kVector;
+  const int64_t at = row * p.channels + c0;
+  const int rc0 = c0 - p.res_offset;  // the residual's channel of the chunk's first
+  const uint16_t* y = static_cast<const uint16_t*>(p.y) + at;
+  const uint16_t* res = p.residual != nullptr ? static_cast<const uint16_t*>(p.residual) + residual_pixel(p, row) : nullptr;
+  uint16_t* out = static_cast<uint16_t*>(p.out) + at;
+  if (!kVectorized) {
+    for (int j = 0; j < kVector && c0 + j < p.channels; ++j) {
+      float value = normalize(to_float(load_global(y + j), p.dtype), p.mean, p.invstd, p.weight, p.bias, c0 + j);
+      const int rc = rc0 + j;
+      if (res != nullptr && rc >= 0 && rc < p.res_channels) {
+        float r = to_float(load_global(res + rc), p.dtype);
+        if (p.res_mean != nullptr) r = normalize(r, p.res_mean, p.res_invstd, p.res_weight, p.res_bias, rc);
+        value += r;
+      }
+      out[j] = bn_add_act_out(p, value);
+    }
+    return;
+  }
+  // whole chunks; a residual chunk is whole or absent
+  const bool added = res != nullptr && rc0 >= 0 && rc0 < p.res_channels;
+  uint16_t y8[kVector], r8[kVector] = {}, out8[kVector];
+  unpack8(load_global(reinterpret_cast<const uint4*>(y)), y8);
+  if (added) unpack8(load_global(reinterpret_cast<const uint4*>(res + rc0)), r8);
+#pragma unroll
+  for (int half = 0; half < kVector; half += 4) {  // 4 channels' vectors at a time: fewer registers live
+    const ChannelBn4 bn = load_bn4(p.mean, p.invstd, p.weight, p.bias, c0 + half);
+    const bool res_bn = added && p.res_mean != nullptr;
+    const ChannelBn4 rbn = res_bn ? load_bn4(p.res_mean, p.res_invstd, p.res_weight, p.res_bias, rc0 + half) : bn;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float value = normalize(to_float(y8[half + j], p.dtype), bn.mean[j], bn.invstd[j], bn.weight[j], bn.bias[j]);
+      if (added) {
+        const float r = to_float(r8[half + j], p.dtype);
+        value += res_bn ? normalize(r, rbn.mean[j], rbn.invstd[j], rbn.weight[j], rbn.bias[j]) : r;
+      }
+      out8[half + j] = bn_add_act_out(p, value);
+    }
+  }
+  *reinterpret_cast<uint4*>(out) = pack8(out8);
 }
 
 FR_HOST_DEVICE int64_t channel_backward_rows(const ChannelBackwardParams& p) {
@@ -65,21 +141,52 @@ FR_HOST_DEVICE int channel_backward_row_blocks(const ChannelBackwardParams& p) {
   return int((channel_backward_rows(p) + kRowsPerBlock - 1) / kRowsPerBlock);
 }
 
-// g at T's element (row, c): its share of the output gradient, after the ReLU's mask.
-FR_HOST_DEVICE float channel_backward_g(const ChannelBackwardParams& p, int64_t row, int c, uint16_t t_bits) {
-  const int oc = c + p.offset;
-  if (oc < 0 || oc >= p.out_channels) return 0.f;
+// What a backward thread needs of its channel c, loaded once rather than per row.
+struct ChannelBackwardConstants {
+  int out_channel;    // c + offset: g's channel, outside [0, out_channels) when g is 0
+  bool same_map;      // T and grad share a pixel map (stride 1, the same size): no index division
+  float mean, scale;  // T's BN: grad_t = g * scale
+  float shift, slope; // the statistics' fold
+  float invstd, weight, prologue_bias;  // the recomputed prologue's
+};
+
+FR_HOST_DEVICE ChannelBackwardConstants channel_backward_constants(const ChannelBackwardParams& p, int c) {
+  ChannelBackwardConstants k;
+  k.out_channel = c + p.offset;
+  k.same_map = p.stride == 1 && p.out_h == p.t_h && p.out_w == p.t_w;
+  k.mean = vector_or(p.mean, c, 0.f);
+  k.invstd = vector_or(p.invstd, c, 1.f);
+  k.weight = vector_or(p.weight, c, 1.f);
+  k.scale = p.invstd != nullptr ? k.weight * k.invstd : 1.f;
+  k.shift = vector_or(p.fold_shift, c, 0.f);
+  k.slope = vector_or(p.fold_slope, c, 0.f);
+  k.prologue_bias = vector_or(p.prologue_bias, c, 0.f);
+  return k;
+}
+
+// grad's element offset for T's (row, c), or -1 where T's pixel is not read at the stride.
+FR_HOST_DEVICE int64_t channel_backward_grad_offset(const ChannelBackwardParams& p, const ChannelBackwardConstants& k,
+                                                    int64_t row) {
+  if (k.same_map) return row * p.out_channels + k.out_channel;
   const int w = int(row % p.t_w);
   const int64_t nh = row / p.t_w;
   const int h = int(nh % p.t_h);
   const int64_t n = nh / p.t_h;
-  if (h % p.stride != 0 || w % p.stride != 0) return 0.f;
+  if (h % p.stride != 0 || w % p.stride != 0) return -1;
   const int oh = h / p.stride, ow = w / p.stride;
-  if (oh >= p.out_h || ow >= p.out_w) return 0.f;
-  const int64_t at = ((n * p.out_h + oh) * p.out_w + ow) * p.out_channels + oc;
+  if (oh >= p.out_h || ow >= p.out_w) return -1;
+  return ((n * p.out_h + oh) * p.out_w + ow) * p.out_channels + k.out_channel;
+}
+
+// g at T's element (row, c): its share of the output gradient, after the ReLU's mask.
+FR_HOST_DEVICE float channel_backward_g(const ChannelBackwardParams& p, const ChannelBackwardConstants& k, int64_t row,
+                                        uint16_t t_bits) {
+  if (k.out_channel < 0 || k.out_channel >= p.out_channels) return 0.f;
+  const int64_t at = channel_backward_grad_offset(p, k, row);
+  if (at < 0) return 0.f;
   if (p.mask != nullptr && relu_masks(load_global(static_cast<const uint16_t*>(p.mask) + at), p.dtype)) return 0.f;
   if (p.prologue_mask) {  // relu(prologue) rounded to the dtype, as the forward stored it: zero stops g
-    const float pre = normalize(to_float(t_bits, p.dtype), p.mean, p.invstd, p.weight, p.prologue_bias, c);
+    const float pre = normalize(to_float(t_bits, p.dtype), k.mean, k.invstd, k.weight, k.prologue_bias);
     if ((from_float(pre < 0.f ? 0.f : pre, p.dtype) & 0x7fffu) == 0) return 0.f;
   }
   return to_float(load_global(static_cast<const uint16_t*>(p.grad) + at), p.dtype);
@@ -91,21 +198,18 @@ FR_HOST_DEVICE float2 channel_backward_thread(const ChannelBackwardParams& p, in
   float s1 = 0.f, s2 = 0.f;
   if (c >= p.t_channels) return make_float2(0.f, 0.f);
   const int64_t rows = channel_backward_rows(p);
-  const float mean = vector_or(p.mean, c, 0.f);
-  const float scale = p.invstd != nullptr ? vector_or(p.weight, c, 1.f) * load_global(p.invstd + c) : 1.f;
-  const float shift = vector_or(p.fold_shift, c, 0.f);
-  const float slope = vector_or(p.fold_slope, c, 0.f);
+  const ChannelBackwardConstants k = channel_backward_constants(p, c);
   const bool fold = p.fold_shift != nullptr || p.fold_slope != nullptr;
   for (int i = 0; i < kRowsPerLane; ++i) {
     const int64_t row = int64_t(row_block) * kRowsPerBlock + row_lane + i * kRowLanes;
     if (row >= rows) break;
     const int64_t at = row * p.t_channels + c;
     const uint16_t t_bits = load_global(static_cast<const uint16_t*>(p.t) + at);
-    float g = channel_backward_g(p, row, c, t_bits);
-    if (fold) g += fmaf(slope, to_float(t_bits, p.dtype) - mean, shift);
-    if (p.grad_t != nullptr) static_cast<uint16_t*>(p.grad_t)[at] = from_float(g * scale, p.dtype);
+    float g = channel_backward_g(p, k, row, t_bits);
+    if (fold) g += fmaf(k.slope, to_float(t_bits, p.dtype) - k.mean, k.shift);
+    if (p.grad_t != nullptr) static_cast<uint16_t*>(p.grad_t)[at] = from_float(g * k.scale, p.dtype);
     s1 += g;
-    s2 = fmaf(g, to_float(t_bits, p.dtype) - mean, s2);
+    s2 = fmaf(g, to_float(t_bits, p.dtype) - k.mean, s2);
   }
   return make_float2(s1, s2);
 }

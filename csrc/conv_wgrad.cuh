@@ -265,6 +265,7 @@ class WgradLoader {
       uint16_t e[kVector];  // 8 consecutive channels of one tap
       unpack8(chunk, e);
       const int channel = group_ * w.in_group_channels + a_row_ % w.in_group_channels;
+      // scalar vector loads: apply_prologue8's 16 live floats spill the bf16 128x64 tile (20 bytes at 128 registers)
 #pragma unroll
       for (int j = 0; j < kVector; ++j) e[j] = apply_prologue(p, e[j], channel + j);
       return pack8(e);

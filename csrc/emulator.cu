@@ -220,8 +220,17 @@ void emulate_conv_wgrad(const ConvWgradParams& p) {
 }
 
 void emulate_bn_add_act(const BnAddActParams& p) {
-  const int64_t elements = int64_t(p.batch) * p.height * p.width * p.channels;
-  for (int64_t index = 0; index < elements; ++index) bn_add_act_element(p, index);
+  const int64_t chunks = bn_add_act_chunks(p);
+  const bool vectorized = bn_add_act_vectorized(p);
+  // last chunk first: one writing past its own 8 channels (a wrong vector decision) then clobbers
+  // a chunk already done, as a device thread racing it could, and the test sees it
+  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
+    if (vectorized) {
+      bn_add_act_chunk<true>(p, chunk);
+    } else {
+      bn_add_act_chunk<false>(p, chunk);
+    }
+  }
 }
 
 // channel_backward_kernel's blocks (each thread, then its row lanes' sums in order), then the

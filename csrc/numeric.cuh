@@ -99,4 +99,24 @@ FR_HOST_DEVICE bool is_aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// BN(v) with one channel's statistics and affine, centred first as the reference computes it; one
+// rounding (the fma) on the host and the device alike. Every BN our kernels apply goes through it.
+FR_HOST_DEVICE float normalize(float v, float mean, float invstd, float weight, float bias) {
+  return fmaf((v - mean) * invstd, weight, bias);
+}
+
+// The fp32 per-channel vector v's entries [c, c + 4), or `absent` each where v is null: one
+// 16-byte load where v + c is aligned (torch's own allocations are), else four.
+FR_HOST_DEVICE void load_channels4(const float* v, int c, float absent, float (&out)[4]) {
+  if (v == nullptr) {
+    out[0] = out[1] = out[2] = out[3] = absent;
+  } else if (is_aligned16(v + c)) {
+    const float4 q = load_global(reinterpret_cast<const float4*>(v + c));
+    out[0] = q.x, out[1] = q.y, out[2] = q.z, out[3] = q.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = load_global(v + c + j);
+  }
+}
+
 }  // namespace fused_resblock

@@ -574,16 +574,18 @@ def test_emulated_unaligned_inputs(case):
     check_case(_emulate, case, torch.float16, "cpu", True, seed=3, prepare=_misalign)
 
 
-def _misalign(args):
-    """The same values at an address 2 bytes past a 16-byte boundary, layouts kept."""
+def _misalign(args, ranks=(4,)):
+    """The same values one element past a 16-byte boundary (2 bytes for 16-bit activations, 4 for
+    fp32 vectors), layouts kept, for the tensors of the ranks given (activations by default)."""
     def shift(t):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        if not isinstance(t, torch.Tensor) or t.dim() not in ranks:
             return t
-        perm = (0, 2, 3, 1) if memory_format_of(t) == torch.channels_last else (0, 1, 2, 3)
+        channels_last = t.dim() == 4 and memory_format_of(t) == torch.channels_last
+        perm = (0, 2, 3, 1) if channels_last else tuple(range(t.dim()))
         dense = t.permute(*perm).contiguous()
         flat = torch.empty(dense.numel() + 1, dtype=t.dtype, device=t.device)[1:]
         flat.copy_(dense.reshape(-1))
-        inverse = [perm.index(i) for i in range(4)]
+        inverse = [perm.index(i) for i in range(t.dim())]
         return flat.view(dense.shape).permute(*inverse)
     return {name: shift(value) for name, value in args.items()}
 

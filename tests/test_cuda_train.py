@@ -24,7 +24,7 @@ from fused_resblock.testing import assert_rule
 from conv_cases import PROLOGUES, ConvGeometry as Conv, check_conv_stats, conv_stats_inputs
 from helpers import float64_cpu
 from test_cuda_backward import run_cuda_backend_on_the_emulator
-from test_cuda_ext import _CONFIG, DTYPES, EXT, LAYOUTS, TILES, needs_ext, needs_gpu
+from test_cuda_ext import _CONFIG, DTYPES, EXT, LAYOUTS, TILES, _misalign, needs_ext, needs_gpu
 
 CONVS = {
     # 8-aligned channels: 16-byte chunks; 300 output pixels: three row tiles, the last partial
@@ -80,6 +80,21 @@ def test_emulated_conv_stats_prologues(case_id, prologue, compute_stats, dtype):
     args = conv_stats_inputs(CONVS[case_id], dtype, True, prologue=prologue, compute_stats=compute_stats,
                              device="cpu")
     run_checked(EXT._emulate_conv_stats, args)
+
+
+def prologue_vectors_off_alignment(run, prologue, device):
+    """The 16-byte gather with the BN vectors (and the bias) 4 bytes past a 16-byte boundary: its
+    prologue loads them a channel at a time (16-byte loads there would fault on the device)."""
+    args = conv_stats_inputs(CONVS["3x3_c16_300px"], torch.float16, True, prologue=prologue, device=device)
+    args = _misalign(args, ranks=(1,))
+    assert args["in_mean"].data_ptr() % 16 == 4
+    run_checked(run, args)
+
+
+@needs_ext
+@pytest.mark.parametrize("prologue", ["bn_relu", "bn_weight_only"])
+def test_emulated_conv_stats_prologue_vectors_off_alignment(prologue):
+    prologue_vectors_off_alignment(EXT._emulate_conv_stats, prologue, "cpu")
 
 
 @needs_ext
@@ -220,6 +235,12 @@ def test_cuda_conv_stats_prologues(prologue, compute_stats, dtype):
     args = conv_stats_inputs(CONVS["3x3_c16_300px"], dtype, True, prologue=prologue, compute_stats=compute_stats,
                              device="cuda")
     run_checked(device_conv_stats, args)
+
+
+@needs_gpu
+@pytest.mark.parametrize("prologue", ["bn_relu", "bn_weight_only"])
+def test_cuda_conv_stats_prologue_vectors_off_alignment(prologue):
+    prologue_vectors_off_alignment(device_conv_stats, prologue, "cuda")
 
 
 @needs_gpu

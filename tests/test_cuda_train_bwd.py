@@ -21,7 +21,7 @@ from fused_resblock.backends import cuda as cuda_backend, reference
 from fused_resblock.testing import assert_equivalent
 from helpers import check_grads, float64_cpu, randomize_norms
 from test_cuda_backward import emulated_backward, emulated_forward, run_cuda_backend_on_the_emulator
-from test_cuda_ext import DTYPES, EXT, needs_ext, needs_gpu
+from test_cuda_ext import DTYPES, EXT, _misalign, needs_ext, needs_gpu
 from test_cuda_train import emulated_stats
 from test_equivalence import BLOCKS
 from test_triton_train_bwd import (
@@ -70,6 +70,37 @@ def test_emulated_bn_add_act(kind, dtype, channels_last, relu):
     args = bn_add_act_args(kind, dtype, channels_last, residual_channels_last=not channels_last, relu=relu)
     args = dict(zip(args, _on(args.values(), "cpu")))
     check_bn_add_act(args, emulated_bn_add_act(**args))
+
+
+# bn_add_act's chunks of 8 channels that are not 16-byte vectors (the tests above take them at 16
+# channels, whole chunks, except option A's residual from channel 4), and the vectors' alignment
+CHUNKINGS = {
+    "c12_short_last_chunk": dict(kind="projection", c=12),
+    "c12_no_residual": dict(kind="none", c=12),
+    "option_a_c32_whole_chunks": dict(kind="option_a", c=32),  # the residual's 16 channels from channel 8
+    "activations_off_alignment": dict(kind="projection", c=16, misalign=(4,)),  # element by element
+    "vectors_off_alignment": dict(kind="projection", c=16, misalign=(1,)),  # 16-byte data, scalar vectors
+    "identity_vectors_off_alignment": dict(kind="identity", c=24, misalign=(1,)),
+}
+
+
+def bn_add_act_chunking(run, name, dtype, device, **size):
+    spec = dict(CHUNKINGS[name])
+    misalign = spec.pop("misalign", None)
+    c = spec.pop("c")
+    args = bn_add_act_args(spec["kind"], dtype, True, residual_channels_last=True, relu=True, c=c, **size)
+    args = dict(zip(args, _on(args.values(), device)))
+    if misalign:
+        args = _misalign(args, ranks=misalign)
+        assert args["y" if misalign == (4,) else "mean"].data_ptr() % 16 != 0
+    check_bn_add_act(args, run(**args))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CHUNKINGS))
+def test_emulated_bn_add_act_chunking(name, dtype):
+    bn_add_act_chunking(emulated_bn_add_act, name, dtype, "cpu")
 
 
 @needs_ext
@@ -202,6 +233,13 @@ def test_cuda_bn_add_act(kind, dtype):
     args = bn_add_act_args(kind, dtype, True, residual_channels_last=True, relu=True, c=64, batch=8, size=28)
     args = dict(zip(args, _on(args.values(), "cuda")))
     check_bn_add_act(args, cuda_backend.bn_add_act(**args))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CHUNKINGS))
+def test_cuda_bn_add_act_chunking(name, dtype):
+    bn_add_act_chunking(cuda_backend.bn_add_act, name, dtype, "cuda", batch=8, size=28)
 
 
 @needs_gpu
