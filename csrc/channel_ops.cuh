@@ -35,22 +35,6 @@ FR_HOST_DEVICE float normalize(float v, const float* mean, const float* invstd, 
   return normalize(v, load_global(mean + c), load_global(invstd + c), vector_or(weight, c, 1.f), vector_or(bias, c, 0.f));
 }
 
-// One BN's vectors at 4 consecutive channels [c, c + 4) in 16-byte loads where aligned: scalar
-// loads from the threads' consecutive chunks would cost 4 times the L1 wavefronts.
-struct ChannelBn4 {
-  float mean[4], invstd[4], weight[4], bias[4];
-};
-
-FR_HOST_DEVICE ChannelBn4 load_bn4(const float* mean, const float* invstd, const float* weight, const float* bias,
-                                   int c) {
-  ChannelBn4 bn;
-  load_channels4(mean, c, 0.f, bn.mean);
-  load_channels4(invstd, c, 1.f, bn.invstd);
-  load_channels4(weight, c, 1.f, bn.weight);
-  load_channels4(bias, c, 0.f, bn.bias);
-  return bn;
-}
-
 // bn_add_act works in chunks of kVector channels of one pixel (the last chunk of a row may be
 // short): the pixel's coordinates are found once per chunk, not per element.
 FR_HOST_DEVICE int bn_add_act_row_chunks(const BnAddActParams& p) {

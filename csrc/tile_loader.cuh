@@ -110,13 +110,11 @@ template <class Params>
 FR_HOST_DEVICE void apply_prologue8(const Params& p, uint16_t (&e)[kVector], int channel) {
 #pragma unroll
   for (int half = 0; half < kVector; half += 4) {
-    float mean[4], invstd[4], weight[4], bias[4];
-    load_channels4(p.in_mean, channel + half, 0.f, mean);
-    load_channels4(p.in_invstd, channel + half, 1.f, invstd);
-    load_channels4(p.in_weight, channel + half, 1.f, weight);
-    load_channels4(p.in_bias, channel + half, 0.f, bias);
+    const ChannelBn4 bn = load_bn4(p.in_mean, p.in_invstd, p.in_weight, p.in_bias, channel + half);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) e[half + j] = prologue_value(p, e[half + j], mean[j], invstd[j], weight[j], bias[j]);
+    for (int j = 0; j < 4; ++j) {
+      e[half + j] = prologue_value(p, e[half + j], bn.mean[j], bn.invstd[j], bn.weight[j], bn.bias[j]);
+    }
   }
 }
 
