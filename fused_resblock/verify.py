@@ -78,21 +78,24 @@ def _summarise(name: str, mode: str, dtype, reports) -> BlockResult:
                        all(r.passed for r in reports))
 
 
-# At 16 bits a whole network's gradients are decided by its ReLU kinks: in cifar_resnet20 ~2% (fp16)
-# and ~17% (bf16) of the inner ReLU elements lie within rounding of 0: thousands of flips, far more
-# than the rule's fit of kink flips follows (testing.MAX_INNER_KINKS, KINK_ROW_BUDGET), and
-# torchvision's own model run channels_last fails that check too. The whole model's row is then its
-# forward (and buffers); every block's row checks gradients.
-WHOLE_MODEL_GRADIENTS = (torch.float32, torch.float64)
+# Below float64 a whole network's gradients are decided by its ReLU kinks (pre-activations within
+# rounding of 0). At 16 bits: in cifar_resnet20 ~2% (fp16) and ~17% (bf16) of the inner ReLU
+# elements, thousands of flips, far more than the rule's fit follows (testing.MAX_INNER_KINKS,
+# KINK_ROW_BUDGET), and torchvision's own model run channels_last fails that check too. At fp32 a
+# deep one still flips a few (cifar_resnet56's train step: torch 2, the fused model 4), whose
+# changes overlap in every gradient below them, more than the greedy fit can always separate
+# (benchmarks/NOTES.md v0.14). The whole model's row is then its forward (and buffers); every
+# block's row checks gradients.
+WHOLE_MODEL_GRADIENTS = (torch.float64,)
 FORWARD_ONLY = "(whole model, fwd)"
-FORWARD_ONLY_NOTE = (f"{FORWARD_ONLY}: at 16 bits the whole network's gradients hinge on thousands of ReLU "
-                     "kinks (within rounding of 0); its forward is checked here, gradients block by block")
+FORWARD_ONLY_NOTE = (f"{FORWARD_ONLY}: below float64 the whole network's gradients hinge on ReLU kinks "
+                     "(within rounding of 0; thousands at 16 bits); its forward is checked here, gradients block by block")
 
 
 def verify_model(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *, train_modes=(False, True),
                  per_block: bool = True) -> list:
     """BlockResults for the whole model and (optionally) each fused block, in eval and/or train mode
-    (the whole model's gradients at float32/float64 only: ``WHOLE_MODEL_GRADIENTS``)."""
+    (the whole model's gradients at float64 only: ``WHOLE_MODEL_GRADIENTS``)."""
     results = []
     blocks = _block_inputs(fused, x) if per_block else {}
     fused_modules = dict(fused.named_modules())

@@ -54,8 +54,9 @@ def test_verify_one_model_float64(capsys):
     assert " eval " in out and " train " in out
 
 
-def test_verify_at_16_bits_checks_the_whole_model_forward_and_says_so(capsys):
-    assert main(["verify", "cifar_resnet20", "--dtype", "bfloat16", "--whole", "--batch", "2", "--size", "16"]) == 0
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_verify_below_float64_checks_the_whole_model_forward_and_says_so(capsys, dtype):
+    assert main(["verify", "cifar_resnet20", "--dtype", dtype, "--whole", "--batch", "2", "--size", "16"]) == 0
     out = capsys.readouterr().out
     assert "(whole model, fwd)" in out and "gradients block by block" in out
 
