@@ -55,15 +55,24 @@ FR_HOST_DEVICE bool bn_add_act_vectorized(const BnAddActParams& p) {
                                             is_aligned16(p.residual)));
 }
 
+// A dense NHWC row index (n * height + h) * width + w taken apart: 64-bit divisions, so both
+// passes call it only where a residual's map is strided.
+struct Pixel {
+  int64_t n;
+  int h, w;
+};
+
+FR_HOST_DEVICE Pixel decode_pixel(int64_t row, int height, int width) {
+  const int64_t nh = row / width;
+  return Pixel{nh / height, int(nh % height), int(row % width)};
+}
+
 // The residual's element offset of channel 0 at output pixel `row`: the same pixel when the
 // residual has y's map, else (n, h * stride, w * stride).
 FR_HOST_DEVICE int64_t residual_pixel(const BnAddActParams& p, int64_t row) {
   if (p.res_stride == 1 && p.res_h == p.height && p.res_w == p.width) return row * p.res_channels;
-  const int w = int(row % p.width);
-  const int64_t nh = row / p.width;
-  const int h = int(nh % p.height);
-  const int64_t n = nh / p.height;
-  return ((n * p.res_h + int64_t(h) * p.res_stride) * p.res_w + int64_t(w) * p.res_stride) * p.res_channels;
+  const Pixel q = decode_pixel(row, p.height, p.width);
+  return ((q.n * p.res_h + int64_t(q.h) * p.res_stride) * p.res_w + int64_t(q.w) * p.res_stride) * p.res_channels;
 }
 
 // The output's bits from BN(y) plus the residual's term: the ReLU, the rounding.
@@ -129,8 +138,8 @@ FR_HOST_DEVICE int channel_backward_row_blocks(const ChannelBackwardParams& p) {
 
 // What a backward thread needs of its channel c, loaded once rather than per row.
 struct ChannelBackwardConstants {
-  int out_channel;    // c + offset: g's channel, outside [0, out_channels) when g is 0
-  bool same_map;      // T and grad share a pixel map (stride 1, the same size): no index division
+  int out_channel;    // c + offset: g's channel
+  bool reads_grad;    // out_channel inside [0, out_channels): else g is 0 on every row
   float mean, scale;  // T's BN: grad_t = g * scale
   float shift, slope; // the statistics' fold
   float invstd, weight, prologue_bias;  // the recomputed prologue's
@@ -139,7 +148,7 @@ struct ChannelBackwardConstants {
 FR_HOST_DEVICE ChannelBackwardConstants channel_backward_constants(const ChannelBackwardParams& p, int c) {
   ChannelBackwardConstants k;
   k.out_channel = c + p.offset;
-  k.same_map = p.stride == 1 && p.out_h == p.t_h && p.out_w == p.t_w;
+  k.reads_grad = k.out_channel >= 0 && k.out_channel < p.out_channels;
   k.mean = vector_or(p.mean, c, 0.f);
   k.invstd = vector_or(p.invstd, c, 1.f);
   k.weight = vector_or(p.weight, c, 1.f);
@@ -150,18 +159,16 @@ FR_HOST_DEVICE ChannelBackwardConstants channel_backward_constants(const Channel
   return k;
 }
 
-// grad's element offset for T's (row, c), or -1 where T's pixel is not read at the stride.
+// grad's element offset for T's (row, c), or -1 where T's pixel is not read at the stride; T's own
+// pixel, without dividing, where T and grad share a pixel map.
 FR_HOST_DEVICE int64_t channel_backward_grad_offset(const ChannelBackwardParams& p, const ChannelBackwardConstants& k,
                                                     int64_t row) {
-  if (k.same_map) return row * p.out_channels + k.out_channel;
-  const int w = int(row % p.t_w);
-  const int64_t nh = row / p.t_w;
-  const int h = int(nh % p.t_h);
-  const int64_t n = nh / p.t_h;
-  if (h % p.stride != 0 || w % p.stride != 0) return -1;
-  const int oh = h / p.stride, ow = w / p.stride;
+  if (p.stride == 1 && p.out_h == p.t_h && p.out_w == p.t_w) return row * p.out_channels + k.out_channel;
+  const Pixel q = decode_pixel(row, p.t_h, p.t_w);
+  if (q.h % p.stride != 0 || q.w % p.stride != 0) return -1;
+  const int oh = q.h / p.stride, ow = q.w / p.stride;
   if (oh >= p.out_h || ow >= p.out_w) return -1;
-  return ((n * p.out_h + oh) * p.out_w + ow) * p.out_channels + k.out_channel;
+  return ((q.n * p.out_h + oh) * p.out_w + ow) * p.out_channels + k.out_channel;
 }
 
 // What one row of the pass reads: T's element and, where T's pixel is read at the stride and the
@@ -175,8 +182,7 @@ FR_HOST_DEVICE ChannelBackwardRow channel_backward_load(const ChannelBackwardPar
                                                          const ChannelBackwardConstants& k, int64_t row, int c) {
   ChannelBackwardRow r{};
   r.t = load_global(static_cast<const uint16_t*>(p.t) + row * p.t_channels + c);
-  const bool channel = k.out_channel >= 0 && k.out_channel < p.out_channels;
-  const int64_t at = channel ? channel_backward_grad_offset(p, k, row) : -1;
+  const int64_t at = k.reads_grad ? channel_backward_grad_offset(p, k, row) : -1;
   r.g_read = at >= 0;
   if (!r.g_read) return r;
   r.grad = load_global(static_cast<const uint16_t*>(p.grad) + at);
