@@ -179,18 +179,28 @@ KINK_WIDTH = {
 }
 
 
-# Inner kinks fitted at most, the largest gradients first: each costs one float64 backward
-# through the graph below it (well under a millisecond for a block on the CPU), so a big graph
-# gets fewer: ``KINK_ROW_BUDGET`` gradient elements in all, and never fewer than 64 kinks.
+# Inner kinks fitted at most, the largest gradients first: each costs a row of the fit and, each
+# round, one float64 backward through the graph below it (well under a millisecond for a block on
+# the CPU), so a big graph gets fewer: ``KINK_ROW_BUDGET`` row elements in all, never under 64.
 MAX_INNER_KINKS = 2048
-KINK_ROW_BUDGET = 2 ** 27
+KINK_ROW_BUDGET = 2 ** 25
+
+# A row longer than this (a whole network's gradients) is fitted through a count sketch of this
+# length (``_Sketch``): inner products keep their expectation and are off by ~1/sqrt(length) of
+# the rows' norms, 0.2%, plenty to tell which flips happened; what is then subtracted for them is
+# computed exactly (``_FlippedGraph``).
+SKETCH_LENGTH = 2 ** 18
 
 # A flip is fitted only where the difference's projection on its change is at least this share of
 # that change: a flip that happened projects ~1 (plus rounding), a row that merely correlates with
 # rounding noise projects far less, and subtracting it would move other gradients by its size.
 FLIP_MATCH = 0.75
 
-# Rounds of row selection in ``explain_by_kink_flips`` at most.
+# The least-squares fit's ridge, on rows scaled to unit length: dependent rows (which the fit
+# splits between them) stay bounded; the greedy pass that follows takes one of them.
+FIT_RIDGE = 1e-9
+
+# Rounds of the fit in ``explain_by_kink_flips`` at most (each: one float64 backward per kink left).
 FIT_ROUNDS = 4
 
 
@@ -236,8 +246,9 @@ class _Kink:
     """An inner ReLU element of the float64 run whose pre-activation lies within rounding of 0."""
 
     pre: Tensor  # the ReLU call's float64 pre-activation, in the retained graph
+    post: Tensor  # its output
     index: int  # flat index of the element
-    change: float  # what a flip adds to the gradient reaching ``pre`` there: -g where float64 passes g, +g where not
+    passes: bool  # float64's derivative there is 1 (a flip blocks the gradient g), else 0 (a flip passes g)
 
 
 def _kink_width(pre64: Tensor, pre_torch: Optional[Tensor], dtype: torch.dtype) -> float:
@@ -274,44 +285,144 @@ def _inner_kinks(calls: _ReluCalls, out: Tensor, torch_calls: Optional[_ReluCall
         for i in (values.abs() <= width).nonzero().flatten().tolist():
             g = float(grad[i])
             if g != 0:
-                kinks.append((abs(g), _Kink(pre, i, -g if values[i] > 0 else g)))
+                kinks.append((abs(g), _Kink(pre, post, i, bool(values[i] > 0))))
     kinks.sort(key=lambda kink: -kink[0])
     return [kink for _, kink in kinks[:MAX_INNER_KINKS]]
 
 
-def _flip_rows(kinks: list, targets: dict, weights: dict):
-    """Per kink, how flipping its derivative changes the target gradients: the change at the
-    pre-activation carried back by the float64 graph (backward is linear in it), each target's
-    part times sqrt(weight), flattened and concatenated in ``weights``' order (float64, CPU)."""
-    names = list(weights)
-    tensors = [targets[name] for name in names]
-    for kink in kinks:
+class _Sketch:
+    """A count sketch of vectors of ``size`` elements (``SKETCH_LENGTH`` buckets; the identity for
+    shorter ones): each element added, with a random sign, into one bucket. Drawn from its own
+    generator, so the rows and differences of a fit share it and the global RNG is left alone."""
+
+    def __init__(self, size: int):
+        self.length = min(size, SKETCH_LENGTH)
+        self.bucket = self.sign = None
+        if size > SKETCH_LENGTH:
+            generator = torch.Generator().manual_seed(size)
+            self.bucket = torch.randint(SKETCH_LENGTH, (size,), generator=generator)
+            self.sign = torch.randint(2, (size,), generator=generator).to(torch.float64) * 2 - 1
+
+    def __call__(self, vector: Tensor) -> Tensor:
+        if self.bucket is None:
+            return vector
+        return torch.zeros(self.length, dtype=vector.dtype).index_add_(0, self.bucket, vector * self.sign)
+
+
+class _FlippedGraph:
+    """The retained float64 graph with ``kinks``' ReLU derivatives flipped in every backward run
+    through it (``grad``) until ``close``: at each, the gradient reaching the pre-activation
+    becomes what the other derivative passes (g where float64's passes 0, 0 where it passes g),
+    with g what reaches the ReLU's output in that backward, so a flip above another changes the g
+    the other sees. The gradient reaching each of ``watched``' outputs is kept (``arriving``)."""
+
+    def __init__(self, kinks: list, watched: list = ()):
+        self.seen, self.handles = {}, []
+        outputs = {id(kink.post): kink.post for kink in [*kinks, *watched]}
+        for key, post in outputs.items():
+            self.handles.append(post.register_hook(lambda grad, key=key: self.seen.__setitem__(key, grad)))
+        by_call = {}
+        for kink in kinks:
+            by_call.setdefault(id(kink.pre), []).append(kink)
+        for group in by_call.values():
+            pre = group[0].pre
+            index = torch.tensor([kink.index for kink in group], device=pre.device)
+            passes = torch.tensor([kink.passes for kink in group], device=pre.device)
+            self.handles.append(pre.register_hook(
+                lambda grad, key=id(group[0].post), index=index, passes=passes: self._flip(grad, key, index, passes)))
+
+    def _flip(self, grad: Tensor, key: int, index: Tensor, passes: Tensor) -> Optional[Tensor]:
+        arriving = self.seen.get(key)
+        if arriving is None:  # a backward that starts below the ReLU's output: nothing reached it
+            return None
+        g = arriving.reshape(-1)[index].to(grad.dtype)
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        grad.view(-1)[index] += torch.where(passes, -g, g)
+        return grad
+
+    def grad(self, outputs: Tensor, inputs: list, grad_outputs: Tensor) -> list:
+        self.seen.clear()
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
+
+    def arriving(self, kink: _Kink) -> float:
+        """The gradient that reached ``kink``'s output in the last backward (0 if none did)."""
+        grad = self.seen.get(id(kink.post))
+        return 0.0 if grad is None else float(grad.reshape(-1)[kink.index])
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _flip_rows(kinks: list, arriving: list, graph: _FlippedGraph, tensors: list, weights: list,
+               sketch: _Sketch) -> Tensor:
+    """Per kink, how flipping its derivative as well changes the target gradients: the change at
+    its pre-activation (-g where it passes the ``arriving`` g, +g where not) carried back by
+    ``graph`` (backward is linear in it), each target's part times sqrt(its weight), flattened,
+    concatenated and sketched (float64, CPU; one row per kink)."""
+    rows = torch.empty(len(kinks), sketch.length, dtype=torch.float64)
+    for row, kink, g in zip(rows, kinks, arriving):
         seed = torch.zeros(kink.pre.shape, dtype=kink.pre.dtype, device=kink.pre.device)
-        seed.view(-1)[kink.index] = kink.change
-        rows = torch.autograd.grad(kink.pre, tensors, seed, retain_graph=True, allow_unused=True)
-        yield torch.cat([(torch.zeros(t.numel(), dtype=torch.float64) if row is None
-                          else row.detach().cpu().reshape(-1)) * math.sqrt(weights[name])
-                         for name, t, row in zip(names, tensors, rows)])
+        seed.view(-1)[kink.index] = -g if kink.passes else g
+        changes = graph.grad(kink.pre, tensors, seed)
+        row.copy_(sketch(torch.cat([(torch.zeros(t.numel(), dtype=torch.float64) if change is None
+                                     else change.detach().cpu().reshape(-1)) * math.sqrt(weight)
+                                    for t, change, weight in zip(tensors, changes, weights)])))
+    return rows
 
 
-def _fit_flips(diff: Tensor, rows: Tensor) -> tuple:
-    """Greedily subtract from ``diff`` the row (of ``rows``, one per kink) that lowers its sum of
-    squares most, each at most once, while one explains most of itself (the residual's projection
-    on it at least ``FLIP_MATCH`` of its length: a real flip's is ~1, a row fitting rounding
-    noise's is small): (the explained part, number of flips)."""
-    if not len(rows):
-        return torch.zeros_like(diff), 0
-    gram, dot = rows @ rows.T, rows @ diff
+def _least_squares(gram: Tensor, dot: Tensor) -> Tensor:
+    """The coefficients c minimising |diff - c @ rows|^2, from ``gram`` = rows @ rows.T and
+    ``dot`` = rows @ diff, solved on rows scaled to unit length with the ridge ``FIT_RIDGE``; a row
+    of zeros gets 0."""
+    norms = gram.diagonal().sqrt()
+    live = norms > 0
+    coef = torch.zeros_like(dot)
+    if live.any():
+        n = norms[live]
+        unit = gram[live][:, live] / (n[:, None] * n[None, :])
+        unit.diagonal().add_(FIT_RIDGE)
+        coef[live] = torch.linalg.solve(unit, dot[live] / n) / n
+    return coef
+
+
+def _fit_flips(diff: Tensor, rows: Tensor) -> Tensor:
+    """Which of the kinks (one row each) flipped in the result whose difference is ``diff``: a
+    mask over the rows.
+
+    A flip that happened enters the difference with coefficient 1. So all rows are fitted at once
+    by least squares, which separates flips whose changes overlap (once another's change overlaps
+    it, a flip's own projection on the difference can be anything), and the rows whose
+    coefficient lies within 1 - ``FLIP_MATCH`` of 1 are taken, while taking them lowers the sum of
+    squares; the others are fitted again to what those leave. A row fitting rounding noise gets a
+    coefficient far from 1. Then greedily, best first, each row left whose projection on what is
+    left is at least ``FLIP_MATCH`` of its length (dependent rows, which least squares splits)."""
     chosen = torch.zeros(len(rows), dtype=torch.bool)
+    if not len(rows):
+        return chosen
+    gram, dot = rows @ rows.T, rows @ diff
+
+    def squares(mask):  # |diff - the rows of mask|^2, less |diff|^2
+        return float(gram[mask][:, mask].sum()) - 2 * float(dot[mask].sum())
+
+    while not chosen.all():
+        free = (~chosen).nonzero().flatten()
+        coef = _least_squares(gram[free][:, free], dot[free] - gram[free][:, chosen].sum(1))
+        trial = chosen.clone()
+        trial[free[(coef - 1).abs() <= 1 - FLIP_MATCH]] = True
+        if int(trial.sum()) == int(chosen.sum()) or not squares(trial) < squares(chosen):
+            break
+        chosen = trial
+    left = dot - gram[:, chosen].sum(1)
     while True:
         norms = gram.diagonal()
-        gain = (2 * dot - norms).masked_fill(chosen | (dot < FLIP_MATCH * norms), -math.inf)
+        gain = (2 * left - norms).masked_fill(chosen | (left < FLIP_MATCH * norms), -math.inf)
         best = int(gain.argmax())
         if not gain[best] > 0:
             break
         chosen[best] = True
-        dot -= gram[:, best]
-    return rows[chosen].sum(0), int(chosen.sum())
+        left -= gram[:, best]
+    return chosen
 
 
 @dataclass
@@ -325,65 +436,73 @@ class KinkFlips:
     torch_count: int
 
 
-def explain_by_kink_flips(kinks: list, targets: dict, reference: dict, fused: dict, torch_result: dict) -> dict:
+def explain_by_kink_flips(kinks: list, truth: "_Float64Run", reference: dict, fused: dict, torch_result: dict) -> dict:
     """{gradient name: KinkFlips}: which of the candidate kinks' flips explain each result's
-    difference from the float64 ``reference`` gradients, fitted over all gradients at once
-    (one flip changes every gradient below it), each gradient's squares weighted by
-    1/(scale^2 · its size), so that a small one (a BN bias) counts as much as the input's; the
-    scale is max|reference| plus torch's error there (a gradient exactly 0 in float64, a conv
-    bias before a train-mode BN, would otherwise weigh its rounding noise without bound).
+    difference from the float64 ``reference`` gradients (``truth``'s), and what they change.
 
-    Only flips whose changes explain the difference are forgiven, with the sign a flip has, so
-    a real error (a scaled or a missing gradient) stays. A row that matches (``FLIP_MATCH``)
-    neither the difference nor what a fit leaves of it is dropped before the greedy fit: it
-    bounds memory.
+    The flips are fitted over all gradients at once (one flip changes every gradient below it),
+    each gradient's squares weighted by 1/(scale^2 · its size), so that a small one (a BN bias)
+    counts as much as the input's; the scale is max|reference| plus torch's error there (a
+    gradient exactly 0 in float64, a conv bias before a train-mode BN, would otherwise weigh its
+    rounding noise without bound). Only flips whose changes explain the difference, with the sign
+    a flip has, are forgiven (``_fit_flips``), so a real error (a scaled or a missing gradient)
+    stays. What is subtracted is truth's backward with them all flipped (``_FlippedGraph``), less
+    ``reference``. A flip changes what reaches the kinks below it, so after flips are taken the
+    rows of the others are computed again with those flipped and fitted to what is left, for up to
+    ``FIT_ROUNDS`` rounds while a round takes a flip.
     """
     names = [name for name, ref in reference.items()
              if ref is not None and fused.get(name) is not None and torch_result.get(name) is not None
              and fused[name].shape == ref.shape == torch_result[name].shape]
     if not kinks or not names:
         return {}
-    kinks = kinks[:max(64, KINK_ROW_BUDGET // sum(reference[name].numel() for name in names))]
-    weights = {}
+    sketch = _Sketch(sum(reference[name].numel() for name in names))
+    kinks = kinks[:max(64, KINK_ROW_BUDGET // sketch.length)]
+    tensors = [truth.targets[name] for name in names]
+    grad_out = truth.grad_out.to(truth.out.device, truth.out.dtype)
+    weights = []
     for name in names:
         ref = reference[name].detach().cpu()
         scale = 0.0
         if ref.numel():
             torch_err = float((torch_result[name].detach().to("cpu", torch.float64) - ref).abs().max())
             scale = float(ref.abs().max()) + (torch_err if math.isfinite(torch_err) else 0.0)
-        weights[name] = 1.0 / (scale ** 2 * ref.numel()) if scale > 0 else 1.0
+        weights.append(1.0 / (scale ** 2 * ref.numel()) if scale > 0 else 1.0)
 
-    def flat(results):
-        return torch.cat([(results[name].detach().to("cpu", torch.float64) - reference[name].detach().cpu())
-                          .reshape(-1) * math.sqrt(weights[name]) for name in names])
+    def weighted(grads):
+        return torch.cat([(grad.detach().to("cpu", torch.float64).reshape(-1) * math.sqrt(weight))
+                          for grad, weight in zip(grads, weights)])
 
-    diffs = (flat(fused), flat(torch_result))
-    fits = [(torch.zeros_like(diff), 0) for diff in diffs]
-    kept, residuals = {}, diffs
-    # Two flips share the gradients above them: one's row matches the difference only once the
-    # other's change is subtracted. So the rows left out are tried again against what the fit
-    # leaves, while a round fits a flip and adds a row (each round: one backward per row left).
-    for _ in range(FIT_ROUNDS):
-        left = [i for i in range(len(kinks)) if i not in kept]
-        joined = {i: row for i, row in zip(left, _flip_rows([kinks[i] for i in left], targets, weights))
-                  if any(float(row @ r) >= FLIP_MATCH * float(row @ row) > 0 for r in residuals)}
-        if not joined:
-            break
-        kept.update(joined)
-        rows = torch.stack(list(kept.values()))
-        fits = [_fit_flips(diff, rows) for diff in diffs]
-        if not any(count for _, count in fits):
-            break
-        residuals = [diff - part for diff, (part, _) in zip(diffs, fits)]
-    (fused_part, fused_count), (torch_part, torch_count) = fits
-    result, offset = {}, 0
-    for name in names:
-        size, shape, unweight = reference[name].numel(), reference[name].shape, math.sqrt(weights[name])
-        part = slice(offset, offset + size)
-        result[name] = KinkFlips(fused_part[part].reshape(shape) / unweight, torch_part[part].reshape(shape) / unweight,
-                                 fused_count, torch_count)
-        offset += size
-    return result
+    rounds = {}  # taken kinks -> [truth's gradients with them flipped, the other kinks, their rows]
+
+    def round_for(taken: tuple, rows: bool = True):
+        if taken not in rounds or (rows and rounds[taken][2] is None):
+            graph = _FlippedGraph([kinks[i] for i in taken], watched=kinks)
+            try:
+                flipped = [torch.zeros(t.shape, dtype=torch.float64) if grad is None else grad.detach().cpu()
+                           for t, grad in zip(tensors, graph.grad(truth.out, tensors, grad_out))]
+                left = [i for i in range(len(kinks)) if i not in taken]
+                arriving = [graph.arriving(kinks[i]) for i in left]
+                rounds[taken] = [flipped, left, _flip_rows([kinks[i] for i in left], arriving, graph, tensors,
+                                                           weights, sketch) if rows else None]
+            finally:
+                graph.close()
+        return rounds[taken]
+
+    explained = []
+    for results in (fused, torch_result):
+        target, taken = weighted([results[name] for name in names]), ()
+        for _ in range(FIT_ROUNDS):
+            flipped, left, rows = round_for(taken)
+            new = [left[i] for i in _fit_flips(sketch(target - weighted(flipped)), rows).nonzero().flatten().tolist()]
+            if not new:
+                break
+            taken = tuple(sorted(taken + tuple(new)))
+        flipped = round_for(taken, rows=False)[0]
+        explained.append(({name: grad - reference[name].detach().cpu() for name, grad in zip(names, flipped)},
+                          len(taken)))
+    (fused_parts, fused_count), (torch_parts, torch_count) = explained
+    return {name: KinkFlips(fused_parts[name], torch_parts[name], fused_count, torch_count) for name in names}
 
 
 class _NormSummands:
@@ -516,7 +635,7 @@ def equivalence_report(fused: torch.nn.Module, reference: torch.nn.Module, x: Te
         params64 = dict(ref64.named_parameters())
         kinks = _inner_kinks(truth.relus, out64, torch_calls, x.dtype)
         flips = explain_by_kink_flips(
-            kinks, truth.targets, {"input": x64.grad, **{name: p.grad for name, p in params64.items()}},
+            kinks, truth, {"input": x64.grad, **{name: p.grad for name, p in params64.items()}},
             {"input": x_f.grad, **{name: p_f.grad for name, (p_f, _) in params.items()}},
             {"input": x_t.grad, **{name: p_t.grad for name, (_, p_t) in params.items()}})
         _check_like(prefix + "grad input", x_f.grad, x_t.grad)

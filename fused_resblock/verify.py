@@ -82,10 +82,11 @@ def _summarise(name: str, mode: str, dtype, reports) -> BlockResult:
 # rounding of 0). At 16 bits: in cifar_resnet20 ~2% (fp16) and ~17% (bf16) of the inner ReLU
 # elements, thousands of flips, far more than the rule's fit follows (testing.MAX_INNER_KINKS,
 # KINK_ROW_BUDGET), and torchvision's own model run channels_last fails that check too. At fp32 a
-# deep one still flips a few (cifar_resnet56's train step: torch 2, the fused model 4), whose
-# changes overlap in every gradient below them, more than the greedy fit can always separate
-# (benchmarks/NOTES.md v0.14). The whole model's row is then its forward (and buffers); every
-# block's row checks gradients.
+# deep one flips a few, which the fit now finds (torch's own channels_last run's, read from its
+# pre-activations: exactly, 25 of 25 cifar_resnet56 draws); but with ~170 gradients each held to
+# twice torch's error, a correct fused model still fails one now and then where no flip is left
+# (4 of 41 draws, 1.0-1.8x the bound: benchmarks/NOTES.md v0.15). The whole model's row is then its
+# forward (and buffers); every block's row checks gradients.
 WHOLE_MODEL_GRADIENTS = (torch.float64,)
 FORWARD_ONLY = "(whole model, fwd)"
 FORWARD_ONLY_NOTE = (f"{FORWARD_ONLY}: below float64 the whole network's gradients hinge on ReLU kinks "

@@ -603,12 +603,16 @@ def _gradients(mlp, x, grad_out, flip=None):
     return torch.autograd.grad(out, [x, mlp[0].weight], grad_out)
 
 
-def test_an_inner_kink_flip_is_explained_and_nothing_else():
+@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
+def test_an_inner_kink_flip_is_explained_and_nothing_else(monkeypatch, sketch_length):
     from fused_resblock import testing
+
+    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
+        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
 
     mlp, x = _mlp_with_a_kink()
     truth = _float64_run(mlp, x, torch.float16)
-    x64, grad_out, targets = truth.x, truth.grad_out, truth.targets
+    x64, grad_out = truth.x, truth.grad_out
     kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)  # no torch run: 4 fp16 eps wide
     assert [(k.index, k.pre.shape) for k in kinks] == [(2, (2, 6))]  # hidden unit 2 of sample 0
     names = ("input", "0.weight")
@@ -623,13 +627,13 @@ def test_an_inner_kink_flip_is_explained_and_nothing_else():
     wrong_sign = {name: exact[name] - flip[name] for name in names}
     scaled = {name: 1.1 * exact[name] for name in names}
     for results, explained in ((flipped, True), (beside, False), (wrong_sign, False), (scaled, False)):
-        fits = testing.explain_by_kink_flips(kinks, targets, exact, results, exact)
+        fits = testing.explain_by_kink_flips(kinks, truth, exact, results, exact)
         for name in names:
             assert not testing.check_rule(name, results[name], exact[name], exact[name], torch.float16).passed
             report = testing.check_rule(name, results[name], exact[name], exact[name], torch.float16,
                                         flips=fits[name])
             assert report.passed == explained, str(report)
-    fits = testing.explain_by_kink_flips(kinks, targets, exact, exact, flipped)  # torch's own flip
+    fits = testing.explain_by_kink_flips(kinks, truth, exact, exact, flipped)  # torch's own flip
     assert fits["input"].torch_count == 1 and fits["input"].fused_count == 0
     assert testing.check_rule("input", exact["input"], exact["input"], flipped["input"], torch.float16,
                               flips=fits["input"]).torch_err < 1e-12  # it does not widen the bound
@@ -637,26 +641,30 @@ def test_an_inner_kink_flip_is_explained_and_nothing_else():
     assert testing._inner_kinks(truth.relus, truth.out, None, torch.float64) == []  # no kink has width at float64
 
 
-def _mlp_with_two_kinks():
+def _mlp_with_two_kinks(output_ratio=1 / 20):
     """Like ``_mlp_with_a_kink``, with hidden unit 3 of sample 0 at its kink too, its first-layer
-    weights the negative of unit 2's and its output weights 1/20 of unit 2's: the two flips'
-    changes to the input's gradient point opposite ways, the second 20x smaller."""
+    weights the negative of unit 2's and its output weights ``output_ratio`` of unit 2's: the two
+    flips' changes to the input's gradient point opposite ways, the second 20x smaller (or as large)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
     x = torch.randn(2, 4, dtype=torch.float64)
     with torch.no_grad():
         mlp[0].weight[3] = -mlp[0].weight[2]
-        mlp[2].weight[:, 3] = mlp[2].weight[:, 2] / 20
+        mlp[2].weight[:, 3] = mlp[2].weight[:, 2] * output_ratio
         hidden = mlp[0](x)
         for unit in (2, 3):
             mlp[0].bias[unit] -= hidden[0, unit] - 1e-5 * float(hidden.abs().max())
     return mlp, x
 
 
-def test_a_flip_hidden_behind_a_larger_one_is_explained(monkeypatch):
+@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
+def test_a_flip_hidden_behind_a_larger_one_is_explained(monkeypatch, sketch_length):
     """The small flip's change matches the difference only once the large one's is subtracted
-    (on its own, its projection on the difference is negative): the fit tries it again."""
+    (on its own, its projection on the difference is negative): the fit takes both."""
     from fused_resblock import testing
+
+    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
+        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
 
     mlp, x = _mlp_with_two_kinks()
     truth = _float64_run(mlp, x, torch.float16)
@@ -665,15 +673,123 @@ def test_a_flip_hidden_behind_a_larger_one_is_explained(monkeypatch):
     names = ("input", "0.weight")
     exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad)))
     both = dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
-    rounds = []
-    for fit_rounds in (1, testing.FIT_ROUNDS):
-        monkeypatch.setattr(testing, "FIT_ROUNDS", fit_rounds)
-        fits = testing.explain_by_kink_flips(kinks, truth.targets, exact, both, exact)
-        rounds.append([testing.check_rule(name, both[name], exact[name], exact[name], torch.float16,
-                                          flips=fits[name]) for name in names])
-    assert [report.kink_flips for report in rounds[1]] == [(2, 0), (2, 0)]
-    assert all(report.passed for report in rounds[1]), [str(report) for report in rounds[1]]
-    assert not all(report.passed for report in rounds[0])  # one round fits the large flip alone
+    fits = testing.explain_by_kink_flips(kinks, truth, exact, both, exact)
+    reports = [testing.check_rule(name, both[name], exact[name], exact[name], torch.float16, flips=fits[name])
+               for name in names]
+    assert [report.kink_flips for report in reports] == [(2, 0), (2, 0)]
+    assert all(report.passed for report in reports), [str(report) for report in reports]
+
+
+@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
+def test_overlapping_flips_are_separated(monkeypatch, sketch_length):
+    """Two flips whose changes to the input's gradient cancel: each one's change projects only
+    0.70 of itself on the difference (below ``FLIP_MATCH``), so neither explains it alone; fitted
+    together (least squares) both have coefficient 1."""
+    from fused_resblock import testing
+
+    if sketch_length is not None:
+        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
+    mlp, x = _mlp_with_two_kinks(output_ratio=1.0)
+    truth = _float64_run(mlp, x, torch.float16)
+    kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
+    assert sorted(k.index for k in kinks) == [2, 3]
+    names = ("input", "0.weight")
+    exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad)))
+    both = dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
+    assert float((both["input"] - exact["input"]).abs().max()) < 1e-12 < float((both["0.weight"] - exact["0.weight"]).abs().max())
+
+    def check():
+        fits = testing.explain_by_kink_flips(kinks, truth, exact, both, exact)
+        return testing.check_rule("0.weight", both["0.weight"], exact["0.weight"], exact["0.weight"], torch.float16,
+                                  flips=fits["0.weight"])
+
+    report = check()
+    assert report.passed and report.kink_flips == (2, 0), str(report)
+    if sketch_length is None:  # (a 16-bucket sketch moves the projections past FLIP_MATCH)
+        monkeypatch.setattr(testing, "_least_squares", lambda gram, dot: torch.zeros_like(dot))  # the greedy fit alone
+        assert not check().passed
+
+
+def test_the_sketch_keeps_inner_products(monkeypatch):
+    """The count sketch a big graph's rows are fitted through: inner products within a few
+    1/sqrt(length) of the vectors' norms, for vectors with a mean too (which bucket sums without
+    the random signs would add up); a row no longer than the sketch is kept as it is."""
+    from fused_resblock import testing
+
+    monkeypatch.setattr(testing, "SKETCH_LENGTH", 4096)
+    sketch = testing._Sketch(100_000)
+    assert sketch.length == 4096 and testing._Sketch(4096).bucket is None
+    a, b, c = 1 + torch.randn(100_000, dtype=torch.float64), 1 + torch.randn(100_000, dtype=torch.float64), \
+        torch.randn(100_000, dtype=torch.float64)
+    for u, v in ((a, a), (a, b), (a, c), (c, c)):
+        assert abs(float(sketch(u) @ sketch(v)) - float(u @ v)) <= 8 * float(u.norm() * v.norm()) / 4096 ** 0.5
+
+
+def _mlp_with_kinks_in_two_layers():
+    """Linear -> ReLU -> Linear -> ReLU -> Linear with first-layer unit 2 and second-layer unit 1
+    of sample 0 each 1e-5 (relative) from their kink, the second fed by the first with weight 30:
+    the gradient reaching the first kink is mostly the one the second passes."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.ReLU(inplace=True),
+                        nn.Linear(5, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        mlp[2].weight[1, 2] = 30.0
+        mlp[2].bias[4] += 1.0  # off its kink: 30x widens the second layer's (4 fp16 eps of its largest)
+        first = mlp[0](x)
+        mlp[0].bias[2] -= first[0, 2] - 1e-5 * float(first.abs().max())
+        second = mlp[2](mlp[1](mlp[0](x)))
+        mlp[2].bias[1] -= second[0, 1] - 1e-5 * float(second.abs().max())
+    return mlp, x
+
+
+def _two_layer_gradients(mlp, x, grad_out, flips=()):
+    """(grad input, grad of the first two weights) in float64, each ReLU's derivative flipped at
+    its (layer, element) in ``flips`` (layer 1 or 3 of the Sequential), its value kept."""
+    x = x.detach().clone().requires_grad_(True)
+    hidden = x
+    for layer in (0, 2):
+        pre = mlp[layer](hidden)
+        mask = (pre > 0).double()
+        for flipped_layer, element in flips:
+            if flipped_layer == layer + 1:
+                mask[element] = 1 - mask[element]
+        hidden = pre.detach().relu() + mask * (pre - pre.detach())  # relu's value, the mask's derivative
+    return torch.autograd.grad(mlp[4](hidden), [x, mlp[0].weight, mlp[2].weight], grad_out)
+
+
+@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
+def test_flips_in_series_are_explained_exactly(monkeypatch, sketch_length):
+    """Two flips, the second (deeper) one upstream of the first in the backward: flipping it
+    changes the gradient the first one blocks, so the flips' changes do not add. What is
+    subtracted is the float64 backward with both flipped; the sum of their separate changes is off
+    by more than the rule allows."""
+    from fused_resblock import testing
+
+    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
+        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
+
+    mlp, x = _mlp_with_kinks_in_two_layers()
+    truth = _float64_run(mlp, x, torch.float16)
+    kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
+    assert sorted((k.pre.shape[1], k.index) for k in kinks) == [(5, 1), (6, 2)]
+    names = ("input", "0.weight", "2.weight")
+    exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad, mlp[2].weight.grad)))
+    both = dict(zip(names, _two_layer_gradients(mlp, x, truth.grad_out, [(1, (0, 2)), (3, (0, 1))])))
+    assert all(torch.allclose(got, want) for got, want in zip(_two_layer_gradients(mlp, x, truth.grad_out), exact.values()))
+    fits = testing.explain_by_kink_flips(kinks, truth, exact, both, exact)
+    reports = [testing.check_rule(name, both[name], exact[name], exact[name], torch.float16, flips=fits[name])
+               for name in names]
+    assert [report.kink_flips for report in reports] == [(2, 0)] * 3
+    assert all(report.passed for report in reports), [str(report) for report in reports]
+
+    alone = [dict(zip(names, _two_layer_gradients(mlp, x, truth.grad_out, [flip])))
+             for flip in ((1, (0, 2)), (3, (0, 1)))]
+    added = {name: sum(single[name] - exact[name] for single in alone) for name in names}
+    first_order = [testing.check_rule(name, both[name], exact[name], exact[name], torch.float16,
+                                      flips=testing.KinkFlips(added[name], torch.zeros_like(added[name]), 2, 0))
+                   for name in names]
+    assert not first_order[0].passed, str(first_order[0])
 
 
 class _CentreOverBatch(nn.Module):
@@ -715,7 +831,7 @@ def test_a_gradient_zero_in_float64_does_not_drive_the_fit():
     noise = {name: 1e-4 * max(float(t.abs().max()), 1.0) * torch.randn_like(t) for name, t in exact.items()}
     fused = {name: flipped[name] + noise[name] for name in names}
     torch_result = {name: exact[name] + torch.randn_like(exact[name]) * noise[name].abs().max() for name in names}
-    fits = testing.explain_by_kink_flips(kinks, truth.targets, exact, fused, torch_result)
+    fits = testing.explain_by_kink_flips(kinks, truth, exact, fused, torch_result)
     assert fits["input"].fused_count == 1 and fits["input"].torch_count == 0
     for name in ("input", "0.weight"):
         report = testing.check_rule(name, fused[name], exact[name], torch_result[name], torch.float16,
