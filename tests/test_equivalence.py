@@ -603,12 +603,18 @@ def _gradients(mlp, x, grad_out, flip=None):
     return torch.autograd.grad(out, [x, mlp[0].weight], grad_out)
 
 
-@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
-def test_an_inner_kink_flip_is_explained_and_nothing_else(monkeypatch, sketch_length):
+@pytest.fixture(params=[None, 16], ids=["rows", "sketched"])
+def sketch_length(request, monkeypatch):
+    """The kink fit on its rows as they are, and through a sketch shorter than them (a big graph's)."""
     from fused_resblock import testing
 
-    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
-        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
+    if request.param is not None:
+        monkeypatch.setattr(testing, "SKETCH_LENGTH", request.param)
+    return request.param
+
+
+def test_an_inner_kink_flip_is_explained_and_nothing_else(sketch_length):
+    from fused_resblock import testing
 
     mlp, x = _mlp_with_a_kink()
     truth = _float64_run(mlp, x, torch.float16)
@@ -657,45 +663,40 @@ def _mlp_with_two_kinks(output_ratio=1 / 20):
     return mlp, x
 
 
-@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
-def test_a_flip_hidden_behind_a_larger_one_is_explained(monkeypatch, sketch_length):
-    """The small flip's change matches the difference only once the large one's is subtracted
-    (on its own, its projection on the difference is negative): the fit takes both."""
+def _both_flipped(output_ratio):
+    """``_mlp_with_two_kinks``' float64 run, its two kinks, and the input's and first weight's
+    gradients: exact, and with both kinks' derivatives flipped."""
     from fused_resblock import testing
 
-    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
-        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
-
-    mlp, x = _mlp_with_two_kinks()
+    mlp, x = _mlp_with_two_kinks(output_ratio)
     truth = _float64_run(mlp, x, torch.float16)
     kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
     assert sorted(k.index for k in kinks) == [2, 3]
     names = ("input", "0.weight")
     exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad)))
-    both = dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
+    return truth, kinks, exact, dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
+
+
+def test_a_flip_hidden_behind_a_larger_one_is_explained(sketch_length):
+    """The small flip's change matches the difference only once the large one's is subtracted
+    (on its own, its projection on the difference is negative): the fit takes both."""
+    from fused_resblock import testing
+
+    truth, kinks, exact, both = _both_flipped(output_ratio=1 / 20)
     fits = testing.explain_by_kink_flips(kinks, truth, exact, both, exact)
     reports = [testing.check_rule(name, both[name], exact[name], exact[name], torch.float16, flips=fits[name])
-               for name in names]
+               for name in exact]
     assert [report.kink_flips for report in reports] == [(2, 0), (2, 0)]
     assert all(report.passed for report in reports), [str(report) for report in reports]
 
 
-@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
-def test_overlapping_flips_are_separated(monkeypatch, sketch_length):
+def test_overlapping_flips_are_separated(sketch_length, monkeypatch):
     """Two flips whose changes to the input's gradient cancel: each one's change projects only
     0.70 of itself on the difference (below ``FLIP_MATCH``), so neither explains it alone; fitted
     together (least squares) both have coefficient 1."""
     from fused_resblock import testing
 
-    if sketch_length is not None:
-        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
-    mlp, x = _mlp_with_two_kinks(output_ratio=1.0)
-    truth = _float64_run(mlp, x, torch.float16)
-    kinks = testing._inner_kinks(truth.relus, truth.out, None, torch.float16)
-    assert sorted(k.index for k in kinks) == [2, 3]
-    names = ("input", "0.weight")
-    exact = dict(zip(names, (truth.x.grad, mlp[0].weight.grad)))
-    both = dict(zip(names, _gradients(mlp, x, truth.grad_out, flip=([0, 0], [2, 3]))))
+    truth, kinks, exact, both = _both_flipped(output_ratio=1.0)
     assert float((both["input"] - exact["input"]).abs().max()) < 1e-12 < float((both["0.weight"] - exact["0.weight"]).abs().max())
 
     def check():
@@ -758,16 +759,12 @@ def _two_layer_gradients(mlp, x, grad_out, flips=()):
     return torch.autograd.grad(mlp[4](hidden), [x, mlp[0].weight, mlp[2].weight], grad_out)
 
 
-@pytest.mark.parametrize("sketch_length", [None, 16], ids=["rows", "sketched"])
-def test_flips_in_series_are_explained_exactly(monkeypatch, sketch_length):
+def test_flips_in_series_are_explained_exactly(sketch_length):
     """Two flips, the second (deeper) one upstream of the first in the backward: flipping it
     changes the gradient the first one blocks, so the flips' changes do not add. What is
     subtracted is the float64 backward with both flipped; the sum of their separate changes is off
     by more than the rule allows."""
     from fused_resblock import testing
-
-    if sketch_length is not None:  # the rows of a big graph: fitted through a sketch shorter than them
-        monkeypatch.setattr(testing, "SKETCH_LENGTH", sketch_length)
 
     mlp, x = _mlp_with_kinks_in_two_layers()
     truth = _float64_run(mlp, x, torch.float16)
