@@ -449,7 +449,8 @@ def explain_by_kink_flips(kinks: list, truth: "_Float64Run", reference: dict, fu
     stays. What is subtracted is truth's backward with them all flipped (``_FlippedGraph``), less
     ``reference``. A flip changes what reaches the kinks below it, so after flips are taken the
     rows of the others are computed again with those flipped and fitted to what is left, for up to
-    ``FIT_ROUNDS`` rounds while a round takes a flip.
+    ``FIT_ROUNDS`` rounds while a round takes a flip. Each of these backwards adds to the retained
+    gradients of ``truth``'s inner tensors (its ReLU outputs', its norms'): read them before.
     """
     names = [name for name, ref in reference.items()
              if ref is not None and fused.get(name) is not None and torch_result.get(name) is not None
