@@ -474,32 +474,33 @@ def explain_by_kink_flips(kinks: list, truth: "_Float64Run", reference: dict, fu
         return torch.cat([(grad.detach().to("cpu", torch.float64).reshape(-1) * math.sqrt(weight))
                           for grad, weight in zip(grads, weights)])
 
-    rounds = {}  # taken kinks -> [truth's gradients with them flipped, the other kinks, their rows]
+    def backward_with(taken: tuple, rows: bool):
+        """Truth's gradients with the kinks ``taken`` flipped, the kinks left and (``rows``) their rows."""
+        graph = _FlippedGraph([kinks[i] for i in taken], watched=kinks)
+        try:
+            flipped = [torch.zeros(t.shape, dtype=torch.float64) if grad is None else grad.detach().cpu()
+                       for t, grad in zip(tensors, graph.grad(truth.out, tensors, grad_out))]
+            left = [i for i in range(len(kinks)) if i not in taken]
+            if rows:
+                rows = _flip_rows([kinks[i] for i in left], [graph.arriving(kinks[i]) for i in left], graph,
+                                  tensors, weights, sketch)
+            return flipped, left, rows
+        finally:
+            graph.close()
 
-    def round_for(taken: tuple, rows: bool = True):
-        if taken not in rounds or (rows and rounds[taken][2] is None):
-            graph = _FlippedGraph([kinks[i] for i in taken], watched=kinks)
-            try:
-                flipped = [torch.zeros(t.shape, dtype=torch.float64) if grad is None else grad.detach().cpu()
-                           for t, grad in zip(tensors, graph.grad(truth.out, tensors, grad_out))]
-                left = [i for i in range(len(kinks)) if i not in taken]
-                arriving = [graph.arriving(kinks[i]) for i in left]
-                rounds[taken] = [flipped, left, _flip_rows([kinks[i] for i in left], arriving, graph, tensors,
-                                                           weights, sketch) if rows else None]
-            finally:
-                graph.close()
-        return rounds[taken]
-
+    rounds = {}  # taken kinks -> backward_with(taken, rows=True); the first round serves both results
     explained = []
     for results in (fused, torch_result):
         target, taken = weighted([results[name] for name in names]), ()
         for _ in range(FIT_ROUNDS):
-            flipped, left, rows = round_for(taken)
+            if taken not in rounds:
+                rounds[taken] = backward_with(taken, rows=True)
+            flipped, left, rows = rounds[taken]
             new = [left[i] for i in _fit_flips(sketch(target - weighted(flipped)), rows).nonzero().flatten().tolist()]
             if not new:
                 break
             taken = tuple(sorted(taken + tuple(new)))
-        flipped = round_for(taken, rows=False)[0]
+        flipped = rounds[taken][0] if taken in rounds else backward_with(taken, rows=False)[0]
         explained.append(({name: grad - reference[name].detach().cpu() for name, grad in zip(names, flipped)},
                           len(taken)))
     (fused_parts, fused_count), (torch_parts, torch_count) = explained
