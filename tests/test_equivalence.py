@@ -121,8 +121,14 @@ def test_batchnorm_variants(option):
 
 
 def test_large_mean_small_variance_float32():
-    """Conv outputs with |mean| >> std: variance and BN gradients must survive cancellation."""
-    fused, reference = _pair(BLOCKS["basic-conv-bias"], torch.float32)
+    """Conv outputs with |mean| >> std: variance and BN gradients must survive cancellation.
+
+    64 channels, not 8: here a channel's error is dominated by a few roundings the whole channel
+    shares (its conv output at |mean| ~ 300, its mean, its invstd), so a check's max error is a max
+    over about one draw per channel. With 8 channels a correct implementation (the reference
+    backend, on average 0.8x torch's error) was above twice torch's in 4 of 60 draws, with 32 in 2
+    of 200; with 64, 0 of 300 (at most 1.5x). A one-pass variance, E[y^2] - E[y]^2, fails in every draw."""
+    fused, reference = _pair(lambda: _with_conv_bias(tv.BasicBlock(64, 64)), torch.float32)
     with torch.no_grad():
         for m in (fused, reference):
             m.conv1.bias.fill_(300.0)
