@@ -55,6 +55,14 @@ def _train(model, images, labels, order, dtype, steps):
     return torch.stack(losses), model
 
 
+def _loss_on(model, images, labels):
+    """Cross-entropy of ``images`` in float64 with batch statistics, as training saw them; on a copy, so
+    the model's running statistics stay as they are."""
+    with torch.no_grad():
+        model = copy.deepcopy(model).to(torch.float64).train()
+        return float(F.cross_entropy(model(images.to(torch.float64)), labels))
+
+
 def _assert_models_close(fused_model, torch_model, ref_model, dtype):
     for (name, p), p_torch, p_ref in zip(fused_model.named_parameters(), torch_model.parameters(),
                                           ref_model.parameters()):
@@ -71,11 +79,13 @@ def test_fused_training_tracks_torchvision_on_digits_float64():
     order = torch.randperm(len(labels))
     fused = models.cifar_resnet20()
     plain = frb.revert(copy.deepcopy(fused))
+    plain_at_init = copy.deepcopy(plain)
     ref_losses, ref_model = _train(copy.deepcopy(plain), images, labels, order, torch.float64, STEPS)
     torch_losses, torch_model = _train(plain, images, labels, order, torch.float64, STEPS)
     fused_losses, fused_model = _train(fused, images, labels, order, torch.float64, STEPS)
 
-    assert fused_losses[-1] < fused_losses[0]  # it learns
+    seen = order[:STEPS * BATCH]  # it learns: the last batch's loss alone is noisy (seed 4242: 3.7 -> 4.4)
+    assert _loss_on(fused_model, images[seen], labels[seen]) < _loss_on(plain_at_init, images[seen], labels[seen])
     assert_rule("losses over the run", fused_losses, ref_losses, torch_losses, torch.float64)
     _assert_models_close(fused_model, torch_model, ref_model, torch.float64)
 
